@@ -1,0 +1,59 @@
+# pg_fence: the two set-up commands are `make demo` and `make test`.
+# Every target runs scripts/setup.sh first, which installs only what is missing.
+
+PG_CONFIG    ?= /usr/lib/postgresql/15/bin/pg_config
+PGFENCE_PORT ?= 28815
+export PGFENCE_PORT
+PSQL         := psql -X -h 127.0.0.1 -p $(PGFENCE_PORT) -U postgres -d pg_fence
+CLUSTER      := scripts/cluster.sh
+
+.PHONY: setup install cluster demo stop psql test test-pgrx test-integration lint clean
+
+setup:
+	@scripts/setup.sh
+
+## install: build the extension and install it into the system PostgreSQL 15.
+install: setup
+	cargo pgrx install -p pg_fence --pg-config $(PG_CONFIG)
+
+## cluster: start the throwaway cluster (target/pg_fence, port $(PGFENCE_PORT)).
+cluster: install
+	@$(CLUSTER) start
+
+## demo: set up, start the cluster, and tell the story of two workers in SQL.
+demo: cluster
+	@$(PSQL) -q -c 'SET client_min_messages = warning' -c 'DROP EXTENSION IF EXISTS pg_fence CASCADE' -c 'CREATE EXTENSION pg_fence'
+	@$(PSQL) -f scripts/demo.sql
+	@echo
+	@echo "The cluster is still running. Connect with:"
+	@echo "    $(PSQL)"
+	@echo "Stop it with: make stop"
+
+stop:
+	@$(CLUSTER) stop
+
+psql:
+	@$(PSQL)
+
+## test: set up, then every test tier (see README, "Tests").
+test: test-pgrx test-integration lint
+	@echo "make test: all tiers passed"
+
+# Tier 1: #[pg_test] functions, inside a backend of a cluster cargo-pgrx manages.
+# --runas: initdb/postgres refuse to run as root.
+test-pgrx: setup
+	@mkdir -p target/pgrx-test && if [ "$$(id -u)" -eq 0 ]; then chown postgres target/pgrx-test; fi
+	cargo pgrx test pg15 -p pg_fence $(if $(filter 0,$(shell id -u)),--runas postgres --pgdata $(CURDIR)/target/pgrx-test/data)
+
+# Tier 2: the tests/ crate drives the throwaway cluster from outside, many sessions at once.
+test-integration: cluster
+	@$(PSQL) -q -c 'SET client_min_messages = warning' -c 'DROP EXTENSION IF EXISTS pg_fence CASCADE' -c 'CREATE EXTENSION pg_fence'
+	cargo test -p pg_fence_tests -- --test-threads 4
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+clean: stop
+	$(CLUSTER) destroy
+	cargo clean

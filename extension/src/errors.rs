@@ -1,0 +1,171 @@
+//! Every failure pg_fence reports, each mapped to its fixed SQLSTATE.
+//!
+//! Errors are part of the SQL API contract (see DESIGN.md): clients branch on
+//! the SQLSTATE, people read the message, so both are chosen here and only
+//! here. pgrx's own `ereport!` only knows the SQLSTATEs PostgreSQL ships and
+//! turns any other code into `XX000`, so [`FenceError::raise`] reports through
+//! `errstart`/`errfinish` directly, the way pgrx itself does at its guard.
+
+use std::ffi::{c_char, c_int, CString};
+
+use pgrx::pg_sys;
+
+/// A failure of a pg_fence call. Busy keys and lost leases are not errors:
+/// those are NULL / false results.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FenceError {
+    /// `22004`: a NULL where the API needs a value.
+    NullArgument {
+        function: &'static str,
+        argument: &'static str,
+    },
+    /// `22023`: a value outside what the argument accepts.
+    InvalidArgument {
+        function: &'static str,
+        argument: &'static str,
+        problem: String,
+    },
+    /// `42501`: the caller's role neither acquired the lease nor belongs to `fence_admin`.
+    NotLeaseOwner {
+        action: &'static str,
+        lock_key: String,
+        token: i64,
+        owner: String,
+        caller: String,
+    },
+    /// `25000`: waiting needs a fresh snapshot per attempt, which REPEATABLE READ
+    /// and SERIALIZABLE transactions cannot take.
+    WaitNeedsReadCommitted { lock_key: String },
+    /// `XX000`: a broken invariant inside pg_fence (a bug, never bad input).
+    Internal { context: String },
+}
+
+impl FenceError {
+    pub fn internal(context: String) -> FenceError {
+        FenceError::Internal { context }
+    }
+}
+
+impl From<pgrx::spi::SpiError> for FenceError {
+    fn from(error: pgrx::spi::SpiError) -> FenceError {
+        FenceError::internal(format!("SPI: {error}"))
+    }
+}
+
+/// `MAKE_SQLSTATE` from PostgreSQL's `elog.h`.
+pub(crate) const fn make_sqlstate(code: &[u8; 5]) -> c_int {
+    let mut value = 0;
+    let mut i = 0;
+    while i < 5 {
+        value += ((code[i].wrapping_sub(b'0') & 0x3F) as c_int) << (6 * i);
+        i += 1;
+    }
+    value
+}
+
+impl FenceError {
+    /// The five-character SQLSTATE this error is reported with.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            FenceError::NullArgument { .. } => "22004",
+            FenceError::InvalidArgument { .. } => "22023",
+            FenceError::NotLeaseOwner { .. } => "42501",
+            FenceError::WaitNeedsReadCommitted { .. } => "25000",
+            FenceError::Internal { .. } => "XX000",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            FenceError::NullArgument { function, argument } => {
+                format!("{function}: argument \"{argument}\" must not be NULL")
+            }
+            FenceError::InvalidArgument {
+                function,
+                argument,
+                problem,
+            } => {
+                format!("{function}: invalid \"{argument}\": {problem}")
+            }
+            FenceError::NotLeaseOwner {
+                action,
+                lock_key,
+                token,
+                owner,
+                caller,
+            } => format!(
+                "role \"{caller}\" may not {action} the lease on \"{lock_key}\" (token {token}): \
+                 it belongs to role \"{owner}\""
+            ),
+            FenceError::WaitNeedsReadCommitted { lock_key } => format!(
+                "lock_acquire on \"{lock_key}\" cannot wait inside a REPEATABLE READ or \
+                 SERIALIZABLE transaction"
+            ),
+            FenceError::Internal { context } => format!("pg_fence internal error: {context}"),
+        }
+    }
+
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            FenceError::NotLeaseOwner { .. } => {
+                Some("Only the role that acquired a lease, or a member of fence_admin, may renew, release or force it.")
+            }
+            FenceError::WaitNeedsReadCommitted { .. } => Some(
+                "Call it with wait => '0', or wait in a READ COMMITTED transaction: a fixed \
+                 snapshot never sees the key being released.",
+            ),
+            _ => None,
+        }
+    }
+
+    /// Report this error to PostgreSQL at level ERROR. Never returns: the
+    /// transaction aborts and control goes back to the executor.
+    ///
+    /// Call it only at the top of a `#[pg_extern]`/`#[pg_trigger]` body, with
+    /// no live Rust values above it that own heap memory: `errfinish`
+    /// longjmps past those frames, exactly as at the end of pgrx's guard.
+    pub fn raise(self) -> ! {
+        let code = make_sqlstate(self.sqlstate().as_bytes().try_into().expect("5 bytes"));
+        // Move every string into palloc'd memory (freed by the abort) and drop
+        // the Rust owners before the longjmp.
+        let message = palloc_cstr(&self.message());
+        let hint = self.hint().map(palloc_cstr);
+        drop(self);
+        unsafe {
+            if errstart(pg_sys::PGERROR as c_int, std::ptr::null()) {
+                errcode(code);
+                errmsg(c"%s".as_ptr(), message);
+                if let Some(hint) = hint {
+                    errhint(c"%s".as_ptr(), hint);
+                }
+                errfinish(c"pg_fence".as_ptr(), 0, c"pg_fence".as_ptr());
+            }
+        }
+        unreachable!("errfinish(ERROR) returned")
+    }
+}
+
+fn palloc_cstr(text: &str) -> *mut c_char {
+    // Our messages never contain NUL; replace defensively rather than panic.
+    let owned = CString::new(text.replace('\0', "\\0")).expect("NULs were replaced");
+    unsafe { pg_sys::pstrdup(owned.as_ptr()) }
+}
+
+/// Unwrap a result at the top of an SQL-callable function: the value, or the
+/// error reported with its SQLSTATE.
+pub fn or_raise<T>(result: Result<T, FenceError>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(error) => error.raise(),
+    }
+}
+
+// pgrx keeps these out of its bindings (they longjmp); declared as pgrx's own
+// panic handler declares them.
+unsafe extern "C-unwind" {
+    fn errstart(elevel: c_int, domain: *const c_char) -> bool;
+    fn errfinish(filename: *const c_char, lineno: c_int, funcname: *const c_char);
+    fn errcode(sqlerrcode: c_int) -> c_int;
+    fn errmsg(fmt: *const c_char, ...) -> c_int;
+    fn errhint(fmt: *const c_char, ...) -> c_int;
+}

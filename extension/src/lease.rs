@@ -1,0 +1,815 @@
+//! Leases: `lock_acquire`, `lock_renew`, `lock_release`, `lock_force_release`,
+//! `lock_status` and `current_token` (guarantees G1, G2, G4, G5, G6).
+//!
+//! State lives in `fence.leases`, one row per key, updated in place. A lease is
+//! live while `released_at IS NULL AND expires_at > clock_timestamp()`: expiry
+//! is judged by the server's clock alone (G5). Tokens come from one sequence
+//! (G1); `acquire` makes its transaction commit durably and flushes the
+//! sequence's WAL itself whenever `nextval` logged it, so a token that reached
+//! a client is never handed out again, even if that transaction aborts or the
+//! caller runs with `synchronous_commit = off` and the server then crashes.
+//!
+//! Acquire locks the lease row `FOR UPDATE SKIP LOCKED`: a row another
+//! transaction has locked (an acquire in flight, or a fenced write holding its
+//! share lock) counts as busy, so two acquires can never both grant (G2).
+
+use std::cell::OnceCell;
+
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiError};
+
+use crate::errors::{or_raise, FenceError};
+use crate::{settings, wait};
+
+/// Longest accepted key, in bytes (DESIGN.md).
+pub const MAX_KEY_BYTES: usize = 1024;
+const USECS_PER_DAY: i128 = 86_400_000_000;
+
+/// A granted lease, as returned in a `fence.lease` value.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub lock_key: String,
+    pub holder: String,
+    pub token: i64,
+    pub acquired_at: TimestampWithTimeZone,
+    pub expires_at: TimestampWithTimeZone,
+}
+
+impl Lease {
+    fn into_composite(self) -> Result<pgrx::composite_type!('static, "fence.lease"), FenceError> {
+        let internal = |what: &str| FenceError::internal(format!("building fence.lease: {what}"));
+        let mut tuple =
+            PgHeapTuple::new_composite_type("fence.lease").map_err(|e| internal(&e.to_string()))?;
+        tuple
+            .set_by_name("lock_key", self.lock_key)
+            .map_err(|e| internal(&e.to_string()))?;
+        tuple
+            .set_by_name("holder", self.holder)
+            .map_err(|e| internal(&e.to_string()))?;
+        tuple
+            .set_by_name("token", self.token)
+            .map_err(|e| internal(&e.to_string()))?;
+        tuple
+            .set_by_name("acquired_at", self.acquired_at)
+            .map_err(|e| internal(&e.to_string()))?;
+        tuple
+            .set_by_name("expires_at", self.expires_at)
+            .map_err(|e| internal(&e.to_string()))?;
+        Ok(tuple)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// SQL-callable functions. Each validates, then does its work in a Rust
+// function returning Result, and raises any error at the top (errors.rs).
+// ---------------------------------------------------------------------------
+
+/// Grant a lease on `lock_key`, waiting up to `wait` for it to free. NULL if
+/// not granted in time. The same `holder` re-acquiring its live lease gets the
+/// same token back with `expires_at = now + ttl` (G6).
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn lock_acquire(
+    lock_key: Option<&str>,
+    ttl: default!(Option<Interval>, "'30 seconds'"),
+    holder: default!(Option<&str>, "NULL"),
+    wait: default!(Option<Interval>, "'0'"),
+) -> Option<pgrx::composite_type!('static, "fence.lease")> {
+    or_raise(
+        acquire(lock_key, ttl, holder, wait)
+            .and_then(|lease| lease.map(Lease::into_composite).transpose()),
+    )
+}
+
+/// Extend the live lease with this token by `ttl` (default: the ttl it was
+/// acquired with) from now. NULL when it is no longer live.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn lock_renew(
+    lock_key: Option<&str>,
+    token: Option<i64>,
+    ttl: default!(Option<Interval>, "NULL"),
+) -> Option<TimestampWithTimeZone> {
+    or_raise(renew(lock_key, token, ttl))
+}
+
+/// End the live lease with this token; false if it was not live.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn lock_release(lock_key: Option<&str>, token: Option<i64>) -> bool {
+    or_raise(release(lock_key, token))
+}
+
+/// End the live lease on the key, whoever holds it: members of fence_admin
+/// (and the role that acquired it). False if none was live.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn lock_force_release(lock_key: Option<&str>) -> bool {
+    or_raise(force_release(lock_key))
+}
+
+/// The live lease on the key, or NULL.
+#[pg_extern(volatile, parallel_unsafe)]
+fn lock_status(lock_key: Option<&str>) -> Option<pgrx::composite_type!('static, "fence.lease")> {
+    or_raise(status(lock_key).and_then(|lease| lease.map(Lease::into_composite).transpose()))
+}
+
+/// The highest token ever issued for the key (live or not); NULL if the key
+/// was never leased. Never decreases.
+#[pg_extern(stable, parallel_unsafe)]
+fn current_token(lock_key: Option<&str>) -> Option<i64> {
+    or_raise(token_of(lock_key))
+}
+
+// ---------------------------------------------------------------------------
+// Argument checks (22004 / 22023).
+// ---------------------------------------------------------------------------
+
+fn required<T>(
+    function: &'static str,
+    argument: &'static str,
+    value: Option<T>,
+) -> Result<T, FenceError> {
+    value.ok_or(FenceError::NullArgument { function, argument })
+}
+
+pub fn check_key<'a>(
+    function: &'static str,
+    lock_key: Option<&'a str>,
+) -> Result<&'a str, FenceError> {
+    let key = required(function, "lock_key", lock_key)?;
+    let invalid = |problem: String| FenceError::InvalidArgument {
+        function,
+        argument: "lock_key",
+        problem,
+    };
+    if key.is_empty() {
+        return Err(invalid("must not be empty".into()));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(invalid(format!(
+            "is {} bytes long, the limit is {MAX_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    Ok(key)
+}
+
+/// An interval in microseconds, ordered as PostgreSQL orders intervals (a
+/// month counts 30 days, a day 24 hours).
+pub fn interval_micros(interval: &Interval) -> i128 {
+    i128::from(interval.months()) * 30 * USECS_PER_DAY
+        + i128::from(interval.days()) * USECS_PER_DAY
+        + i128::from(interval.micros())
+}
+
+fn check_ttl(function: &'static str, ttl: &Interval) -> Result<(), FenceError> {
+    let micros = interval_micros(ttl);
+    let max_seconds = settings::max_ttl_seconds();
+    let invalid = |problem: String| FenceError::InvalidArgument {
+        function,
+        argument: "ttl",
+        problem,
+    };
+    if micros <= 0 {
+        return Err(invalid("must be greater than zero".into()));
+    }
+    if micros > i128::from(max_seconds) * 1_000_000 {
+        return Err(invalid(format!(
+            "is over the maximum of {max_seconds} seconds (fence.max_ttl)"
+        )));
+    }
+    Ok(())
+}
+
+fn check_holder(holder: Option<&str>) -> Result<String, FenceError> {
+    match holder {
+        None => Ok(random_holder()),
+        Some(h) if h.is_empty() => Err(FenceError::InvalidArgument {
+            function: "lock_acquire",
+            argument: "holder",
+            problem: "must not be empty (pass NULL for a fresh random holder)".into(),
+        }),
+        Some(h) if h.len() > MAX_KEY_BYTES => Err(FenceError::InvalidArgument {
+            function: "lock_acquire",
+            argument: "holder",
+            problem: format!("is {} bytes long, the limit is {MAX_KEY_BYTES}", h.len()),
+        }),
+        Some(h) => Ok(h.to_owned()),
+    }
+}
+
+/// A fresh holder id: a random (version 4) UUID from the server's strong RNG.
+fn random_holder() -> String {
+    let mut bytes = [0u8; 16];
+    let ok = unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) };
+    if !ok {
+        // pg_strong_random only fails if the OS has no entropy source at all.
+        let fallback = unsafe { pg_sys::GetCurrentTimestamp() } as u128
+            ^ (u128::from(unsafe { pg_sys::MyProcPid } as u32) << 64);
+        bytes = fallback.to_le_bytes();
+    }
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Prepared statements: planned once per backend, kept for its lifetime.
+// Every name is schema-qualified; the functions also pin search_path.
+// ---------------------------------------------------------------------------
+
+const LIVE: &str = "l.released_at IS NULL AND l.expires_at > pg_catalog.clock_timestamp()";
+
+struct Plans {
+    lock_row: OwnedPreparedStatement,
+    peek_row: OwnedPreparedStatement,
+    grant_update: OwnedPreparedStatement,
+    grant_insert: OwnedPreparedStatement,
+    extend: OwnedPreparedStatement,
+    renew: OwnedPreparedStatement,
+    release: OwnedPreparedStatement,
+    force_release: OwnedPreparedStatement,
+    live_owner: OwnedPreparedStatement,
+    live_lease: OwnedPreparedStatement,
+    token_of: OwnedPreparedStatement,
+}
+
+impl Plans {
+    fn prepare(client: &SpiClient<'_>) -> Result<Plans, SpiError> {
+        use pg_sys::{BOOLOID, INT8OID, INTERVALOID, OIDOID, TEXTOID};
+        let prep =
+            |sql: String, args: &[pg_sys::Oid]| -> Result<OwnedPreparedStatement, SpiError> {
+                let oids: Vec<_> = args.iter().map(|oid| pg_sys::PgOid::from(*oid)).collect();
+                // prepare_mut: every execution takes a fresh snapshot, which the
+                // wait loop in READ COMMITTED depends on.
+                Ok(client.prepare_mut(sql.as_str(), &oids)?.keep())
+            };
+        Ok(Plans {
+            lock_row: prep(
+                format!(
+                    "SELECT l.holder, l.token, l.owner_role, ({LIVE}) AS live, l.expires_at \
+                       FROM fence.leases AS l WHERE l.lock_key = $1 FOR UPDATE SKIP LOCKED"
+                ),
+                &[TEXTOID],
+            )?,
+            peek_row: prep(
+                format!("SELECT ({LIVE}) AS live, l.expires_at FROM fence.leases AS l WHERE l.lock_key = $1"),
+                &[TEXTOID],
+            )?,
+            grant_update: prep(
+                "UPDATE fence.leases AS l \
+                    SET holder = $2, token = $3, ttl = $4, acquired_at = n.now, expires_at = n.now + $4, \
+                        released_at = NULL, owner_role = $5, \
+                        application_name = pg_catalog.current_setting('application_name') \
+                   FROM (SELECT pg_catalog.clock_timestamp() AS now) AS n \
+                  WHERE l.lock_key = $1 \
+                 RETURNING l.acquired_at, l.expires_at"
+                    .into(),
+                &[TEXTOID, TEXTOID, INT8OID, INTERVALOID, OIDOID],
+            )?,
+            grant_insert: prep(
+                "INSERT INTO fence.leases AS l \
+                        (lock_key, holder, token, ttl, acquired_at, expires_at, owner_role, application_name) \
+                 SELECT $1, $2, $3, $4, n.now, n.now + $4, $5, pg_catalog.current_setting('application_name') \
+                   FROM (SELECT pg_catalog.clock_timestamp() AS now) AS n \
+                 ON CONFLICT (lock_key) DO NOTHING \
+                 RETURNING l.acquired_at, l.expires_at"
+                    .into(),
+                &[TEXTOID, TEXTOID, INT8OID, INTERVALOID, OIDOID],
+            )?,
+            extend: prep(
+                "UPDATE fence.leases AS l SET ttl = $2, expires_at = pg_catalog.clock_timestamp() + $2 \
+                  WHERE l.lock_key = $1 RETURNING l.acquired_at, l.expires_at"
+                    .into(),
+                &[TEXTOID, INTERVALOID],
+            )?,
+            renew: prep(
+                format!(
+                    "UPDATE fence.leases AS l \
+                        SET expires_at = pg_catalog.clock_timestamp() + COALESCE($3, l.ttl) \
+                      WHERE l.lock_key = $1 AND l.token = $2 AND {LIVE} AND (l.owner_role = $4 OR $5) \
+                     RETURNING l.expires_at"
+                ),
+                &[TEXTOID, INT8OID, INTERVALOID, OIDOID, BOOLOID],
+            )?,
+            release: prep(
+                format!(
+                    "UPDATE fence.leases AS l SET released_at = pg_catalog.clock_timestamp() \
+                      WHERE l.lock_key = $1 AND l.token = $2 AND {LIVE} AND (l.owner_role = $3 OR $4) \
+                     RETURNING l.token"
+                ),
+                &[TEXTOID, INT8OID, OIDOID, BOOLOID],
+            )?,
+            force_release: prep(
+                format!(
+                    "UPDATE fence.leases AS l SET released_at = pg_catalog.clock_timestamp() \
+                      WHERE l.lock_key = $1 AND {LIVE} AND (l.owner_role = $2 OR $3) \
+                     RETURNING l.token"
+                ),
+                &[TEXTOID, OIDOID, BOOLOID],
+            )?,
+            live_owner: prep(
+                format!(
+                    "SELECT l.owner_role, l.token FROM fence.leases AS l \
+                      WHERE l.lock_key = $1 AND ($2::bigint IS NULL OR l.token = $2) AND {LIVE}"
+                ),
+                &[TEXTOID, INT8OID],
+            )?,
+            live_lease: prep(
+                format!(
+                    "SELECT l.holder, l.token, l.acquired_at, l.expires_at FROM fence.leases AS l \
+                      WHERE l.lock_key = $1 AND {LIVE}"
+                ),
+                &[TEXTOID],
+            )?,
+            token_of: prep("SELECT l.token FROM fence.leases AS l WHERE l.lock_key = $1".into(), &[TEXTOID])?,
+        })
+    }
+}
+
+thread_local! {
+    static PLANS: OnceCell<Plans> = const { OnceCell::new() };
+}
+
+/// Run `work` inside one SPI connection with the backend's prepared statements.
+fn with_spi<R>(
+    work: impl FnOnce(&mut SpiClient<'_>, &Plans) -> Result<R, FenceError>,
+) -> Result<R, FenceError> {
+    Spi::connect_mut(|client| {
+        PLANS.with(|cell| {
+            let plans = match cell.get() {
+                Some(plans) => plans,
+                None => {
+                    let plans = Plans::prepare(client)?;
+                    cell.get_or_init(|| plans)
+                }
+            };
+            work(client, plans)
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Roles (G4).
+// ---------------------------------------------------------------------------
+
+/// The caller's role: the current user outside any SECURITY DEFINER function,
+/// so our own definer rights do not hide who is calling.
+fn caller_role() -> pg_sys::Oid {
+    unsafe { pg_sys::GetOuterUserId() }
+}
+
+fn is_fence_admin(role: pg_sys::Oid) -> bool {
+    unsafe {
+        let admin = pg_sys::get_role_oid(c"fence_admin".as_ptr(), true);
+        admin != pg_sys::InvalidOid && pg_sys::has_privs_of_role(role, admin)
+    }
+}
+
+fn role_name(role: pg_sys::Oid) -> String {
+    unsafe {
+        let name = pg_sys::GetUserNameFromId(role, true);
+        if name.is_null() {
+            format!("oid {}", role.to_u32())
+        } else {
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
+        }
+    }
+}
+
+fn not_owner(
+    action: &'static str,
+    lock_key: &str,
+    token: i64,
+    owner: pg_sys::Oid,
+    caller: pg_sys::Oid,
+) -> FenceError {
+    FenceError::NotLeaseOwner {
+        action,
+        lock_key: lock_key.to_owned(),
+        token,
+        owner: role_name(owner),
+        caller: role_name(caller),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Durability.
+// ---------------------------------------------------------------------------
+
+/// Issue the next fencing token (G1).
+///
+/// `nextval` WAL-logs the sequence only every 32 values and leaves flushing
+/// to the commit; if this transaction then aborts, or commits asynchronously,
+/// a crash could rewind the sequence and hand a token out twice. So when
+/// `nextval` wrote WAL we flush it now (once per 32 tokens), and the granting
+/// transaction is made to commit durably.
+fn issue_token() -> Result<i64, FenceError> {
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"fence".as_ptr(), false);
+        let sequence = pg_sys::get_relname_relid(c"token_seq".as_ptr(), namespace);
+        if sequence == pg_sys::InvalidOid {
+            return Err(FenceError::internal(
+                "sequence fence.token_seq is missing".into(),
+            ));
+        }
+        let logged_before = pg_sys::XactLastRecEnd;
+        let token =
+            pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[sequence.into_datum()])
+                .ok_or_else(|| FenceError::internal("nextval returned NULL".into()))?;
+        let logged_after = pg_sys::XactLastRecEnd;
+        if logged_after != logged_before {
+            pg_sys::XLogFlush(logged_after);
+        }
+        commit_durably();
+        Ok(token)
+    }
+}
+
+/// Make the current transaction's commit durable whatever the caller's
+/// `synchronous_commit`: flushed locally (ForceSyncCommit), and at least
+/// `synchronous_commit = on` so a synchronous standby has it too.
+fn commit_durably() {
+    unsafe {
+        pg_sys::ForceSyncCommit();
+        if pg_sys::synchronous_commit
+            < pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_REMOTE_FLUSH as i32
+        {
+            set_local("synchronous_commit", "on");
+        }
+    }
+}
+
+/// Release and renew may commit asynchronously: losing one in a crash only
+/// changes when a lease ends, and fenced writes keep that safe. Done only when
+/// nothing else in the transaction could need durability: outside an explicit
+/// transaction block, and before anything was written.
+fn allow_async_commit() {
+    unsafe {
+        if !pg_sys::IsTransactionBlock()
+            && pg_sys::GetTopTransactionIdIfAny() == pg_sys::InvalidTransactionId
+        {
+            set_local("synchronous_commit", "off");
+        }
+    }
+}
+
+fn set_local(name: &str, value: &str) {
+    let name = std::ffi::CString::new(name).expect("no NUL");
+    let value = std::ffi::CString::new(value).expect("no NUL");
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The operations.
+// ---------------------------------------------------------------------------
+
+enum Attempt {
+    Granted(Lease),
+    /// Held by someone else; try again in at most this many milliseconds.
+    Busy {
+        retry_in_ms: i64,
+    },
+    /// Lost a race to create the key's row; retry at once.
+    Again,
+}
+
+fn now_micros() -> i64 {
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// Milliseconds until `at` (rounded up, so we wake after it), capped.
+fn millis_until(at: TimestampWithTimeZone, cap: i64) -> i64 {
+    let micros: i64 = at.into_inner().saturating_sub(now_micros());
+    (micros.saturating_add(999) / 1000).clamp(1, cap)
+}
+
+fn uses_transaction_snapshot() -> bool {
+    unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
+}
+
+pub fn acquire(
+    lock_key: Option<&str>,
+    ttl: Option<Interval>,
+    holder: Option<&str>,
+    wait: Option<Interval>,
+) -> Result<Option<Lease>, FenceError> {
+    const F: &str = "lock_acquire";
+    let key = check_key(F, lock_key)?;
+    let ttl = required(F, "ttl", ttl)?;
+    check_ttl(F, &ttl)?;
+    let wait = required(F, "wait", wait)?;
+    let wait_micros = interval_micros(&wait);
+    if wait_micros < 0 {
+        return Err(FenceError::InvalidArgument {
+            function: F,
+            argument: "wait",
+            problem: "must not be negative".into(),
+        });
+    }
+    if wait_micros > 0 && uses_transaction_snapshot() {
+        return Err(FenceError::WaitNeedsReadCommitted {
+            lock_key: key.to_owned(),
+        });
+    }
+    let holder = check_holder(holder)?;
+    let role = caller_role();
+    let deadline = now_micros().saturating_add(i64::try_from(wait_micros).unwrap_or(i64::MAX));
+    let event = wait::wait_event_for(key);
+
+    let outcome = loop {
+        if wait_micros > 0 {
+            wait::reset_latch();
+            wait::advertise(event);
+        }
+        match with_spi(|client, plans| attempt(client, plans, key, &holder, ttl, role))? {
+            Attempt::Granted(lease) => break Some(lease),
+            Attempt::Again => continue,
+            Attempt::Busy { retry_in_ms } => {
+                let left_ms = (deadline.saturating_sub(now_micros()) + 999) / 1000;
+                if left_ms <= 0 {
+                    break None;
+                }
+                wait::sleep(event, retry_in_ms.min(left_ms));
+            }
+        }
+    };
+    if wait_micros > 0 {
+        wait::stop_advertising();
+    }
+    Ok(outcome)
+}
+
+fn attempt(
+    client: &mut SpiClient<'_>,
+    plans: &Plans,
+    key: &str,
+    holder: &str,
+    ttl: Interval,
+    role: pg_sys::Oid,
+) -> Result<Attempt, FenceError> {
+    let rows = client.update(&plans.lock_row, Some(1), &[key.into()])?;
+    if !rows.is_empty() {
+        let row = rows.first();
+        let current_holder: String = row.get(1)?.unwrap_or_default();
+        let token: i64 = row.get(2)?.unwrap_or_default();
+        let owner: pg_sys::Oid = row.get(3)?.unwrap_or(pg_sys::InvalidOid);
+        let live: bool = row.get(4)?.unwrap_or(false);
+        let expires_at: Option<TimestampWithTimeZone> = row.get(5)?;
+        if live {
+            if current_holder != holder {
+                let retry_in_ms = expires_at.map_or(wait::RECHECK_INTERVAL_MS, |at| {
+                    millis_until(at, wait::RECHECK_INTERVAL_MS)
+                });
+                return Ok(Attempt::Busy { retry_in_ms });
+            }
+            // G6: the holder retrying (say after a lost reply) gets its lease back.
+            if owner != role && !is_fence_admin(role) {
+                return Err(not_owner("re-acquire", key, token, owner, role));
+            }
+            let row = client
+                .update(&plans.extend, Some(1), &[key.into(), ttl.into()])?
+                .first();
+            return Ok(Attempt::Granted(Lease {
+                lock_key: key.to_owned(),
+                holder: holder.to_owned(),
+                token,
+                acquired_at: required_col(row.get(1)?)?,
+                expires_at: required_col(row.get(2)?)?,
+            }));
+        }
+        let token = issue_token()?;
+        let row = client
+            .update(
+                &plans.grant_update,
+                Some(1),
+                &[
+                    key.into(),
+                    holder.into(),
+                    token.into(),
+                    ttl.into(),
+                    role.into(),
+                ],
+            )?
+            .first();
+        return Ok(Attempt::Granted(granted(
+            key,
+            holder,
+            token,
+            row.get(1)?,
+            row.get(2)?,
+        )?));
+    }
+
+    // No row we could lock: there is none yet, or another transaction holds it.
+    let peek = client.update(&plans.peek_row, Some(1), &[key.into()])?;
+    if !peek.is_empty() {
+        let row = peek.first();
+        let live: bool = row.get(1)?.unwrap_or(false);
+        let expires_at: Option<TimestampWithTimeZone> = row.get(2)?;
+        let retry_in_ms = match (live, expires_at) {
+            // Held, and a release will signal us; else wake when it expires.
+            (true, Some(at)) => millis_until(at, wait::RECHECK_INTERVAL_MS),
+            // Free but row-locked: nobody signals when a row lock ends.
+            _ => wait::LOCKED_ROW_RETRY_MS,
+        };
+        return Ok(Attempt::Busy { retry_in_ms });
+    }
+    let token = issue_token()?;
+    let inserted = client.update(
+        &plans.grant_insert,
+        Some(1),
+        &[
+            key.into(),
+            holder.into(),
+            token.into(),
+            ttl.into(),
+            role.into(),
+        ],
+    )?;
+    if inserted.is_empty() {
+        return Ok(Attempt::Again);
+    }
+    let row = inserted.first();
+    Ok(Attempt::Granted(granted(
+        key,
+        holder,
+        token,
+        row.get(1)?,
+        row.get(2)?,
+    )?))
+}
+
+fn required_col<T>(value: Option<T>) -> Result<T, FenceError> {
+    value.ok_or_else(|| FenceError::internal("a NOT NULL lease column was NULL".into()))
+}
+
+fn granted(
+    key: &str,
+    holder: &str,
+    token: i64,
+    acquired_at: Option<TimestampWithTimeZone>,
+    expires_at: Option<TimestampWithTimeZone>,
+) -> Result<Lease, FenceError> {
+    Ok(Lease {
+        lock_key: key.to_owned(),
+        holder: holder.to_owned(),
+        token,
+        acquired_at: required_col(acquired_at)?,
+        expires_at: required_col(expires_at)?,
+    })
+}
+
+/// When an update matched nothing: was there a live lease with this token
+/// (then the caller's role is not its owner), or not (then it is not live)?
+fn live_owner(
+    client: &SpiClient<'_>,
+    plans: &Plans,
+    key: &str,
+    token: Option<i64>,
+) -> Result<Option<(pg_sys::Oid, i64)>, FenceError> {
+    let rows = client.select(&plans.live_owner, Some(1), &[key.into(), token.into()])?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let row = rows.first();
+    Ok(Some((
+        required_col(row.get(1)?)?,
+        required_col(row.get(2)?)?,
+    )))
+}
+
+pub fn renew(
+    lock_key: Option<&str>,
+    token: Option<i64>,
+    ttl: Option<Interval>,
+) -> Result<Option<TimestampWithTimeZone>, FenceError> {
+    const F: &str = "lock_renew";
+    let key = check_key(F, lock_key)?;
+    let token = required(F, "token", token)?;
+    if let Some(ttl) = &ttl {
+        check_ttl(F, ttl)?;
+    }
+    allow_async_commit();
+    let role = caller_role();
+    let admin = is_fence_admin(role);
+    with_spi(|client, plans| {
+        let rows = client.update(
+            &plans.renew,
+            Some(1),
+            &[
+                key.into(),
+                token.into(),
+                ttl.into(),
+                role.into(),
+                admin.into(),
+            ],
+        )?;
+        if !rows.is_empty() {
+            return Ok(rows.first().get(1)?);
+        }
+        match live_owner(client, plans, key, Some(token))? {
+            Some((owner, _)) => Err(not_owner("renew", key, token, owner, role)),
+            None => Ok(None),
+        }
+    })
+}
+
+pub fn release(lock_key: Option<&str>, token: Option<i64>) -> Result<bool, FenceError> {
+    const F: &str = "lock_release";
+    let key = check_key(F, lock_key)?;
+    let token = required(F, "token", token)?;
+    allow_async_commit();
+    let role = caller_role();
+    let admin = is_fence_admin(role);
+    with_spi(|client, plans| {
+        let rows = client.update(
+            &plans.release,
+            Some(1),
+            &[key.into(), token.into(), role.into(), admin.into()],
+        )?;
+        if !rows.is_empty() {
+            wait::wake_after_commit(key);
+            return Ok(true);
+        }
+        match live_owner(client, plans, key, Some(token))? {
+            Some((owner, _)) => Err(not_owner("release", key, token, owner, role)),
+            None => Ok(false),
+        }
+    })
+}
+
+pub fn force_release(lock_key: Option<&str>) -> Result<bool, FenceError> {
+    const F: &str = "lock_force_release";
+    let key = check_key(F, lock_key)?;
+    let role = caller_role();
+    let admin = is_fence_admin(role);
+    with_spi(|client, plans| {
+        let rows = client.update(
+            &plans.force_release,
+            Some(1),
+            &[key.into(), role.into(), admin.into()],
+        )?;
+        if !rows.is_empty() {
+            wait::wake_after_commit(key);
+            return Ok(true);
+        }
+        match live_owner(client, plans, key, None)? {
+            Some((owner, token)) => Err(not_owner("force-release", key, token, owner, role)),
+            None => Ok(false),
+        }
+    })
+}
+
+pub fn status(lock_key: Option<&str>) -> Result<Option<Lease>, FenceError> {
+    let key = check_key("lock_status", lock_key)?;
+    with_spi(|client, plans| {
+        let rows = client.select(&plans.live_lease, Some(1), &[key.into()])?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let row = rows.first();
+        Ok(Some(Lease {
+            lock_key: key.to_owned(),
+            holder: required_col(row.get(1)?)?,
+            token: required_col(row.get(2)?)?,
+            acquired_at: required_col(row.get(3)?)?,
+            expires_at: required_col(row.get(4)?)?,
+        }))
+    })
+}
+
+pub fn token_of(lock_key: Option<&str>) -> Result<Option<i64>, FenceError> {
+    let key = check_key("current_token", lock_key)?;
+    with_spi(|client, plans| {
+        let rows = client.select(&plans.token_of, Some(1), &[key.into()])?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(rows.first().get(1)?)
+    })
+}

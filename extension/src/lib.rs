@@ -1,0 +1,40 @@
+//! pg_fence: PostgreSQL as the lock service and the referee.
+//!
+//! Leases with fencing tokens live in ordinary tables (`sql/schema.sql`); the
+//! functions that grant, renew and release them are in [`lease`], the
+//! in-server waiting in [`wait`], the error contract in [`errors`] and the
+//! settings in [`settings`]. The guarantees G1–G6 are stated in DESIGN.md and
+//! the README.
+
+use pgrx::prelude::*;
+
+pub mod errors;
+pub mod lease;
+pub mod settings;
+pub mod wait;
+
+::pgrx::pg_module_magic!(name, version);
+
+// Tables, the token sequence, the lease type and the locks view come first:
+// every function below refers to them.
+pgrx::extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::register();
+    wait::register_callbacks();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,135 @@
+//! Waiting for a key inside the server, and waking the waiters when it frees.
+//!
+//! A waiter in `lock_acquire(..., wait => ...)` sleeps on its own process
+//! latch. While it waits it advertises the key it wants in its PGPROC's
+//! `wait_event_info` (class `Extension`, the low 24 bits a hash of the key),
+//! which is what `pg_stat_activity` reads too. A transaction that released a
+//! key sets the latch of every backend advertising that hash, right after it
+//! commits, so a waiter retries within about a millisecond of a release. An
+//! expiry needs no signal: the waiter knows `expires_at` and sleeps until
+//! then. A hash collision only costs a spurious retry, and a missed signal
+//! (the advertisement is briefly overwritten while the waiter does I/O) costs
+//! at most [`RECHECK_INTERVAL_MS`].
+//!
+//! This needs no shared memory of its own, so the extension works without
+//! `shared_preload_libraries`.
+
+use std::cell::RefCell;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+/// Longest sleep between two attempts while the key looks held.
+pub const RECHECK_INTERVAL_MS: i64 = 50;
+/// Sleep while the lease row is locked by another transaction (an acquire in
+/// flight, or a fenced write in progress): nobody signals when a row lock ends.
+pub const LOCKED_ROW_RETRY_MS: i64 = 2;
+
+thread_local! {
+    /// Wait events to signal when the current transaction commits.
+    static PENDING_WAKEUPS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The wait event that stands for `lock_key` (FNV-1a, folded to 24 bits).
+pub fn wait_event_for(lock_key: &str) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in lock_key.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    pg_sys::PG_WAIT_EXTENSION | ((hash ^ (hash >> 24)) & 0x00FF_FFFF)
+}
+
+/// Advertise the key this backend is about to wait for. Called before each
+/// attempt, so a release that commits between the attempt and the sleep
+/// still finds us (it sets the latch; the sleep then returns at once).
+pub fn advertise(event: u32) {
+    unsafe { *pg_sys::my_wait_event_info = event };
+}
+
+/// Stop advertising. An error path needs no call: AbortTransaction clears it.
+pub fn stop_advertising() {
+    unsafe { *pg_sys::my_wait_event_info = 0 };
+}
+
+/// Clear this backend's latch before an attempt, so a wake-up that arrives
+/// during the attempt is not lost.
+pub fn reset_latch() {
+    unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+}
+
+/// Sleep up to `timeout_ms`, or until a releaser sets our latch. Honours query
+/// cancel, `statement_timeout` and postmaster death.
+pub fn sleep(event: u32, timeout_ms: i64) {
+    let timeout = timeout_ms.clamp(1, i64::from(i32::MAX));
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            timeout as _,
+            event,
+        );
+        // WaitLatch cleared our advertisement; the next attempt sets it again.
+    }
+    pg_sys::check_for_interrupts!();
+}
+
+/// Wake the waiters of `lock_key` once the current transaction commits (a
+/// waiter woken earlier would not yet see the key free).
+pub fn wake_after_commit(lock_key: &str) {
+    let event = wait_event_for(lock_key);
+    PENDING_WAKEUPS.with(|pending| {
+        let mut pending = pending.borrow_mut();
+        if !pending.contains(&event) {
+            pending.push(event);
+        }
+    });
+}
+
+/// Registered once per backend in `_PG_init`.
+pub fn register_callbacks() {
+    unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_COMMIT => {
+            let events = PENDING_WAKEUPS.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
+            for event in events {
+                unsafe { set_latches_waiting_on(event) };
+            }
+        }
+        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+            // Nothing was released (or it is up to COMMIT PREPARED, which the
+            // waiters' recheck interval covers).
+            PENDING_WAKEUPS.with(|pending| pending.borrow_mut().clear());
+        }
+        _ => {}
+    }
+}
+
+/// Set the latch of every backend whose advertised wait event is `event`.
+/// Reading another backend's `wait_event_info` without a lock is what
+/// `pg_stat_activity` does; setting another backend's latch is what
+/// condition variables do.
+unsafe fn set_latches_waiting_on(event: u32) {
+    unsafe {
+        let header = pg_sys::ProcGlobal;
+        if header.is_null() {
+            return;
+        }
+        let procs = (*header).allProcs;
+        let count = (*header).allProcCount as usize;
+        for i in 0..count {
+            let proc_ = procs.add(i);
+            let advertised = std::ptr::read_volatile(std::ptr::addr_of!((*proc_).wait_event_info));
+            if advertised == event {
+                pg_sys::SetLatch(std::ptr::addr_of_mut!((*proc_).procLatch));
+            }
+        }
+    }
+}

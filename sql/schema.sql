@@ -1,0 +1,73 @@
+-- pg_fence schema objects: the lease table, the token sequence, the lease
+-- type and the fence.locks view. Included by the extension's install script
+-- before any function is created (extension_sql_file!, bootstrap).
+
+-- fence_admin may force-release any lease and renew or release leases of
+-- other roles. Roles are cluster-wide, so a second database installing the
+-- extension finds it already there.
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'fence_admin') THEN
+        CREATE ROLE fence_admin NOLOGIN;
+    END IF;
+END
+$do$;
+
+-- What lock_acquire and lock_status return.
+CREATE TYPE fence.lease AS (
+    lock_key    text,
+    holder      text,
+    token       bigint,
+    acquired_at timestamptz,
+    expires_at  timestamptz
+);
+
+-- One global order of fencing tokens (G1), like etcd's revision. CACHE 1 is
+-- load-bearing: a per-backend cache would hand out tokens out of order.
+CREATE SEQUENCE fence.token_seq AS bigint MINVALUE 1 START 1 CACHE 1 NO CYCLE;
+
+-- One row per key, updated in place: released and expired leases keep their
+-- row, so the last token of a key stays known (current_token). Only lock_key
+-- is indexed, so every update of a lease is HOT-eligible; fillfactor leaves
+-- room on the page for those new row versions.
+CREATE TABLE fence.leases (
+    lock_key         text COLLATE "C" NOT NULL,
+    holder           text NOT NULL,
+    token            bigint NOT NULL,
+    ttl              interval NOT NULL,     -- the ttl the lease was acquired with
+    acquired_at      timestamptz NOT NULL,
+    expires_at       timestamptz NOT NULL,
+    released_at      timestamptz,           -- NULL until released or forced
+    owner_role       oid NOT NULL,          -- the role that acquired it (G4)
+    application_name text,
+    CONSTRAINT leases_pkey PRIMARY KEY (lock_key),
+    CONSTRAINT leases_lock_key_length CHECK (octet_length(lock_key) BETWEEN 1 AND 1024)
+) WITH (fillfactor = 50);
+
+COMMENT ON TABLE fence.leases IS
+    'pg_fence leases, one row per key. Live: released_at IS NULL AND expires_at > clock_timestamp(). Write only through the fence.lock_* functions.';
+
+-- Leases and the token sequence are state, not schema: pg_dump keeps them so
+-- a restored database continues the token order instead of restarting it.
+SELECT pg_catalog.pg_extension_config_dump('fence.leases', '');
+SELECT pg_catalog.pg_extension_config_dump('fence.token_seq', '');
+
+-- Live leases, for people and monitoring.
+CREATE VIEW fence.locks AS
+SELECT l.lock_key,
+       l.holder,
+       l.token,
+       l.acquired_at,
+       l.expires_at,
+       l.owner_role::pg_catalog.regrole AS owner_role,
+       l.application_name
+  FROM fence.leases AS l
+ WHERE l.released_at IS NULL
+   AND l.expires_at > pg_catalog.clock_timestamp();
+
+-- Nobody writes the state directly: the lease functions are SECURITY
+-- DEFINER and check the caller's role themselves (G4). Reading is harmless
+-- and lets lock_status/current_token run as the caller.
+REVOKE ALL ON fence.leases, fence.token_seq FROM PUBLIC;
+GRANT USAGE ON SCHEMA fence TO PUBLIC;
+GRANT SELECT ON fence.leases, fence.locks TO PUBLIC;
