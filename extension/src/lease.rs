@@ -187,7 +187,7 @@ fn check_ttl(function: &'static str, ttl: &Interval) -> Result<(), FenceError> {
 fn check_holder(holder: Option<&str>) -> Result<String, FenceError> {
     match holder {
         None => Ok(random_holder()),
-        Some(h) if h.is_empty() => Err(FenceError::InvalidArgument {
+        Some("") => Err(FenceError::InvalidArgument {
             function: "lock_acquire",
             argument: "holder",
             problem: "must not be empty (pass NULL for a fresh random holder)".into(),
@@ -229,6 +229,11 @@ fn random_holder() -> String {
 // Every name is schema-qualified; the functions also pin search_path.
 // ---------------------------------------------------------------------------
 
+/// Advisory lock class (`'FENC'`) under which a transaction claims a key that
+/// has no row yet, so a concurrent first acquire of the same key reports busy
+/// instead of blocking in `INSERT ... ON CONFLICT` until that transaction ends.
+const NEW_KEY_LOCK_CLASS: i32 = 0x4645_4E43;
+
 const LIVE: &str = "l.released_at IS NULL AND l.expires_at > pg_catalog.clock_timestamp()";
 
 struct Plans {
@@ -243,6 +248,7 @@ struct Plans {
     live_owner: OwnedPreparedStatement,
     live_lease: OwnedPreparedStatement,
     token_of: OwnedPreparedStatement,
+    claim_new_key: OwnedPreparedStatement,
 }
 
 impl Plans {
@@ -264,7 +270,7 @@ impl Plans {
                 &[TEXTOID],
             )?,
             peek_row: prep(
-                format!("SELECT ({LIVE}) AS live, l.expires_at FROM fence.leases AS l WHERE l.lock_key = $1"),
+                format!("SELECT ({LIVE}) AS live, l.expires_at, l.holder FROM fence.leases AS l WHERE l.lock_key = $1"),
                 &[TEXTOID],
             )?,
             grant_update: prep(
@@ -334,6 +340,10 @@ impl Plans {
                 &[TEXTOID],
             )?,
             token_of: prep("SELECT l.token FROM fence.leases AS l WHERE l.lock_key = $1".into(), &[TEXTOID])?,
+            claim_new_key: prep(
+                format!("SELECT pg_catalog.pg_try_advisory_xact_lock({NEW_KEY_LOCK_CLASS}, pg_catalog.hashtext($1))"),
+                &[TEXTOID],
+            )?,
         })
     }
 }
@@ -572,49 +582,74 @@ fn attempt(
     ttl: Interval,
     role: pg_sys::Oid,
 ) -> Result<Attempt, FenceError> {
+    // Look first, without locking: a key someone else holds costs no lock.
+    let peek = client.update(&plans.peek_row, Some(1), &[key.into()])?;
+    if peek.is_empty() {
+        return claim_new_key(client, plans, key, holder, ttl, role);
+    }
+    let row = peek.first();
+    let live: bool = row.get(1)?.unwrap_or(false);
+    let expires_at: Option<TimestampWithTimeZone> = row.get(2)?;
+    let current_holder: Option<String> = row.get(3)?;
+    // Under REPEATABLE READ / SERIALIZABLE the peek saw the transaction's
+    // snapshot, perhaps stale: lock instead, which fails with 40001 if the
+    // key changed since, rather than answer "busy" for a key now free.
+    if live && current_holder.as_deref() != Some(holder) && !uses_transaction_snapshot() {
+        return Ok(busy_until(expires_at));
+    }
+    // Free (or ours, G6): lock the row and decide again on what we locked.
+    // The lock is taken in a subtransaction that is rolled back unless we
+    // grant, so losing a race never leaves the row locked behind us: a
+    // waiter or an explicit transaction holding it would block the owner's
+    // release.
+    let subxact = SubTransaction::begin();
+    let decided = take_locked_row(client, plans, key, holder, ttl, role);
+    match &decided {
+        Ok(Attempt::Granted(_)) => subxact.commit(),
+        _ => subxact.roll_back(),
+    }
+    decided
+}
+
+fn busy_until(expires_at: Option<TimestampWithTimeZone>) -> Attempt {
+    let retry_in_ms = expires_at.map_or(wait::RECHECK_INTERVAL_MS, |at| {
+        millis_until(at, wait::RECHECK_INTERVAL_MS)
+    });
+    Attempt::Busy { retry_in_ms }
+}
+
+fn take_locked_row(
+    client: &mut SpiClient<'_>,
+    plans: &Plans,
+    key: &str,
+    holder: &str,
+    ttl: Interval,
+    role: pg_sys::Oid,
+) -> Result<Attempt, FenceError> {
     let rows = client.update(&plans.lock_row, Some(1), &[key.into()])?;
-    if !rows.is_empty() {
-        let row = rows.first();
-        let current_holder: String = row.get(1)?.unwrap_or_default();
-        let token: i64 = row.get(2)?.unwrap_or_default();
-        let owner: pg_sys::Oid = row.get(3)?.unwrap_or(pg_sys::InvalidOid);
-        let live: bool = row.get(4)?.unwrap_or(false);
-        let expires_at: Option<TimestampWithTimeZone> = row.get(5)?;
-        if live {
-            if current_holder != holder {
-                let retry_in_ms = expires_at.map_or(wait::RECHECK_INTERVAL_MS, |at| {
-                    millis_until(at, wait::RECHECK_INTERVAL_MS)
-                });
-                return Ok(Attempt::Busy { retry_in_ms });
-            }
-            // G6: the holder retrying (say after a lost reply) gets its lease back.
-            if owner != role && !is_fence_admin(role) {
-                return Err(not_owner("re-acquire", key, token, owner, role));
-            }
-            let row = client
-                .update(&plans.extend, Some(1), &[key.into(), ttl.into()])?
-                .first();
-            return Ok(Attempt::Granted(Lease {
-                lock_key: key.to_owned(),
-                holder: holder.to_owned(),
-                token,
-                acquired_at: required_col(row.get(1)?)?,
-                expires_at: required_col(row.get(2)?)?,
-            }));
+    if rows.is_empty() {
+        // Another transaction has the row locked: an acquire in flight or a
+        // fenced write. Nobody signals when a row lock ends, so retry soon.
+        return Ok(Attempt::Busy {
+            retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
+        });
+    }
+    let row = rows.first();
+    let current_holder: String = row.get(1)?.unwrap_or_default();
+    let token: i64 = row.get(2)?.unwrap_or_default();
+    let owner: pg_sys::Oid = row.get(3)?.unwrap_or(pg_sys::InvalidOid);
+    let live: bool = row.get(4)?.unwrap_or(false);
+    let expires_at: Option<TimestampWithTimeZone> = row.get(5)?;
+    if live {
+        if current_holder != holder {
+            return Ok(busy_until(expires_at));
         }
-        let token = issue_token()?;
+        // G6: the holder retrying (say after a lost reply) gets its lease back.
+        if owner != role && !is_fence_admin(role) {
+            return Err(not_owner("re-acquire", key, token, owner, role));
+        }
         let row = client
-            .update(
-                &plans.grant_update,
-                Some(1),
-                &[
-                    key.into(),
-                    holder.into(),
-                    token.into(),
-                    ttl.into(),
-                    role.into(),
-                ],
-            )?
+            .update(&plans.extend, Some(1), &[key.into(), ttl.into()])?
             .first();
         return Ok(Attempt::Granted(granted(
             key,
@@ -624,20 +659,47 @@ fn attempt(
             row.get(2)?,
         )?));
     }
+    let token = issue_token()?;
+    let row = client
+        .update(
+            &plans.grant_update,
+            Some(1),
+            &[
+                key.into(),
+                holder.into(),
+                token.into(),
+                ttl.into(),
+                role.into(),
+            ],
+        )?
+        .first();
+    Ok(Attempt::Granted(granted(
+        key,
+        holder,
+        token,
+        row.get(1)?,
+        row.get(2)?,
+    )?))
+}
 
-    // No row we could lock: there is none yet, or another transaction holds it.
-    let peek = client.update(&plans.peek_row, Some(1), &[key.into()])?;
-    if !peek.is_empty() {
-        let row = peek.first();
-        let live: bool = row.get(1)?.unwrap_or(false);
-        let expires_at: Option<TimestampWithTimeZone> = row.get(2)?;
-        let retry_in_ms = match (live, expires_at) {
-            // Held, and a release will signal us; else wake when it expires.
-            (true, Some(at)) => millis_until(at, wait::RECHECK_INTERVAL_MS),
-            // Free but row-locked: nobody signals when a row lock ends.
-            _ => wait::LOCKED_ROW_RETRY_MS,
-        };
-        return Ok(Attempt::Busy { retry_in_ms });
+/// The key has no row yet: create it, unless another transaction is doing so.
+fn claim_new_key(
+    client: &mut SpiClient<'_>,
+    plans: &Plans,
+    key: &str,
+    holder: &str,
+    ttl: Interval,
+    role: pg_sys::Oid,
+) -> Result<Attempt, FenceError> {
+    let claimed: bool = client
+        .update(&plans.claim_new_key, Some(1), &[key.into()])?
+        .first()
+        .get(1)?
+        .unwrap_or(false);
+    if !claimed {
+        return Ok(Attempt::Busy {
+            retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
+        });
     }
     let token = issue_token()?;
     let inserted = client.update(
@@ -652,6 +714,7 @@ fn attempt(
         ],
     )?;
     if inserted.is_empty() {
+        // Created (and committed) by someone else since we looked.
         return Ok(Attempt::Again);
     }
     let row = inserted.first();
@@ -662,6 +725,49 @@ fn attempt(
         row.get(1)?,
         row.get(2)?,
     )?))
+}
+
+/// An internal subtransaction, as PL/pgSQL opens one for an EXCEPTION block.
+/// Ending it restores the memory context and resource owner of its caller.
+struct SubTransaction {
+    memory_context: pg_sys::MemoryContext,
+    resource_owner: pg_sys::ResourceOwner,
+}
+
+impl SubTransaction {
+    fn begin() -> SubTransaction {
+        unsafe {
+            let memory_context = pg_sys::CurrentMemoryContext;
+            let resource_owner = pg_sys::CurrentResourceOwner;
+            pg_sys::BeginInternalSubTransaction(std::ptr::null());
+            pg_sys::MemoryContextSwitchTo(memory_context);
+            SubTransaction {
+                memory_context,
+                resource_owner,
+            }
+        }
+    }
+
+    fn commit(self) {
+        unsafe {
+            pg_sys::ReleaseCurrentSubTransaction();
+            self.restore();
+        }
+    }
+
+    fn roll_back(self) {
+        unsafe {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            self.restore();
+        }
+    }
+
+    unsafe fn restore(&self) {
+        unsafe {
+            pg_sys::MemoryContextSwitchTo(self.memory_context);
+            pg_sys::CurrentResourceOwner = self.resource_owner;
+        }
+    }
 }
 
 fn required_col<T>(value: Option<T>) -> Result<T, FenceError> {

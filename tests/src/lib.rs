@@ -1,1 +1,118 @@
+//! Helpers for the integration tests: connections to the throwaway cluster
+//! that `make test` starts (scripts/cluster.sh), unique keys, SQLSTATEs.
+//!
+//! The cluster is found through `PGFENCE_PORT` (default 28815) on 127.0.0.1,
+//! database `pg_fence`, trust authentication.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use tokio_postgres::{Client, Error, NoTls};
+
+pub fn port() -> u16 {
+    std::env::var("PGFENCE_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(28815)
+}
+
+/// A session as `user` on the cluster at `port`.
+pub async fn connect_to(port: u16, user: &str) -> Client {
+    let config = format!(
+        "host=127.0.0.1 port={port} user={user} dbname=pg_fence application_name=pg_fence_tests"
+    );
+    let (client, connection) = tokio_postgres::connect(&config, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test cluster on port {port} as {user} (run `make test`): {e}"));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// A superuser session on the shared test cluster.
+pub async fn connect() -> Client {
+    connect_to(port(), "postgres").await
+}
+
+/// A session as another role on the shared test cluster.
+pub async fn connect_as(user: &str) -> Client {
+    connect_to(port(), user).await
+}
+
+/// A key no other test (or earlier run) uses.
+pub fn unique_key(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{prefix}:{}:{nanos}:{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The SQLSTATE of a database error, if it is one.
+pub fn sqlstate(error: &Error) -> Option<String> {
+    error.code().map(|code| code.code().to_owned())
+}
+
+/// Run `sql`, expect it to fail, and return (SQLSTATE, message).
+pub async fn expect_error(client: &Client, sql: &str) -> (String, String) {
+    match client.simple_query(sql).await {
+        Ok(_) => panic!("expected an error from: {sql}"),
+        Err(error) => {
+            let state = sqlstate(&error)
+                .unwrap_or_else(|| panic!("not a database error from {sql}: {error}"));
+            let message = error
+                .as_db_error()
+                .map(|db| db.message().to_owned())
+                .unwrap_or_default();
+            (state, message)
+        }
+    }
+}
+
+/// `lock_acquire` returning the token, or None when not granted.
+pub async fn acquire(
+    client: &Client,
+    key: &str,
+    ttl: &str,
+    holder: Option<&str>,
+    wait: &str,
+) -> Result<Option<i64>, Error> {
+    let row = client
+        .query_one(
+            "SELECT (fence.lock_acquire($1, $2::text::interval, $3, $4::text::interval)).token",
+            &[&key, &ttl, &holder, &wait],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+pub async fn release(client: &Client, key: &str, token: i64) -> Result<bool, Error> {
+    Ok(client
+        .query_one("SELECT fence.lock_release($1, $2)", &[&key, &token])
+        .await?
+        .get(0))
+}
+
+pub async fn renew(client: &Client, key: &str, token: i64) -> Result<bool, Error> {
+    let row = client
+        .query_one(
+            "SELECT fence.lock_renew($1, $2) IS NOT NULL",
+            &[&key, &token],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+pub async fn live_token(client: &Client, key: &str) -> Option<i64> {
+    client
+        .query_one("SELECT (fence.lock_status($1)).token", &[&key])
+        .await
+        .unwrap()
+        .get(0)
+}
