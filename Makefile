@@ -49,6 +49,7 @@ test-pgrx: setup
 test-integration: cluster
 	@$(PSQL) -q -c 'SET client_min_messages = warning' -c 'DROP EXTENSION IF EXISTS pg_fence CASCADE' -c 'CREATE EXTENSION pg_fence'
 	cargo test -p pg_fence_tests -- --test-threads 4
+	cargo run -q -p pg_fence_tests --example quickstart
 
 lint:
 	cargo fmt --all -- --check

@@ -59,7 +59,11 @@ log_line_prefix = '%m [%p] %q%a '
 CONF
     fi
     if ! run_pg "$PG_BINDIR/pg_ctl" -D "$data" status >/dev/null 2>&1; then
-        run_pg "$PG_BINDIR/pg_ctl" -D "$data" -l "$BASE/postgres.log" -w -t 60 start >/dev/null
+        if ! run_pg "$PG_BINDIR/pg_ctl" -D "$data" -l "$BASE/postgres.log" -w -t 60 start >/dev/null; then
+            echo "cluster.sh: the server did not start (is port $PORT taken? set PGFENCE_PORT). Log:" >&2
+            tail -n 20 "$BASE/postgres.log" >&2
+            exit 1
+        fi
     fi
     if ! psql -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -XAtqc "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1; then
         psql -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -Xqc "CREATE DATABASE $DB" >/dev/null
