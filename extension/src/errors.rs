@@ -36,6 +36,21 @@ pub enum FenceError {
     /// `25000`: waiting needs a fresh snapshot per attempt, which REPEATABLE READ
     /// and SERIALIZABLE transactions cannot take.
     WaitNeedsReadCommitted { lock_key: String },
+    /// `FN001`: a write to a fenced table without the token of the key's live lease.
+    StaleToken {
+        table: String,
+        lock_key: String,
+        presented: Option<i64>,
+        why: crate::fence::Stale,
+    },
+    /// `42501`: TRUNCATE of a fenced table by a role outside fence_admin.
+    TruncateRefused { table: String, role: String },
+    /// `42703`: a column named in fence.protect() no longer exists.
+    ProtectedColumnMissing { table: String, column: String },
+    /// `42804`: the token column is not bigint.
+    TokenColumnType { table: String, column: String },
+    /// `22023`: `fence.token` is set to something that is not a bigint.
+    InvalidFenceToken { value: String },
     /// `XX000`: a broken invariant inside pg_fence (a bug, never bad input).
     Internal { context: String },
 }
@@ -71,6 +86,11 @@ impl FenceError {
             FenceError::InvalidArgument { .. } => "22023",
             FenceError::NotLeaseOwner { .. } => "42501",
             FenceError::WaitNeedsReadCommitted { .. } => "25000",
+            FenceError::StaleToken { .. } => "FN001",
+            FenceError::TruncateRefused { .. } => "42501",
+            FenceError::ProtectedColumnMissing { .. } => "42703",
+            FenceError::TokenColumnType { .. } => "42804",
+            FenceError::InvalidFenceToken { .. } => "22023",
             FenceError::Internal { .. } => "XX000",
         }
     }
@@ -101,6 +121,50 @@ impl FenceError {
                 "lock_acquire on \"{lock_key}\" cannot wait inside a REPEATABLE READ or \
                  SERIALIZABLE transaction"
             ),
+            FenceError::StaleToken {
+                table,
+                lock_key,
+                presented,
+                why,
+            } => {
+                use crate::fence::Stale;
+                let carries = match presented {
+                    Some(token) => format!("the write carries token {token}"),
+                    None => "the write carries no token".to_owned(),
+                };
+                match why {
+                    Stale::WrongToken { live } => format!(
+                        "stale fencing token for table \"{table}\": key \"{lock_key}\" is leased with token {live}, {carries}"
+                    ),
+                    Stale::NoLiveLease => format!(
+                        "stale fencing token for table \"{table}\": key \"{lock_key}\" has no live lease, {carries}"
+                    ),
+                    Stale::NoToken => {
+                        format!("no fencing token for table \"{table}\": the write to key \"{lock_key}\" carries none")
+                    }
+                    Stale::LowersToken { column, from } => format!(
+                        "stale fencing token for table \"{table}\": the UPDATE would lower \"{column}\" from {from} to {} (key \"{lock_key}\")",
+                        presented.unwrap_or_default()
+                    ),
+                    Stale::NullKey { column } => format!(
+                        "no fencing key for table \"{table}\": key column \"{column}\" is NULL, so the row has no lease"
+                    ),
+                }
+            }
+            FenceError::TruncateRefused { table, role } => {
+                format!("TRUNCATE of fenced table \"{table}\" is refused for role \"{role}\"")
+            }
+            FenceError::ProtectedColumnMissing { table, column } => {
+                format!("fenced table \"{table}\" has no column \"{column}\"")
+            }
+            FenceError::TokenColumnType { table, column } => {
+                format!(
+                    "token column \"{column}\" of fenced table \"{table}\" must be of type bigint"
+                )
+            }
+            FenceError::InvalidFenceToken { value } => {
+                format!("fence.token must be a bigint, not \"{value}\"")
+            }
             FenceError::Internal { context } => format!("pg_fence internal error: {context}"),
         }
     }
@@ -114,6 +178,18 @@ impl FenceError {
                 "Call it with wait => '0', or wait in a READ COMMITTED transaction: a fixed \
                  snapshot never sees the key being released.",
             ),
+            FenceError::StaleToken { why: crate::fence::Stale::NoToken, .. } => Some(
+                "Set the table's token column, or SET LOCAL fence.token = '<token>' in the writing transaction.",
+            ),
+            FenceError::StaleToken { .. } => {
+                Some("Only the holder of the key's live lease may write; take the lease again and retry with its token.")
+            }
+            FenceError::TruncateRefused { .. } => {
+                Some("Only members of fence_admin may truncate a fenced table; or call fence.unprotect() first.")
+            }
+            FenceError::ProtectedColumnMissing { .. } | FenceError::TokenColumnType { .. } => {
+                Some("Run fence.protect() again with the table's current columns.")
+            }
             _ => None,
         }
     }

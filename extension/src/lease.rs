@@ -380,14 +380,14 @@ fn caller_role() -> pg_sys::Oid {
     unsafe { pg_sys::GetOuterUserId() }
 }
 
-fn is_fence_admin(role: pg_sys::Oid) -> bool {
+pub fn is_fence_admin(role: pg_sys::Oid) -> bool {
     unsafe {
         let admin = pg_sys::get_role_oid(c"fence_admin".as_ptr(), true);
         admin != pg_sys::InvalidOid && pg_sys::has_privs_of_role(role, admin)
     }
 }
 
-fn role_name(role: pg_sys::Oid) -> String {
+pub fn role_name(role: pg_sys::Oid) -> String {
     unsafe {
         let name = pg_sys::GetUserNameFromId(role, true);
         if name.is_null() {

@@ -9,6 +9,7 @@
 use pgrx::prelude::*;
 
 pub mod errors;
+pub mod fence;
 pub mod lease;
 pub mod settings;
 pub mod wait;
@@ -18,6 +19,9 @@ pub mod wait;
 // Tables, the token sequence, the lease type and the locks view come first:
 // every function below refers to them.
 pgrx::extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
+// fence.protect()/unprotect() create triggers on the fence_guard and
+// fence_no_truncate functions, so they come last.
+pgrx::extension_sql_file!("../../sql/fence.sql", name = "fence", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {

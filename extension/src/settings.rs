@@ -1,10 +1,35 @@
 //! pg_fence's configuration parameters (GUCs), all under the `fence.` prefix.
 
+use std::ffi::CString;
+
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+use crate::errors::FenceError;
 
 /// `fence.max_ttl`: the longest ttl a lease may be acquired or renewed with.
 /// Superuser-only, so a role cannot lift its own limit.
 static MAX_TTL: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+
+/// `fence.token`: the fencing token protected writes carry when the table has
+/// no token column (and always for DELETE). Meant for `SET LOCAL`.
+static TOKEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// The token `SET LOCAL fence.token` gave this transaction, if any.
+pub fn fence_token() -> Result<Option<i64>, FenceError> {
+    let Some(value) = TOKEN.get() else {
+        return Ok(None);
+    };
+    let text = value.to_string_lossy();
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse::<i64>()
+        .map(Some)
+        .map_err(|_| FenceError::InvalidFenceToken {
+            value: text.to_owned(),
+        })
+}
 
 pub fn max_ttl_seconds() -> i32 {
     MAX_TTL.get()
@@ -20,6 +45,14 @@ pub fn register() {
         i32::MAX,
         GucContext::Suset,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_string_guc(
+        c"fence.token",
+        c"Fencing token carried by writes to tables protected by fence.protect().",
+        c"Set it with SET LOCAL in the writing transaction; used when the table has no token column, and always for DELETE.",
+        &TOKEN,
+        GucContext::Userset,
+        GucFlags::default(),
     );
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"fence".as_ptr()) };
 }

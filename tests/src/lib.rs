@@ -116,3 +116,26 @@ pub async fn live_token(client: &Client, key: &str) -> Option<i64> {
         .unwrap()
         .get(0)
 }
+
+/// Roles for the privilege tests (cluster-wide, created once): two plain
+/// login roles and a member of fence_admin.
+pub async fn ensure_test_roles(db: &Client) {
+    db.batch_execute(
+        "BEGIN;
+         SELECT pg_advisory_xact_lock(4242); -- tests creating roles run concurrently
+         DO $$ BEGIN
+           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fence_test_alice') THEN CREATE ROLE fence_test_alice LOGIN; END IF;
+           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fence_test_bob') THEN CREATE ROLE fence_test_bob LOGIN; END IF;
+           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fence_test_admin') THEN CREATE ROLE fence_test_admin LOGIN; END IF;
+         END $$;
+         GRANT fence_admin TO fence_test_admin;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+}
+
+/// A table name no other test uses.
+pub fn unique_table(prefix: &str) -> String {
+    unique_key(prefix).replace(':', "_")
+}

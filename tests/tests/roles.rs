@@ -3,27 +3,10 @@
 
 use pg_fence_tests::*;
 
-async fn ensure_roles(db: &Client) {
-    // Roles are cluster-wide and outlive a test run; create them once.
-    db.batch_execute(
-        "BEGIN;
-         SELECT pg_advisory_xact_lock(4242); -- the tests in this file run concurrently
-         DO $$ BEGIN
-           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fence_test_alice') THEN CREATE ROLE fence_test_alice LOGIN; END IF;
-           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fence_test_bob') THEN CREATE ROLE fence_test_bob LOGIN; END IF;
-           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fence_test_admin') THEN CREATE ROLE fence_test_admin LOGIN; END IF;
-         END $$;
-         GRANT fence_admin TO fence_test_admin;
-         COMMIT;",
-    )
-    .await
-    .unwrap();
-}
-
 #[tokio::test]
 async fn only_the_owner_or_fence_admin_may_renew_release_or_force() {
     let superuser = connect().await;
-    ensure_roles(&superuser).await;
+    ensure_test_roles(&superuser).await;
     let alice = connect_as("fence_test_alice").await;
     let bob = connect_as("fence_test_bob").await;
     let admin = connect_as("fence_test_admin").await;
@@ -106,7 +89,7 @@ async fn only_the_owner_or_fence_admin_may_renew_release_or_force() {
 #[tokio::test]
 async fn set_role_is_the_role_that_counts() {
     let superuser = connect().await;
-    ensure_roles(&superuser).await;
+    ensure_test_roles(&superuser).await;
     let key = unique_key("set-role");
     superuser
         .batch_execute("SET ROLE fence_test_alice")
@@ -142,7 +125,7 @@ async fn set_role_is_the_role_that_counts() {
 #[tokio::test]
 async fn nobody_writes_the_lease_table_directly() {
     let superuser = connect().await;
-    ensure_roles(&superuser).await;
+    ensure_test_roles(&superuser).await;
     let bob = connect_as("fence_test_bob").await;
     for sql in [
         "INSERT INTO fence.leases VALUES ('forged', 'me', 999999999, '1 hour', now(), now() + '1 hour', NULL, 10, NULL)",

@@ -1,0 +1,373 @@
+//! Fenced writes (G3): the trigger that refuses stale writes inside the
+//! database, and the one that refuses TRUNCATE.
+//!
+//! `fence.protect()` (sql/fence.sql) installs `fence_guard` as a BEFORE ROW
+//! trigger for INSERT, UPDATE and DELETE, enabled ALWAYS so it also fires
+//! under `session_replication_role = replica`. For each row it works out the
+//! key (one key for the table, or `key_prefix || key_column`) and the token
+//! the write carries (the row's `token_column`, else `SET LOCAL fence.token`),
+//! and accepts the row only if that token is the token of the key's live
+//! lease. The check locks the lease row `FOR KEY SHARE`, and `lock_acquire`
+//! needs `FOR UPDATE` on it, so no newer lease on the key can be granted until
+//! the writing transaction ends: once anyone holds token T+1, no write
+//! carrying T can commit. Renew and release (plain updates) do not conflict
+//! with the check.
+//!
+//! Cost per row: one execution of a plan prepared once per backend (no
+//! parsing or planning), which probes the lease table's primary key. The
+//! share lock dirties the lease row once per transaction and key; further
+//! rows under the same key find the lock already held.
+
+use std::cell::OnceCell;
+use std::ffi::{c_char, CStr};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiError};
+
+use crate::errors::FenceError;
+use crate::{lease, settings};
+
+/// Why a write was refused (SQLSTATE FN001).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stale {
+    /// The key has a live lease, with another token.
+    WrongToken { live: i64 },
+    /// The key has no live lease (never leased, expired or released).
+    NoLiveLease,
+    /// The write carries no token at all.
+    NoToken,
+    /// An UPDATE would lower the row's token column.
+    LowersToken { column: String, from: i64 },
+    /// Per-row keys, and the row's key column is NULL.
+    NullKey { column: String },
+}
+
+#[pg_trigger]
+fn fence_guard<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
+    let operation = trigger.trigger_data().tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
+    if let Err(error) = check_row(trigger) {
+        error.raise();
+    }
+    Ok(if operation == pg_sys::TRIGGER_EVENT_DELETE {
+        trigger.old()
+    } else {
+        trigger.new()
+    })
+}
+
+#[pg_trigger]
+fn fence_no_truncate<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
+    let role = unsafe { pg_sys::GetUserId() };
+    if !lease::is_fence_admin(role) {
+        let table = table_name(trigger.trigger_data());
+        FenceError::TruncateRefused {
+            table,
+            role: lease::role_name(role),
+        }
+        .raise();
+    }
+    Ok(None)
+}
+
+/// The trigger's arguments, as `fence.protect` wrote them.
+struct Config<'t> {
+    /// `Some(key)`: one key for the whole table.
+    table_key: Option<&'t str>,
+    /// Per-row keys: `prefix || key_column`.
+    key_column: &'t str,
+    key_prefix: &'t str,
+    /// The column carrying the token on INSERT and UPDATE, if any.
+    token_column: Option<&'t str>,
+}
+
+fn config<'t>(trigger: &'t pg_sys::Trigger) -> Result<Config<'t>, FenceError> {
+    let args: Vec<&str> = unsafe {
+        (0..trigger.tgnargs as usize)
+            .map(|i| {
+                CStr::from_ptr(*trigger.tgargs.add(i))
+                    .to_str()
+                    .unwrap_or("")
+            })
+            .collect()
+    };
+    match args.as_slice() {
+        ["key", key, _, token] => Ok(Config {
+            table_key: Some(key),
+            key_column: "",
+            key_prefix: "",
+            token_column: (!token.is_empty()).then_some(*token),
+        }),
+        ["column", column, prefix, token] => Ok(Config {
+            table_key: None,
+            key_column: column,
+            key_prefix: prefix,
+            token_column: (!token.is_empty()).then_some(*token),
+        }),
+        _ => Err(FenceError::internal(format!(
+            "trigger fence_guard has unexpected arguments {args:?}; re-run fence.protect()"
+        ))),
+    }
+}
+
+fn table_name(data: &pg_sys::TriggerData) -> String {
+    unsafe {
+        let relation = data.tg_relation;
+        let name = pg_sys::get_rel_name((*relation).rd_id);
+        if name.is_null() {
+            return format!("oid {}", (*relation).rd_id.to_u32());
+        }
+        CStr::from_ptr(name).to_string_lossy().into_owned()
+    }
+}
+
+fn check_row(trigger: &PgTrigger<'_>) -> Result<(), FenceError> {
+    let data = trigger.trigger_data();
+    let config = config(trigger.trigger())?;
+    let operation = data.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
+    let descriptor = unsafe { (*data.tg_relation).rd_att };
+    // INSERT: tg_trigtuple is the new row; UPDATE: old, and tg_newtuple the
+    // new one; DELETE: the old row.
+    let (old_row, new_row) = match operation {
+        pg_sys::TRIGGER_EVENT_INSERT => (None, Some(data.tg_trigtuple)),
+        pg_sys::TRIGGER_EVENT_UPDATE => (Some(data.tg_trigtuple), Some(data.tg_newtuple)),
+        _ => (Some(data.tg_trigtuple), None),
+    };
+    let table = || table_name(data);
+    let refuse = |key: String, presented: Option<i64>, why: Stale| FenceError::StaleToken {
+        table: table(),
+        lock_key: key,
+        presented,
+        why,
+    };
+
+    // The keys this write touches: the new row's, and the old row's when an
+    // UPDATE moves the row to another key (that would need both leases).
+    let mut keys: Vec<String> = Vec::with_capacity(2);
+    match config.table_key {
+        Some(key) => keys.push(key.to_owned()),
+        None => {
+            for row in [new_row, old_row].into_iter().flatten() {
+                let Some(value) = column_text(row, descriptor, config.key_column, &table)? else {
+                    let shown = format!("{}<NULL>", config.key_prefix);
+                    return Err(refuse(
+                        shown,
+                        None,
+                        Stale::NullKey {
+                            column: config.key_column.to_owned(),
+                        },
+                    ));
+                };
+                let key = format!("{}{}", config.key_prefix, value);
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+        }
+    }
+
+    let token = match (config.token_column, new_row) {
+        (Some(column), Some(new_row)) => {
+            let token = column_bigint(new_row, descriptor, column, &table)?;
+            if let (Some(token), Some(old_row)) = (token, old_row) {
+                if let Some(from) = column_bigint(old_row, descriptor, column, &table)? {
+                    if token < from {
+                        return Err(refuse(
+                            keys.swap_remove(0),
+                            Some(token),
+                            Stale::LowersToken {
+                                column: column.to_owned(),
+                                from,
+                            },
+                        ));
+                    }
+                }
+            }
+            token
+        }
+        _ => settings::fence_token()?,
+    };
+    let Some(token) = token else {
+        return Err(refuse(keys.swap_remove(0), None, Stale::NoToken));
+    };
+
+    for key in keys {
+        if let Some(why) = check_lease(&key, token)? {
+            return Err(refuse(key, Some(token), why));
+        }
+    }
+    Ok(())
+}
+
+fn attribute_number(
+    descriptor: pg_sys::TupleDesc,
+    column: &str,
+    table: &dyn Fn() -> String,
+) -> Result<i32, FenceError> {
+    let name = std::ffi::CString::new(column)
+        .map_err(|_| FenceError::internal("NUL in a column name".into()))?;
+    let number = unsafe { pg_sys::SPI_fnumber(descriptor, name.as_ptr()) };
+    if number <= 0 {
+        return Err(FenceError::ProtectedColumnMissing {
+            table: table(),
+            column: column.to_owned(),
+        });
+    }
+    Ok(number)
+}
+
+/// A column's value as text (its type's output function), or None for NULL.
+fn column_text(
+    row: *mut pg_sys::HeapTupleData,
+    descriptor: pg_sys::TupleDesc,
+    column: &str,
+    table: &dyn Fn() -> String,
+) -> Result<Option<String>, FenceError> {
+    let number = attribute_number(descriptor, column, table)?;
+    unsafe {
+        let text: *mut c_char = pg_sys::SPI_getvalue(row, descriptor, number);
+        if text.is_null() {
+            return Ok(None);
+        }
+        let value = CStr::from_ptr(text).to_string_lossy().into_owned();
+        pg_sys::pfree(text.cast());
+        Ok(Some(value))
+    }
+}
+
+fn column_bigint(
+    row: *mut pg_sys::HeapTupleData,
+    descriptor: pg_sys::TupleDesc,
+    column: &str,
+    table: &dyn Fn() -> String,
+) -> Result<Option<i64>, FenceError> {
+    let number = attribute_number(descriptor, column, table)?;
+    unsafe {
+        let attribute =
+            (*descriptor).attrs.as_slice((*descriptor).natts as usize)[(number - 1) as usize];
+        if attribute.atttypid != pg_sys::INT8OID {
+            return Err(FenceError::TokenColumnType {
+                table: table(),
+                column: column.to_owned(),
+            });
+        }
+        let mut is_null = false;
+        let datum = pg_sys::SPI_getbinval(row, descriptor, number, &mut is_null);
+        Ok(if is_null {
+            None
+        } else {
+            Some(datum.value() as i64)
+        })
+    }
+}
+
+struct Plans {
+    /// Owner of fence.leases: the check reads and share-locks lease rows as
+    /// this role, since writers have no UPDATE right on the lease table.
+    lease_owner: pg_sys::Oid,
+    lock_if_live: OwnedPreparedStatement,
+    live_token: OwnedPreparedStatement,
+}
+
+thread_local! {
+    static PLANS: OnceCell<Plans> = const { OnceCell::new() };
+}
+
+impl Plans {
+    fn prepare(client: &SpiClient<'_>) -> Result<Plans, SpiError> {
+        use pg_sys::{INT8OID, TEXTOID};
+        let live = "l.released_at IS NULL AND l.expires_at > pg_catalog.clock_timestamp()";
+        let lease_owner = client
+            .select("SELECT relowner FROM pg_catalog.pg_class WHERE oid = 'fence.leases'::pg_catalog.regclass", Some(1), &[])?
+            .first()
+            .get::<pg_sys::Oid>(1)?
+            .unwrap_or(pg_sys::InvalidOid);
+        Ok(Plans {
+            lease_owner,
+            lock_if_live: client
+                .prepare_mut(
+                    &*format!(
+                        "SELECT 1 FROM fence.leases AS l \
+                          WHERE l.lock_key = $1 AND l.token = $2 AND {live} FOR KEY SHARE OF l"
+                    ),
+                    &[TEXTOID.into(), INT8OID.into()],
+                )?
+                .keep(),
+            live_token: client
+                .prepare_mut(
+                    &*format!(
+                        "SELECT l.token FROM fence.leases AS l WHERE l.lock_key = $1 AND {live}"
+                    ),
+                    &[TEXTOID.into()],
+                )?
+                .keep(),
+        })
+    }
+}
+
+/// Is `token` the token of the live lease on `key`? If so, share-lock the
+/// lease row until this transaction ends and return None; else say why not.
+fn check_lease(key: &str, token: i64) -> Result<Option<Stale>, FenceError> {
+    Spi::connect_mut(|client| {
+        PLANS.with(|cell| {
+            let plans = match cell.get() {
+                Some(plans) => plans,
+                None => {
+                    let plans = Plans::prepare(client)?;
+                    cell.get_or_init(|| plans)
+                }
+            };
+            let as_owner = RunAs::role(plans.lease_owner);
+            let locked = !client
+                .update(&plans.lock_if_live, Some(1), &[key.into(), token.into()])?
+                .is_empty();
+            if locked {
+                drop(as_owner);
+                return Ok(None);
+            }
+            let live = client.select(&plans.live_token, Some(1), &[key.into()])?;
+            let why = if live.is_empty() {
+                Stale::NoLiveLease
+            } else {
+                Stale::WrongToken {
+                    live: live.first().get::<i64>(1)?.unwrap_or_default(),
+                }
+            };
+            drop(as_owner);
+            Ok(Some(why))
+        })
+    })
+}
+
+/// Run as another role until dropped, the way PostgreSQL's own RI triggers
+/// do (SECURITY_LOCAL_USERID_CHANGE). An error aborting the (sub)transaction
+/// restores the role by itself.
+struct RunAs {
+    user: pg_sys::Oid,
+    context: i32,
+}
+
+impl RunAs {
+    fn role(role: pg_sys::Oid) -> RunAs {
+        let mut user = pg_sys::InvalidOid;
+        let mut context = 0;
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+            pg_sys::SetUserIdAndSecContext(
+                role,
+                context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+            );
+        }
+        RunAs { user, context }
+    }
+}
+
+impl Drop for RunAs {
+    fn drop(&mut self) {
+        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) };
+    }
+}
