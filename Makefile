@@ -7,7 +7,7 @@ export PGFENCE_PORT
 PSQL         := psql -X -h 127.0.0.1 -p $(PGFENCE_PORT) -U postgres -d pg_fence
 CLUSTER      := scripts/cluster.sh
 
-.PHONY: setup install cluster demo stop psql test test-pgrx test-integration lint clean
+.PHONY: setup install cluster demo stop psql test test-pgrx test-integration lint bench clean
 
 setup:
 	@scripts/setup.sh
@@ -22,7 +22,7 @@ cluster: install
 
 ## demo: set up, start the cluster, and tell the story of two workers in SQL.
 demo: cluster
-	@$(PSQL) -q -c 'SET client_min_messages = warning' -c 'DROP EXTENSION IF EXISTS pg_fence CASCADE' -c 'CREATE EXTENSION pg_fence'
+	@$(PSQL) -q -c 'SET client_min_messages = warning' -c 'DROP EXTENSION IF EXISTS pg_fence CASCADE' -c 'DROP TABLE IF EXISTS payments' -c 'CREATE EXTENSION pg_fence'
 	@$(PSQL) -f scripts/demo.sql
 	@echo
 	@echo "The cluster is still running. Connect with:"
@@ -54,6 +54,13 @@ test-integration: cluster
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+
+## bench: a release build on the local cluster; writes BENCHMARKS.md. Not part of make test.
+bench: setup
+	cargo pgrx install --release -p pg_fence --pg-config $(PG_CONFIG)
+	@$(CLUSTER) start
+	@$(PSQL) -q -c 'SET client_min_messages = warning' -c 'DROP EXTENSION IF EXISTS pg_fence CASCADE' -c 'CREATE EXTENSION pg_fence'
+	bench/fence_write.sh
 
 clean: stop
 	$(CLUSTER) destroy

@@ -32,3 +32,40 @@ SELECT fence.lock_release('invoice:42', (fence.lock_status('invoice:42')).token)
 
 \echo '== The key is free; current_token still remembers the last token issued for it.'
 SELECT fence.lock_status('invoice:42') IS NULL AS free, fence.current_token('invoice:42') AS current_token;
+
+\echo
+\echo '================================================================================'
+\echo '== Fencing inside the database: the payment-capture story.'
+\echo '== A DBA fences the payments table: row N may only be written by the holder of'
+\echo '== the live lease on payment:N, carrying its token in fence_token.'
+CREATE TABLE payments (
+    id          int PRIMARY KEY,
+    amount      numeric NOT NULL,
+    captured_by text,
+    fence_token bigint
+);
+INSERT INTO payments (id, amount) VALUES (7, 120.00);
+SELECT fence.protect('payments', key_column => 'id', key_prefix => 'payment:', token_column => 'fence_token');
+
+\echo '== Worker A takes the lease on payment:7 ...'
+SELECT holder, token FROM fence.lock_acquire('payment:7', ttl => '1 second', holder => 'worker-a');
+\set ECHO none
+SELECT token AS a_token FROM fence.lock_status('payment:7') \gset
+\set ECHO queries
+
+\echo '== ... and stalls (a GC pause, a slow network) past its ttl. Worker B waits for'
+\echo '== the key, takes over with a larger token, and captures the payment.'
+SELECT holder, token FROM fence.lock_acquire('payment:7', ttl => '30 seconds', holder => 'worker-b', wait => '5 seconds');
+\set ECHO none
+SELECT token AS b_token FROM fence.lock_status('payment:7') \gset
+\set ECHO queries
+UPDATE payments SET captured_by = 'worker-b', fence_token = :b_token WHERE id = 7;
+
+\echo '== Worker A wakes up, still believing it holds the lock, and captures too.'
+\echo '== The database itself refuses the stale write:'
+\set VERBOSITY verbose
+UPDATE payments SET captured_by = 'worker-a', fence_token = :a_token WHERE id = 7;
+\set VERBOSITY default
+
+\echo '== Captured once, by the lease holder:'
+SELECT id, amount, captured_by, fence_token FROM payments;

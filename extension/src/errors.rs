@@ -200,7 +200,11 @@ impl FenceError {
     /// Call it only at the top of a `#[pg_extern]`/`#[pg_trigger]` body, with
     /// no live Rust values above it that own heap memory: `errfinish`
     /// longjmps past those frames, exactly as at the end of pgrx's guard.
+    #[track_caller]
     pub fn raise(self) -> ! {
+        let location = std::panic::Location::caller();
+        let file = palloc_cstr(location.file());
+        let line = location.line() as c_int;
         let code = make_sqlstate(self.sqlstate().as_bytes().try_into().expect("5 bytes"));
         // Move every string into palloc'd memory (freed by the abort) and drop
         // the Rust owners before the longjmp.
@@ -214,7 +218,7 @@ impl FenceError {
                 if let Some(hint) = hint {
                     errhint(c"%s".as_ptr(), hint);
                 }
-                errfinish(c"pg_fence".as_ptr(), 0, c"pg_fence".as_ptr());
+                errfinish(file, line, c"pg_fence".as_ptr());
             }
         }
         unreachable!("errfinish(ERROR) returned")
@@ -229,6 +233,7 @@ fn palloc_cstr(text: &str) -> *mut c_char {
 
 /// Unwrap a result at the top of an SQL-callable function: the value, or the
 /// error reported with its SQLSTATE.
+#[track_caller]
 pub fn or_raise<T>(result: Result<T, FenceError>) -> T {
     match result {
         Ok(value) => value,

@@ -7,26 +7,25 @@
 //! key (one key for the table, or `key_prefix || key_column`) and the token
 //! the write carries (the row's `token_column`, else `SET LOCAL fence.token`),
 //! and accepts the row only if that token is the token of the key's live
-//! lease. The check locks the lease row `FOR KEY SHARE`, and `lock_acquire`
-//! needs `FOR UPDATE` on it, so no newer lease on the key can be granted until
-//! the writing transaction ends: once anyone holds token T+1, no write
-//! carrying T can commit. Renew and release (plain updates) do not conflict
-//! with the check.
+//! lease. The check share-locks the key in the lock manager first
+//! (keylock.rs), and `lock_acquire` needs that lock exclusively to grant, so
+//! no newer lease on the key can be granted until the writing transaction
+//! ends: once anyone holds token T+1, no write carrying T can commit. Renew
+//! and release do not conflict with the check.
 //!
-//! Cost per row: one execution of a plan prepared once per backend (no
-//! parsing or planning), which probes the lease table's primary key. The
-//! share lock dirties the lease row once per transaction and key; further
-//! rows under the same key find the lock already held.
+//! Cost per row: a lock-manager lookup (a backend-local hit after the first
+//! row of a key in a transaction) and one execution of a plan prepared once
+//! per backend, which probes the lease table's primary key. No WAL, no page
+//! written: the lease row is only read.
 
-use std::cell::OnceCell;
+use std::cell::Cell;
 use std::ffi::{c_char, CStr};
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiError};
 
 use crate::errors::FenceError;
-use crate::{lease, settings};
+use crate::{keylock, lease, settings};
 
 /// Why a write was refused (SQLSTATE FN001).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,109 +264,61 @@ fn column_bigint(
     }
 }
 
-struct Plans {
-    /// Owner of fence.leases: the check reads and share-locks lease rows as
-    /// this role, since writers have no UPDATE right on the lease table.
-    lease_owner: pg_sys::Oid,
-    lock_if_live: OwnedPreparedStatement,
-    live_token: OwnedPreparedStatement,
-}
-
 thread_local! {
-    static PLANS: OnceCell<Plans> = const { OnceCell::new() };
+    /// The check's one query, planned once per backend and kept.
+    static LIVE_TOKEN_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-impl Plans {
-    fn prepare(client: &SpiClient<'_>) -> Result<Plans, SpiError> {
-        use pg_sys::{INT8OID, TEXTOID};
-        let live = "l.released_at IS NULL AND l.expires_at > pg_catalog.clock_timestamp()";
-        let lease_owner = client
-            .select("SELECT relowner FROM pg_catalog.pg_class WHERE oid = 'fence.leases'::pg_catalog.regclass", Some(1), &[])?
-            .first()
-            .get::<pg_sys::Oid>(1)?
-            .unwrap_or(pg_sys::InvalidOid);
-        Ok(Plans {
-            lease_owner,
-            lock_if_live: client
-                .prepare_mut(
-                    &*format!(
-                        "SELECT 1 FROM fence.leases AS l \
-                          WHERE l.lock_key = $1 AND l.token = $2 AND {live} FOR KEY SHARE OF l"
-                    ),
-                    &[TEXTOID.into(), INT8OID.into()],
-                )?
-                .keep(),
-            live_token: client
-                .prepare_mut(
-                    &*format!(
-                        "SELECT l.token FROM fence.leases AS l WHERE l.lock_key = $1 AND {live}"
-                    ),
-                    &[TEXTOID.into()],
-                )?
-                .keep(),
-        })
-    }
-}
-
-/// Is `token` the token of the live lease on `key`? If so, share-lock the
-/// lease row until this transaction ends and return None; else say why not.
+/// Is `token` the token of the live lease on `key`? Share-locks the key until
+/// this transaction ends (keylock.rs) first, then reads the lease as of now.
 fn check_lease(key: &str, token: i64) -> Result<Option<Stale>, FenceError> {
-    Spi::connect_mut(|client| {
-        PLANS.with(|cell| {
-            let plans = match cell.get() {
-                Some(plans) => plans,
-                None => {
-                    let plans = Plans::prepare(client)?;
-                    cell.get_or_init(|| plans)
-                }
-            };
-            let as_owner = RunAs::role(plans.lease_owner);
-            let locked = !client
-                .update(&plans.lock_if_live, Some(1), &[key.into(), token.into()])?
-                .is_empty();
-            if locked {
-                drop(as_owner);
-                return Ok(None);
-            }
-            let live = client.select(&plans.live_token, Some(1), &[key.into()])?;
-            let why = if live.is_empty() {
-                Stale::NoLiveLease
-            } else {
-                Stale::WrongToken {
-                    live: live.first().get::<i64>(1)?.unwrap_or_default(),
-                }
-            };
-            drop(as_owner);
-            Ok(Some(why))
-        })
+    keylock::share(key);
+    Ok(match live_token_now(key)? {
+        Some(live) if live == token => None,
+        Some(live) => Some(Stale::WrongToken { live }),
+        None => Some(Stale::NoLiveLease),
     })
 }
 
-/// Run as another role until dropped, the way PostgreSQL's own RI triggers
-/// do (SECURITY_LOCAL_USERID_CHANGE). An error aborting the (sub)transaction
-/// restores the role by itself.
-struct RunAs {
-    user: pg_sys::Oid,
-    context: i32,
-}
-
-impl RunAs {
-    fn role(role: pg_sys::Oid) -> RunAs {
-        let mut user = pg_sys::InvalidOid;
-        let mut context = 0;
-        unsafe {
-            pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-            pg_sys::SetUserIdAndSecContext(
-                role,
-                context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-            );
+/// The token of the key's live lease, read with the latest snapshot, the way
+/// PostgreSQL's foreign-key checks read: under REPEATABLE READ and
+/// SERIALIZABLE too, the check sees a lease granted after the transaction's
+/// snapshot was taken.
+fn live_token_now(key: &str) -> Result<Option<i64>, FenceError> {
+    let internal = |what: &str| FenceError::internal(format!("fence check: {what}"));
+    Spi::connect(|_client| unsafe {
+        let mut plan = LIVE_TOKEN_PLAN.get();
+        if plan.is_null() {
+            let sql = c"SELECT l.token FROM fence.leases AS l \
+                WHERE l.lock_key = $1 AND l.released_at IS NULL AND l.expires_at > pg_catalog.clock_timestamp()";
+            let mut types = [pg_sys::TEXTOID];
+            plan = pg_sys::SPI_prepare(sql.as_ptr(), 1, types.as_mut_ptr());
+            if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
+                return Err(internal("cannot prepare the lease query"));
+            }
+            LIVE_TOKEN_PLAN.set(plan);
         }
-        RunAs { user, context }
-    }
-}
-
-impl Drop for RunAs {
-    fn drop(&mut self) {
-        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) };
-    }
+        let mut values = [key.into_datum().ok_or_else(|| internal("NULL key"))?];
+        let nulls = [b' ' as c_char];
+        let status = pg_sys::SPI_execute_snapshot(
+            plan,
+            values.as_mut_ptr(),
+            nulls.as_ptr(),
+            pg_sys::GetLatestSnapshot(),
+            std::ptr::null_mut(),
+            false,
+            false,
+            1,
+        );
+        if status != pg_sys::SPI_OK_SELECT as i32 {
+            return Err(internal(&format!("lease query returned {status}")));
+        }
+        if pg_sys::SPI_processed == 0 {
+            return Ok(None);
+        }
+        let table = pg_sys::SPI_tuptable;
+        let mut is_null = false;
+        let datum = pg_sys::SPI_getbinval(*(*table).vals, (*table).tupdesc, 1, &mut is_null);
+        Ok((!is_null).then(|| datum.value() as i64))
+    })
 }

@@ -10,8 +10,10 @@
 //! caller runs with `synchronous_commit = off` and the server then crashes.
 //!
 //! Acquire locks the lease row `FOR UPDATE SKIP LOCKED`: a row another
-//! transaction has locked (an acquire in flight, or a fenced write holding its
-//! share lock) counts as busy, so two acquires can never both grant (G2).
+//! transaction has locked (an acquire in flight) counts as busy, so two
+//! acquires can never both grant (G2). Before granting it also try-locks the
+//! key exclusively (keylock.rs), which a fenced write in flight holds in
+//! share mode (G3).
 
 use std::cell::OnceCell;
 
@@ -21,7 +23,7 @@ use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiError};
 
 use crate::errors::{or_raise, FenceError};
-use crate::{settings, wait};
+use crate::{keylock, settings, wait};
 
 /// Longest accepted key, in bytes (DESIGN.md).
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -229,11 +231,6 @@ fn random_holder() -> String {
 // Every name is schema-qualified; the functions also pin search_path.
 // ---------------------------------------------------------------------------
 
-/// Advisory lock class (`'FENC'`) under which a transaction claims a key that
-/// has no row yet, so a concurrent first acquire of the same key reports busy
-/// instead of blocking in `INSERT ... ON CONFLICT` until that transaction ends.
-const NEW_KEY_LOCK_CLASS: i32 = 0x4645_4E43;
-
 const LIVE: &str = "l.released_at IS NULL AND l.expires_at > pg_catalog.clock_timestamp()";
 
 struct Plans {
@@ -248,7 +245,6 @@ struct Plans {
     live_owner: OwnedPreparedStatement,
     live_lease: OwnedPreparedStatement,
     token_of: OwnedPreparedStatement,
-    claim_new_key: OwnedPreparedStatement,
 }
 
 impl Plans {
@@ -270,7 +266,10 @@ impl Plans {
                 &[TEXTOID],
             )?,
             peek_row: prep(
-                format!("SELECT ({LIVE}) AS live, l.expires_at, l.holder FROM fence.leases AS l WHERE l.lock_key = $1"),
+                format!(
+                    "SELECT ({LIVE}) AS live, l.expires_at, l.holder, l.token, l.owner_role \
+                       FROM fence.leases AS l WHERE l.lock_key = $1"
+                ),
                 &[TEXTOID],
             )?,
             grant_update: prep(
@@ -295,10 +294,12 @@ impl Plans {
                 &[TEXTOID, TEXTOID, INT8OID, INTERVALOID, OIDOID],
             )?,
             extend: prep(
-                "UPDATE fence.leases AS l SET ttl = $2, expires_at = pg_catalog.clock_timestamp() + $2 \
-                  WHERE l.lock_key = $1 RETURNING l.acquired_at, l.expires_at"
-                    .into(),
-                &[TEXTOID, INTERVALOID],
+                format!(
+                    "UPDATE fence.leases AS l SET ttl = $2, expires_at = pg_catalog.clock_timestamp() + $2 \
+                      WHERE l.lock_key = $1 AND l.holder = $3 AND l.token = $4 AND {LIVE} \
+                     RETURNING l.acquired_at, l.expires_at"
+                ),
+                &[TEXTOID, INTERVALOID, TEXTOID, INT8OID],
             )?,
             renew: prep(
                 format!(
@@ -340,10 +341,6 @@ impl Plans {
                 &[TEXTOID],
             )?,
             token_of: prep("SELECT l.token FROM fence.leases AS l WHERE l.lock_key = $1".into(), &[TEXTOID])?,
-            claim_new_key: prep(
-                format!("SELECT pg_catalog.pg_try_advisory_xact_lock({NEW_KEY_LOCK_CLASS}, pg_catalog.hashtext($1))"),
-                &[TEXTOID],
-            )?,
         })
     }
 }
@@ -591,17 +588,21 @@ fn attempt(
     let live: bool = row.get(1)?.unwrap_or(false);
     let expires_at: Option<TimestampWithTimeZone> = row.get(2)?;
     let current_holder: Option<String> = row.get(3)?;
+    if live && current_holder.as_deref() == Some(holder) {
+        let token: i64 = required_col(row.get(4)?)?;
+        let owner: pg_sys::Oid = required_col(row.get(5)?)?;
+        return extend_own_lease(client, plans, key, holder, token, owner, ttl, role);
+    }
     // Under REPEATABLE READ / SERIALIZABLE the peek saw the transaction's
     // snapshot, perhaps stale: lock instead, which fails with 40001 if the
     // key changed since, rather than answer "busy" for a key now free.
-    if live && current_holder.as_deref() != Some(holder) && !uses_transaction_snapshot() {
+    if live && !uses_transaction_snapshot() {
         return Ok(busy_until(expires_at));
     }
-    // Free (or ours, G6): lock the row and decide again on what we locked.
-    // The lock is taken in a subtransaction that is rolled back unless we
-    // grant, so losing a race never leaves the row locked behind us: a
-    // waiter or an explicit transaction holding it would block the owner's
-    // release.
+    // Free: lock the row and decide again on what we locked. The lock is
+    // taken in a subtransaction that is rolled back unless we grant, so
+    // losing a race never leaves the row locked behind us: a waiter or an
+    // explicit transaction holding it would block the owner's release.
     let subxact = SubTransaction::begin();
     let decided = take_locked_row(client, plans, key, holder, ttl, role);
     match &decided {
@@ -635,29 +636,23 @@ fn take_locked_row(
         });
     }
     let row = rows.first();
-    let current_holder: String = row.get(1)?.unwrap_or_default();
-    let token: i64 = row.get(2)?.unwrap_or_default();
-    let owner: pg_sys::Oid = row.get(3)?.unwrap_or(pg_sys::InvalidOid);
+    let current_holder: Option<String> = row.get(1)?;
     let live: bool = row.get(4)?.unwrap_or(false);
     let expires_at: Option<TimestampWithTimeZone> = row.get(5)?;
     if live {
-        if current_holder != holder {
-            return Ok(busy_until(expires_at));
-        }
-        // G6: the holder retrying (say after a lost reply) gets its lease back.
-        if owner != role && !is_fence_admin(role) {
-            return Err(not_owner("re-acquire", key, token, owner, role));
-        }
-        let row = client
-            .update(&plans.extend, Some(1), &[key.into(), ttl.into()])?
-            .first();
-        return Ok(Attempt::Granted(granted(
-            key,
-            holder,
-            token,
-            row.get(1)?,
-            row.get(2)?,
-        )?));
+        // Taken since we looked; if by this holder, the next attempt extends it.
+        return Ok(if current_holder.as_deref() == Some(holder) {
+            Attempt::Again
+        } else {
+            busy_until(expires_at)
+        });
+    }
+    // G3: a fenced write that checked the old lease still holds the key in
+    // share mode; no new lease until its transaction ends.
+    if !keylock::try_exclusive(key) {
+        return Ok(Attempt::Busy {
+            retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
+        });
     }
     let token = issue_token()?;
     let row = client
@@ -682,6 +677,42 @@ fn take_locked_row(
     )?))
 }
 
+/// G6: the holder retrying (say after a lost reply) gets its live lease back,
+/// same token, `expires_at = now + ttl`. A plain update, like renew: it must
+/// not wait for, or be turned away by, fenced writes share-locking the row.
+#[allow(clippy::too_many_arguments)]
+fn extend_own_lease(
+    client: &mut SpiClient<'_>,
+    plans: &Plans,
+    key: &str,
+    holder: &str,
+    token: i64,
+    owner: pg_sys::Oid,
+    ttl: Interval,
+    role: pg_sys::Oid,
+) -> Result<Attempt, FenceError> {
+    if owner != role && !is_fence_admin(role) {
+        return Err(not_owner("re-acquire", key, token, owner, role));
+    }
+    let rows = client.update(
+        &plans.extend,
+        Some(1),
+        &[key.into(), ttl.into(), holder.into(), token.into()],
+    )?;
+    if rows.is_empty() {
+        // It expired or was released since we looked: start over.
+        return Ok(Attempt::Again);
+    }
+    let row = rows.first();
+    Ok(Attempt::Granted(granted(
+        key,
+        holder,
+        token,
+        row.get(1)?,
+        row.get(2)?,
+    )?))
+}
+
 /// The key has no row yet: create it, unless another transaction is doing so.
 fn claim_new_key(
     client: &mut SpiClient<'_>,
@@ -691,12 +722,8 @@ fn claim_new_key(
     ttl: Interval,
     role: pg_sys::Oid,
 ) -> Result<Attempt, FenceError> {
-    let claimed: bool = client
-        .update(&plans.claim_new_key, Some(1), &[key.into()])?
-        .first()
-        .get(1)?
-        .unwrap_or(false);
-    if !claimed {
+    // Another first acquire of this key may be inserting it right now.
+    if !keylock::try_exclusive(key) {
         return Ok(Attempt::Busy {
             retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
         });

@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 
 pub mod errors;
 pub mod fence;
+pub mod keylock;
 pub mod lease;
 pub mod settings;
 pub mod wait;

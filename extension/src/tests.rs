@@ -153,4 +153,49 @@ mod tests {
     fn null_key_is_rejected() {
         Spi::run("SELECT fence.lock_acquire(NULL)").unwrap();
     }
+
+    #[pg_test]
+    fn stale_token_messages_name_table_key_and_tokens() {
+        use crate::fence::Stale;
+        let error = FenceError::StaleToken {
+            table: "payments".into(),
+            lock_key: "payment:7".into(),
+            presented: Some(41),
+            why: Stale::WrongToken { live: 42 },
+        };
+        assert_eq!(error.sqlstate(), "FN001");
+        let message = error.message();
+        for part in ["payments", "payment:7", "41", "42"] {
+            assert!(message.contains(part), "{message}");
+        }
+        let none = FenceError::StaleToken {
+            table: "t".into(),
+            lock_key: "k".into(),
+            presented: Some(5),
+            why: Stale::NoLiveLease,
+        };
+        assert!(
+            none.message().contains("no live lease"),
+            "{}",
+            none.message()
+        );
+        assert_eq!(make_sqlstate(b"FN001"), make_sqlstate(b"FN001"));
+        assert_ne!(
+            make_sqlstate(b"FN001"),
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR as i32
+        );
+    }
+
+    #[pg_test]
+    fn fence_token_setting_parses_bigints_only() {
+        Spi::run("SET LOCAL fence.token = ' 42 '").unwrap();
+        assert_eq!(crate::settings::fence_token(), Ok(Some(42)));
+        Spi::run("SET LOCAL fence.token = ''").unwrap();
+        assert_eq!(crate::settings::fence_token(), Ok(None));
+        Spi::run("SET LOCAL fence.token = 'forty-two'").unwrap();
+        assert_eq!(
+            crate::settings::fence_token().unwrap_err().sqlstate(),
+            "22023"
+        );
+    }
 }

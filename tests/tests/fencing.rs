@@ -166,6 +166,36 @@ async fn renew_and_release_do_not_wait_for_a_fenced_writer() {
 }
 
 #[tokio::test]
+async fn the_holders_retry_is_not_turned_away_by_its_own_write_in_flight() {
+    let setup = connect().await;
+    let (table, key) = fenced_table(&setup, false).await;
+    let holder = connect().await;
+    let writer = connect().await;
+    let token = acquire(&holder, &key, "30 seconds", Some("worker-1"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    writer
+        .batch_execute(&format!("BEGIN; SET LOCAL fence.token = '{token}'"))
+        .await
+        .unwrap();
+    writer
+        .execute(&format!("UPDATE {table} SET amount = 1 WHERE id = 1"), &[])
+        .await
+        .unwrap();
+    // G6 while the holder's own write holds the lease row's share lock.
+    let again = tokio::time::timeout(
+        Duration::from_secs(5),
+        acquire(&holder, &key, "30 seconds", Some("worker-1"), "0"),
+    )
+    .await
+    .expect("does not wait for the writer")
+    .unwrap();
+    assert_eq!(again, Some(token));
+    writer.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test]
 async fn after_a_takeover_the_old_token_is_refused_and_nothing_is_written() {
     let setup = connect().await;
     let (table, key_prefix) = fenced_table(&setup, true).await;

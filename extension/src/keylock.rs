@@ -1,0 +1,57 @@
+//! The lock that makes fenced writes and new grants conflict (G3), held in
+//! PostgreSQL's lock manager rather than on the lease row.
+//!
+//! A fenced write takes the key's lock in share mode before it reads the
+//! lease; `lock_acquire` try-takes it exclusively before it grants a new
+//! lease. Both are transaction-scoped, so once a write has passed its check
+//! no newer lease on that key can be granted until the writing transaction
+//! ends, and a write that comes after a grant waits for the granting
+//! transaction to commit and then sees the new lease. Unlike a `FOR KEY
+//! SHARE` row lock this writes no WAL and dirties no page, which is what a
+//! check that runs on every protected row must not do.
+//!
+//! The lock is an advisory lock in class [`KEY_LOCK_CLASS`] (`'FENC'`) on a
+//! 32-bit hash of the key: visible in `pg_locks` as
+//! `locktype = 'advisory', classid = 1178946115`. Two keys with the same hash
+//! only make an acquire on one of them report busy while the other is being
+//! written. Each distinct key a transaction writes under takes one slot of
+//! the shared lock table (`max_locks_per_transaction`).
+
+use pgrx::pg_sys;
+
+/// Advisory lock class: `'FENC'` as a big-endian u32.
+pub const KEY_LOCK_CLASS: u32 = 0x4645_4E43;
+
+fn tag(lock_key: &str) -> pg_sys::LOCKTAG {
+    // FNV-1a, 32 bits: stable across versions and platforms, unlike hashtext.
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in lock_key.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    // SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, class, hash, 2): the layout
+    // pg_advisory_xact_lock(int4, int4) uses, so pg_locks shows it as such.
+    pg_sys::LOCKTAG {
+        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        locktag_field2: KEY_LOCK_CLASS,
+        locktag_field3: hash,
+        locktag_field4: 2,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+    }
+}
+
+/// Share-lock the key until the end of the transaction, waiting (cancellably,
+/// with deadlock detection) for a granting acquire to finish.
+pub fn share(lock_key: &str) {
+    let tag = tag(lock_key);
+    unsafe { pg_sys::LockAcquire(&tag, pg_sys::ShareLock as i32, false, false) };
+}
+
+/// Try to lock the key exclusively until the end of the (sub)transaction:
+/// false if a fenced write (or another grant) holds it.
+pub fn try_exclusive(lock_key: &str) -> bool {
+    let tag = tag(lock_key);
+    let result = unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, true) };
+    result != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}
