@@ -18,7 +18,6 @@
 //! per backend, which probes the lease table's primary key. No WAL, no page
 //! written: the lease row is only read.
 
-use std::cell::Cell;
 use std::ffi::{c_char, CStr};
 
 use pgrx::pg_sys;
@@ -264,11 +263,6 @@ fn column_bigint(
     }
 }
 
-thread_local! {
-    /// The check's one query, planned once per backend and kept.
-    static LIVE_TOKEN_PLAN: Cell<pg_sys::SPIPlanPtr> = const { Cell::new(std::ptr::null_mut()) };
-}
-
 /// Is `token` the token of the live lease on `key`? Share-locks the key until
 /// this transaction ends (keylock.rs) first, then reads the lease as of now.
 fn check_lease(key: &str, token: i64) -> Result<Option<Stale>, FenceError> {
@@ -280,45 +274,70 @@ fn check_lease(key: &str, token: i64) -> Result<Option<Stale>, FenceError> {
     })
 }
 
-/// The token of the key's live lease, read with the latest snapshot, the way
-/// PostgreSQL's foreign-key checks read: under REPEATABLE READ and
-/// SERIALIZABLE too, the check sees a lease granted after the transaction's
-/// snapshot was taken.
+/// The token of the key's live lease, read as of now: one probe of the lease
+/// table's primary key with the latest snapshot (the snapshot foreign-key
+/// checks use), so under REPEATABLE READ and SERIALIZABLE too the check sees
+/// a lease granted after the transaction's own snapshot was taken. No SPI, no
+/// executor: this runs for every protected row.
 fn live_token_now(key: &str) -> Result<Option<i64>, FenceError> {
     let internal = |what: &str| FenceError::internal(format!("fence check: {what}"));
-    Spi::connect(|_client| unsafe {
-        let mut plan = LIVE_TOKEN_PLAN.get();
-        if plan.is_null() {
-            let sql = c"SELECT l.token FROM fence.leases AS l \
-                WHERE l.lock_key = $1 AND l.released_at IS NULL AND l.expires_at > pg_catalog.clock_timestamp()";
-            let mut types = [pg_sys::TEXTOID];
-            plan = pg_sys::SPI_prepare(sql.as_ptr(), 1, types.as_mut_ptr());
-            if plan.is_null() || pg_sys::SPI_keepplan(plan) != 0 {
-                return Err(internal("cannot prepare the lease query"));
-            }
-            LIVE_TOKEN_PLAN.set(plan);
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"fence".as_ptr(), false);
+        let table_oid = pg_sys::get_relname_relid(c"leases".as_ptr(), namespace);
+        let index_oid = pg_sys::get_relname_relid(c"leases_pkey".as_ptr(), namespace);
+        if table_oid == pg_sys::InvalidOid || index_oid == pg_sys::InvalidOid {
+            return Err(internal("fence.leases or its primary key is missing"));
         }
-        let mut values = [key.into_datum().ok_or_else(|| internal("NULL key"))?];
-        let nulls = [b' ' as c_char];
-        let status = pg_sys::SPI_execute_snapshot(
-            plan,
-            values.as_mut_ptr(),
-            nulls.as_ptr(),
-            pg_sys::GetLatestSnapshot(),
-            std::ptr::null_mut(),
-            false,
-            false,
-            1,
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let table = pg_sys::table_open(table_oid, lock);
+        let index = pg_sys::index_open(index_oid, lock);
+        let descriptor = (*table).rd_att;
+        let column = |name: &CStr| pg_sys::SPI_fnumber(descriptor, name.as_ptr());
+        let (token_at, expires_at, released_at) = (
+            column(c"token"),
+            column(c"expires_at"),
+            column(c"released_at"),
         );
-        if status != pg_sys::SPI_OK_SELECT as i32 {
-            return Err(internal(&format!("lease query returned {status}")));
+        if token_at <= 0 || expires_at <= 0 || released_at <= 0 {
+            return Err(internal(
+                "fence.leases lacks token, expires_at or released_at",
+            ));
         }
-        if pg_sys::SPI_processed == 0 {
-            return Ok(None);
+
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let mut scan_key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut scan_key,
+            1,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::Oid::from(pg_sys::F_TEXTEQ),
+            key.into_datum().ok_or_else(|| internal("NULL key"))?,
+        );
+        let scan = pg_sys::index_beginscan(table, index, snapshot, 1, 0);
+        pg_sys::index_rescan(scan, &mut scan_key, 1, std::ptr::null_mut(), 0);
+        let slot = pg_sys::table_slot_create(table, std::ptr::null_mut());
+
+        let mut live_token = None;
+        if pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+            pg_sys::slot_getsomeattrs_int(slot, token_at.max(expires_at).max(released_at));
+            let value = |attnum: i32| {
+                let i = (attnum - 1) as usize;
+                (!*(*slot).tts_isnull.add(i)).then(|| *(*slot).tts_values.add(i))
+            };
+            let live = value(released_at).is_none()
+                && value(expires_at)
+                    .is_some_and(|at| at.value() as i64 > pg_sys::GetCurrentTimestamp());
+            if live {
+                live_token = value(token_at).map(|datum| datum.value() as i64);
+            }
         }
-        let table = pg_sys::SPI_tuptable;
-        let mut is_null = false;
-        let datum = pg_sys::SPI_getbinval(*(*table).vals, (*table).tupdesc, 1, &mut is_null);
-        Ok((!is_null).then(|| datum.value() as i64))
-    })
+
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::index_endscan(scan);
+        pg_sys::UnregisterSnapshot(snapshot);
+        // Keep the AccessShareLocks until the transaction ends, as the executor does.
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
+        Ok(live_token)
+    }
 }
