@@ -65,11 +65,22 @@ BEGIN
     IF lock_key IS NOT NULL AND (lock_key = '' OR octet_length(lock_key) > 1024) THEN
         RAISE EXCEPTION 'protect: invalid "lock_key": must be 1 to 1024 bytes' USING ERRCODE = '22023';
     END IF;
-    IF key_column IS NOT NULL AND NOT EXISTS (
-        SELECT FROM pg_attribute AS a
-         WHERE a.attrelid = tbl AND a.attname = key_column AND a.attnum > 0 AND NOT a.attisdropped
-    ) THEN
-        RAISE EXCEPTION 'protect: table "%" has no column "%" (key_column)', tbl, key_column USING ERRCODE = '42703';
+    IF key_column IS NOT NULL THEN
+        SELECT a.atttypid INTO column_type FROM pg_attribute AS a
+         WHERE a.attrelid = tbl AND a.attname = key_column AND a.attnum > 0 AND NOT a.attisdropped;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'protect: table "%" has no column "%" (key_column)', tbl, key_column
+                USING ERRCODE = '42703';
+        END IF;
+        -- The row's key is key_prefix || the column's text form, which must
+        -- not depend on session settings (DateStyle, TimeZone, extra_float_digits...):
+        -- two sessions would otherwise fence the same row under different keys.
+        IF column_type NOT IN ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype, 'name'::regtype,
+                               'int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'uuid'::regtype) THEN
+            RAISE EXCEPTION 'protect: key column "%" of table "%" is of type %', key_column, tbl, column_type::regtype
+                USING ERRCODE = '42804',
+                      HINT = 'Key columns must be text, varchar, char, name, smallint, integer, bigint or uuid.';
+        END IF;
     END IF;
     IF token_column IS NOT NULL THEN
         SELECT a.atttypid INTO column_type FROM pg_attribute AS a

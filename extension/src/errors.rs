@@ -51,6 +51,10 @@ pub enum FenceError {
     TokenColumnType { table: String, column: String },
     /// `22023`: `fence.token` is set to something that is not a bigint.
     InvalidFenceToken { value: String },
+    /// `42501`: a lease function called inside a security-restricted operation.
+    SecurityRestricted { function: &'static str },
+    /// `39P01`: fence_guard attached other than FOR EACH ROW on INSERT/UPDATE/DELETE.
+    TriggerMisuse { table: String },
     /// `XX000`: a broken invariant inside pg_fence (a bug, never bad input).
     Internal { context: String },
 }
@@ -91,6 +95,8 @@ impl FenceError {
             FenceError::ProtectedColumnMissing { .. } => "42703",
             FenceError::TokenColumnType { .. } => "42804",
             FenceError::InvalidFenceToken { .. } => "22023",
+            FenceError::SecurityRestricted { .. } => "42501",
+            FenceError::TriggerMisuse { .. } => "39P01",
             FenceError::Internal { .. } => "XX000",
         }
     }
@@ -165,6 +171,12 @@ impl FenceError {
             FenceError::InvalidFenceToken { value } => {
                 format!("fence.token must be a bigint, not \"{value}\"")
             }
+            FenceError::SecurityRestricted { function } => {
+                format!("{function} cannot be called inside a security-restricted operation")
+            }
+            FenceError::TriggerMisuse { table } => format!(
+                "fence.fence_guard on table \"{table}\" must fire FOR EACH ROW on INSERT, UPDATE or DELETE: use fence.protect()"
+            ),
             FenceError::Internal { context } => format!("pg_fence internal error: {context}"),
         }
     }
@@ -202,9 +214,9 @@ impl FenceError {
     /// longjmps past those frames, exactly as at the end of pgrx's guard.
     #[track_caller]
     pub fn raise(self) -> ! {
-        let location = std::panic::Location::caller();
-        let file = palloc_cstr(location.file());
-        let line = location.line() as c_int;
+        // errfinish keeps the file name pointer beyond this call (a re-thrown
+        // error prints it later), so it must be static.
+        let line = std::panic::Location::caller().line() as c_int;
         let code = make_sqlstate(self.sqlstate().as_bytes().try_into().expect("5 bytes"));
         // Move every string into palloc'd memory (freed by the abort) and drop
         // the Rust owners before the longjmp.
@@ -218,7 +230,7 @@ impl FenceError {
                 if let Some(hint) = hint {
                     errhint(c"%s".as_ptr(), hint);
                 }
-                errfinish(file, line, c"pg_fence".as_ptr());
+                errfinish(c"pg_fence".as_ptr(), line, c"pg_fence".as_ptr());
             }
         }
         unreachable!("errfinish(ERROR) returned")

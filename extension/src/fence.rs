@@ -127,6 +127,16 @@ fn check_row(trigger: &PgTrigger<'_>) -> Result<(), FenceError> {
     let data = trigger.trigger_data();
     let config = config(trigger.trigger())?;
     let operation = data.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
+    // Anyone may attach fence_guard to a table of theirs by hand; anything
+    // but a row trigger on INSERT/UPDATE/DELETE has no rows to check.
+    let row_level = data.tg_event & pg_sys::TRIGGER_EVENT_ROW != 0;
+    let rows_present = !data.tg_trigtuple.is_null()
+        && (operation != pg_sys::TRIGGER_EVENT_UPDATE || !data.tg_newtuple.is_null());
+    if !row_level || operation > pg_sys::TRIGGER_EVENT_UPDATE || !rows_present {
+        return Err(FenceError::TriggerMisuse {
+            table: table_name(data),
+        });
+    }
     let descriptor = unsafe { (*data.tg_relation).rd_att };
     // INSERT: tg_trigtuple is the new row; UPDATE: old, and tg_newtuple the
     // new one; DELETE: the old row.

@@ -12,7 +12,8 @@
 //!
 //! The lock is an advisory lock in class [`KEY_LOCK_CLASS`] (`'FENC'`) on a
 //! 32-bit hash of the key: visible in `pg_locks` as
-//! `locktype = 'advisory', classid = 1178946115`. Two keys with the same hash
+//! `locktype = 'advisory', classid = 1178946115, objsubid = 3`, a tag the
+//! SQL advisory lock functions cannot produce. Two keys with the same hash
 //! only make an acquire on one of them report busy while the other is being
 //! written. Each distinct key a transaction writes under takes one slot of
 //! the shared lock table (`max_locks_per_transaction`).
@@ -29,13 +30,14 @@ fn tag(lock_key: &str) -> pg_sys::LOCKTAG {
         hash ^= u32::from(byte);
         hash = hash.wrapping_mul(0x0100_0193);
     }
-    // SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, class, hash, 2): the layout
-    // pg_advisory_xact_lock(int4, int4) uses, so pg_locks shows it as such.
+    // SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, class, hash, 3). The SQL
+    // advisory lock functions only ever use 1 or 2 in the last field, so no
+    // role can take (and hold hostage) a key's lock with pg_advisory_lock.
     pg_sys::LOCKTAG {
         locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
         locktag_field2: KEY_LOCK_CLASS,
         locktag_field3: hash,
-        locktag_field4: 2,
+        locktag_field4: 3,
         locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
         locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
     }

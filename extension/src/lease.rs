@@ -377,6 +377,17 @@ fn caller_role() -> pg_sys::Oid {
     unsafe { pg_sys::GetOuterUserId() }
 }
 
+/// Refuse to act for a role inside a security-restricted operation (an
+/// index expression run by ANALYZE or autovacuum, REFRESH MATERIALIZED VIEW,
+/// ...): there the outer role is whoever started the operation, not the
+/// code that called us, so G4's role check would be meaningless.
+fn refuse_security_restricted(function: &'static str) -> Result<(), FenceError> {
+    if unsafe { pg_sys::InSecurityRestrictedOperation() } {
+        return Err(FenceError::SecurityRestricted { function });
+    }
+    Ok(())
+}
+
 pub fn is_fence_admin(role: pg_sys::Oid) -> bool {
     unsafe {
         let admin = pg_sys::get_role_oid(c"fence_admin".as_ptr(), true);
@@ -460,17 +471,47 @@ fn commit_durably() {
     }
 }
 
+thread_local! {
+    /// Set by release/renew when they were the transaction's first write:
+    /// the WAL position right after their update.
+    static ASYNC_COMMIT_IF_UNCHANGED: std::cell::Cell<Option<pg_sys::XLogRecPtr>> =
+        const { std::cell::Cell::new(None) };
+}
+
 /// Release and renew may commit asynchronously: losing one in a crash only
-/// changes when a lease ends, and fenced writes keep that safe. Done only when
-/// nothing else in the transaction could need durability: outside an explicit
-/// transaction block, and before anything was written.
-fn allow_async_commit() {
-    unsafe {
-        if !pg_sys::IsTransactionBlock()
-            && pg_sys::GetTopTransactionIdIfAny() == pg_sys::InvalidTransactionId
-        {
-            set_local("synchronous_commit", "off");
-        }
+/// changes when a lease ends, and fenced writes keep that safe. But only if
+/// nothing else in the transaction needs durability, which is known only at
+/// commit: `write` runs the update, and if nothing was written before it and
+/// no WAL is written after it, the pre-commit callback makes this commit
+/// asynchronous.
+fn may_commit_asynchronously<R>(write: impl FnOnce() -> R) -> R {
+    let first_write = unsafe { pg_sys::GetTopTransactionIdIfAny() } == pg_sys::InvalidTransactionId;
+    let result = write();
+    let after = unsafe { pg_sys::XactLastRecEnd };
+    ASYNC_COMMIT_IF_UNCHANGED.set(if first_write && after != 0 {
+        Some(after)
+    } else {
+        None
+    });
+    result
+}
+
+/// Registered once per backend in `_PG_init`.
+pub fn register_callbacks() {
+    unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    let candidate = ASYNC_COMMIT_IF_UNCHANGED.take();
+    // RecordTransactionCommit reads synchronous_commit after this event.
+    if event == pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT
+        && candidate == Some(unsafe { pg_sys::XactLastRecEnd })
+    {
+        set_local("synchronous_commit", "off");
     }
 }
 
@@ -526,6 +567,7 @@ pub fn acquire(
     wait: Option<Interval>,
 ) -> Result<Option<Lease>, FenceError> {
     const F: &str = "lock_acquire";
+    refuse_security_restricted(F)?;
     let key = check_key(F, lock_key)?;
     let ttl = required(F, "ttl", ttl)?;
     check_ttl(F, &ttl)?;
@@ -582,7 +624,7 @@ fn attempt(
     // Look first, without locking: a key someone else holds costs no lock.
     let peek = client.update(&plans.peek_row, Some(1), &[key.into()])?;
     if peek.is_empty() {
-        return claim_new_key(client, plans, key, holder, ttl, role);
+        return in_subtransaction(|| claim_new_key(client, plans, key, holder, ttl, role));
     }
     let row = peek.first();
     let live: bool = row.get(1)?.unwrap_or(false);
@@ -599,17 +641,33 @@ fn attempt(
     if live && !uses_transaction_snapshot() {
         return Ok(busy_until(expires_at));
     }
-    // Free: lock the row and decide again on what we locked. The lock is
-    // taken in a subtransaction that is rolled back unless we grant, so
-    // losing a race never leaves the row locked behind us: a waiter or an
-    // explicit transaction holding it would block the owner's release.
+    // Free: lock the row and decide again on what we locked.
+    in_subtransaction(|| take_locked_row(client, plans, key, holder, ttl, role))
+}
+
+/// Run one grant attempt in an internal subtransaction, committed only if it
+/// grants. Rolled back otherwise, and on any error (which then propagates),
+/// so an attempt that does not grant leaves no row lock, key lock or
+/// transaction id behind: a waiter, or an explicit transaction that got NULL,
+/// would otherwise block the owner's release or its fenced writes.
+fn in_subtransaction(
+    work: impl FnOnce() -> Result<Attempt, FenceError>,
+) -> Result<Attempt, FenceError> {
     let subxact = SubTransaction::begin();
-    let decided = take_locked_row(client, plans, key, holder, ttl, role);
-    match &decided {
-        Ok(Attempt::Granted(_)) => subxact.commit(),
-        _ => subxact.roll_back(),
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        Ok(outcome) => {
+            match &outcome {
+                Ok(Attempt::Granted(_)) => subxact.commit(),
+                _ => subxact.roll_back(),
+            }
+            outcome
+        }
+        Err(error) => {
+            // pgrx has already copied and flushed PostgreSQL's error state.
+            subxact.roll_back();
+            std::panic::resume_unwind(error)
+        }
     }
-    decided
 }
 
 fn busy_until(expires_at: Option<TimestampWithTimeZone>) -> Attempt {
@@ -627,6 +685,14 @@ fn take_locked_row(
     ttl: Interval,
     role: pg_sys::Oid,
 ) -> Result<Attempt, FenceError> {
+    // G3: a fenced write that checked the old lease still holds the key in
+    // share mode; no new lease until its transaction ends. Tried first, so a
+    // busy key costs no row lock and no transaction id.
+    if !keylock::try_exclusive(key) {
+        return Ok(Attempt::Busy {
+            retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
+        });
+    }
     let rows = client.update(&plans.lock_row, Some(1), &[key.into()])?;
     if rows.is_empty() {
         // Another transaction has the row locked: an acquire in flight or a
@@ -645,13 +711,6 @@ fn take_locked_row(
             Attempt::Again
         } else {
             busy_until(expires_at)
-        });
-    }
-    // G3: a fenced write that checked the old lease still holds the key in
-    // share mode; no new lease until its transaction ends.
-    if !keylock::try_exclusive(key) {
-        return Ok(Attempt::Busy {
-            retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
         });
     }
     let token = issue_token()?;
@@ -775,14 +834,14 @@ impl SubTransaction {
         }
     }
 
-    fn commit(self) {
+    fn commit(&self) {
         unsafe {
             pg_sys::ReleaseCurrentSubTransaction();
             self.restore();
         }
     }
 
-    fn roll_back(self) {
+    fn roll_back(&self) {
         unsafe {
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
             self.restore();
@@ -842,26 +901,28 @@ pub fn renew(
     ttl: Option<Interval>,
 ) -> Result<Option<TimestampWithTimeZone>, FenceError> {
     const F: &str = "lock_renew";
+    refuse_security_restricted(F)?;
     let key = check_key(F, lock_key)?;
     let token = required(F, "token", token)?;
     if let Some(ttl) = &ttl {
         check_ttl(F, ttl)?;
     }
-    allow_async_commit();
     let role = caller_role();
     let admin = is_fence_admin(role);
     with_spi(|client, plans| {
-        let rows = client.update(
-            &plans.renew,
-            Some(1),
-            &[
-                key.into(),
-                token.into(),
-                ttl.into(),
-                role.into(),
-                admin.into(),
-            ],
-        )?;
+        let rows = may_commit_asynchronously(|| {
+            client.update(
+                &plans.renew,
+                Some(1),
+                &[
+                    key.into(),
+                    token.into(),
+                    ttl.into(),
+                    role.into(),
+                    admin.into(),
+                ],
+            )
+        })?;
         if !rows.is_empty() {
             return Ok(rows.first().get(1)?);
         }
@@ -874,17 +935,19 @@ pub fn renew(
 
 pub fn release(lock_key: Option<&str>, token: Option<i64>) -> Result<bool, FenceError> {
     const F: &str = "lock_release";
+    refuse_security_restricted(F)?;
     let key = check_key(F, lock_key)?;
     let token = required(F, "token", token)?;
-    allow_async_commit();
     let role = caller_role();
     let admin = is_fence_admin(role);
     with_spi(|client, plans| {
-        let rows = client.update(
-            &plans.release,
-            Some(1),
-            &[key.into(), token.into(), role.into(), admin.into()],
-        )?;
+        let rows = may_commit_asynchronously(|| {
+            client.update(
+                &plans.release,
+                Some(1),
+                &[key.into(), token.into(), role.into(), admin.into()],
+            )
+        })?;
         if !rows.is_empty() {
             wait::wake_after_commit(key);
             return Ok(true);
@@ -898,6 +961,7 @@ pub fn release(lock_key: Option<&str>, token: Option<i64>) -> Result<bool, Fence
 
 pub fn force_release(lock_key: Option<&str>) -> Result<bool, FenceError> {
     const F: &str = "lock_force_release";
+    refuse_security_restricted(F)?;
     let key = check_key(F, lock_key)?;
     let role = caller_role();
     let admin = is_fence_admin(role);

@@ -28,6 +28,7 @@ pgrx::extension_sql_file!("../../sql/fence.sql", name = "fence", finalize);
 pub extern "C-unwind" fn _PG_init() {
     settings::register();
     wait::register_callbacks();
+    lease::register_callbacks();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

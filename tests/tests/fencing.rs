@@ -751,3 +751,44 @@ async fn protect_checks_its_arguments_and_the_caller() {
         .get(0);
     assert_eq!(listed, 0);
 }
+
+#[tokio::test]
+async fn fence_guard_attached_by_hand_as_a_statement_trigger_is_an_error_not_a_crash() {
+    let db = connect().await;
+    let table = unique_table("misuse");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (a int);
+         CREATE TRIGGER misuse BEFORE INSERT ON {table} FOR EACH STATEMENT
+             EXECUTE FUNCTION fence.fence_guard('column', 'a', '', '');"
+    ))
+    .await
+    .unwrap();
+    let (state, message) = expect_error(&db, &format!("INSERT INTO {table} VALUES (1)")).await;
+    assert_eq!(state, "39P01", "{message}");
+    let one: i32 = db.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1, "the backend survived");
+}
+
+#[tokio::test]
+async fn key_columns_must_have_a_settings_independent_text_form() {
+    let db = connect().await;
+    let table = unique_table("keytype");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id int, at timestamptz, ratio float8, code uuid)"
+    ))
+    .await
+    .unwrap();
+    for column in ["at", "ratio"] {
+        let (state, _) = expect_error(
+            &db,
+            &format!("SELECT fence.protect('{table}', key_column => '{column}')"),
+        )
+        .await;
+        assert_eq!(state, "42804", "{column}");
+    }
+    db.batch_execute(&format!(
+        "SELECT fence.protect('{table}', key_column => 'code')"
+    ))
+    .await
+    .unwrap();
+}

@@ -498,3 +498,64 @@ async fn lease_rows_record_role_and_application() {
     assert_eq!(row.get::<_, String>(2), "postgres");
     assert_eq!(row.get::<_, String>(3), "pg_fence_tests");
 }
+
+#[tokio::test]
+async fn an_error_inside_acquire_leaves_the_session_usable() {
+    let db = connect().await;
+    let key = unique_key("read-only");
+    // The key's row exists and is free, so acquire reaches its row lock.
+    let t = acquire(&db, &key, "30 seconds", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(release(&db, &key, t).await.unwrap());
+
+    db.batch_execute("BEGIN READ ONLY").await.unwrap();
+    let error = acquire(&db, &key, "30 seconds", None, "0")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error).as_deref(), Some("25006"), "{error}");
+    db.batch_execute("ROLLBACK").await.unwrap();
+
+    db.batch_execute("SET default_transaction_read_only = on")
+        .await
+        .unwrap();
+    let error = acquire(&db, &key, "30 seconds", None, "0")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error).as_deref(), Some("25006"), "{error}");
+    db.batch_execute("RESET default_transaction_read_only")
+        .await
+        .unwrap();
+    // Not left inside a half-open (sub)transaction: autocommit still commits.
+    let token = acquire(&db, &key, "30 seconds", None, "0")
+        .await
+        .unwrap()
+        .expect("free");
+    let other = connect().await;
+    assert_eq!(
+        live_token(&other, &key).await,
+        Some(token),
+        "committed and visible to others"
+    );
+    db.batch_execute("ROLLBACK").await.unwrap(); // a stray ROLLBACK only warns
+    let one: i32 = db.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+#[tokio::test]
+async fn lease_functions_refuse_to_run_in_security_restricted_operations() {
+    let db = connect().await;
+    let table = unique_table("sro");
+    let error = db
+        .batch_execute(&format!(
+            "CREATE FUNCTION {table}_f(x int) RETURNS int LANGUAGE sql IMMUTABLE
+                 AS $$ SELECT x + 0 * coalesce((fence.lock_acquire('{table}')).token, 0)::int $$;
+             CREATE TABLE {table} (x int);
+             INSERT INTO {table} VALUES (1);
+             CREATE INDEX ON {table} ({table}_f(x));"
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error).as_deref(), Some("42501"), "{error}");
+}
