@@ -216,7 +216,14 @@ impl FenceError {
     pub fn raise(self) -> ! {
         // errfinish keeps the file name pointer beyond this call (a re-thrown
         // error prints it later), so it must be static.
-        let line = std::panic::Location::caller().line() as c_int;
+        let location = std::panic::Location::caller();
+        let line = location.line() as c_int;
+        let file = match location.file().rsplit('/').next() {
+            Some("fence.rs") => c"fence.rs",
+            Some("lease.rs") => c"lease.rs",
+            Some("settings.rs") => c"settings.rs",
+            _ => c"pg_fence",
+        };
         let code = make_sqlstate(self.sqlstate().as_bytes().try_into().expect("5 bytes"));
         // Move every string into palloc'd memory (freed by the abort) and drop
         // the Rust owners before the longjmp.
@@ -230,7 +237,7 @@ impl FenceError {
                 if let Some(hint) = hint {
                     errhint(c"%s".as_ptr(), hint);
                 }
-                errfinish(c"pg_fence".as_ptr(), line, c"pg_fence".as_ptr());
+                errfinish(file.as_ptr(), line, c"pg_fence".as_ptr());
             }
         }
         unreachable!("errfinish(ERROR) returned")

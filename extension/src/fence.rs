@@ -178,35 +178,40 @@ fn check_row(trigger: &PgTrigger<'_>) -> Result<(), FenceError> {
         }
     }
 
-    let token = match (config.token_column, new_row) {
+    // The token: the new row's token column, else SET LOCAL fence.token.
+    // For an UPDATE with a token column, also the old row's, which the new
+    // one must not go below.
+    let (token, previous) = match (config.token_column, new_row) {
         (Some(column), Some(new_row)) => {
             let token = column_bigint(new_row, descriptor, column, &table)?;
-            if let (Some(token), Some(old_row)) = (token, old_row) {
-                if let Some(from) = column_bigint(old_row, descriptor, column, &table)? {
-                    if token < from {
-                        return Err(refuse(
-                            keys.swap_remove(0),
-                            Some(token),
-                            Stale::LowersToken {
-                                column: column.to_owned(),
-                                from,
-                            },
-                        ));
-                    }
+            let previous = match old_row {
+                Some(old_row) => {
+                    column_bigint(old_row, descriptor, column, &table)?.map(|from| (column, from))
                 }
-            }
-            token
+                None => None,
+            };
+            (token, previous)
         }
-        _ => settings::fence_token()?,
+        _ => (settings::fence_token()?, None),
     };
     let Some(token) = token else {
         return Err(refuse(keys.swap_remove(0), None, Stale::NoToken));
     };
-
-    for key in keys {
-        if let Some(why) = check_lease(&key, token)? {
-            return Err(refuse(key, Some(token), why));
+    // The live lease first: it is the reason that matters to the writer.
+    for key in &keys {
+        if let Some(why) = check_lease(key, token)? {
+            return Err(refuse(key.clone(), Some(token), why));
         }
+    }
+    if let Some((column, from)) = previous.filter(|(_, from)| token < *from) {
+        return Err(refuse(
+            keys.swap_remove(0),
+            Some(token),
+            Stale::LowersToken {
+                column: column.to_owned(),
+                from,
+            },
+        ));
     }
     Ok(())
 }

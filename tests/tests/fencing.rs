@@ -238,15 +238,26 @@ async fn after_a_takeover_the_old_token_is_refused_and_nothing_is_written() {
         .await
         .unwrap();
     assert_eq!(amount(&setup, &table, 1).await, "42");
-    // And the old token can't come back by lowering the column either.
-    let error = worker_a
+    // A live token may not lower the row's token column either: here the row
+    // carries a larger token written while the fence was off.
+    setup
+        .batch_execute(&format!(
+            "ALTER TABLE {table} DISABLE TRIGGER zz_fence_guard;
+             UPDATE {table} SET fence_token = {} WHERE id = 1;
+             ALTER TABLE {table} ENABLE ALWAYS TRIGGER zz_fence_guard;",
+            new + 1000
+        ))
+        .await
+        .unwrap();
+    let error = worker_b
         .execute(
-            &format!("UPDATE {table} SET fence_token = $1 WHERE id = 1"),
-            &[&old],
+            &format!("UPDATE {table} SET amount = 43, fence_token = $1 WHERE id = 1"),
+            &[&new],
         )
         .await
         .unwrap_err();
     assert!(assert_fn001(&error).contains("lower"));
+    assert_eq!(amount(&setup, &table, 1).await, "42");
 }
 
 #[tokio::test]
