@@ -496,16 +496,8 @@ fn may_commit_asynchronously<R>(write: impl FnOnce() -> R) -> R {
     result
 }
 
-/// Registered once per backend in `_PG_init`.
-pub fn register_callbacks() {
-    unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
+/// Called by the extension's transaction callback (lib.rs).
+pub fn on_xact_event(event: pg_sys::XactEvent::Type) {
     let candidate = ASYNC_COMMIT_IF_UNCHANGED.take();
     // RecordTransactionCommit reads synchronous_commit after this event.
     if event == pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT
@@ -677,6 +669,14 @@ fn busy_until(expires_at: Option<TimestampWithTimeZone>) -> Attempt {
     Attempt::Busy { retry_in_ms }
 }
 
+/// Lock the key exclusively for this (sub)transaction, the right to grant a
+/// new lease on it; `Some(Busy)` if a fenced write or another grant holds it.
+fn claim_key(key: &str) -> Option<Attempt> {
+    (!keylock::try_exclusive(key)).then_some(Attempt::Busy {
+        retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
+    })
+}
+
 fn take_locked_row(
     client: &mut SpiClient<'_>,
     plans: &Plans,
@@ -688,10 +688,8 @@ fn take_locked_row(
     // G3: a fenced write that checked the old lease still holds the key in
     // share mode; no new lease until its transaction ends. Tried first, so a
     // busy key costs no row lock and no transaction id.
-    if !keylock::try_exclusive(key) {
-        return Ok(Attempt::Busy {
-            retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
-        });
+    if let Some(busy) = claim_key(key) {
+        return Ok(busy);
     }
     let rows = client.update(&plans.lock_row, Some(1), &[key.into()])?;
     if rows.is_empty() {
@@ -782,10 +780,8 @@ fn claim_new_key(
     role: pg_sys::Oid,
 ) -> Result<Attempt, FenceError> {
     // Another first acquire of this key may be inserting it right now.
-    if !keylock::try_exclusive(key) {
-        return Ok(Attempt::Busy {
-            retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
-        });
+    if let Some(busy) = claim_key(key) {
+        return Ok(busy);
     }
     let token = issue_token()?;
     let inserted = client.update(

@@ -27,8 +27,18 @@ pgrx::extension_sql_file!("../../sql/fence.sql", name = "fence", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::register();
-    wait::register_callbacks();
-    lease::register_callbacks();
+    unsafe { pgrx::pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
+}
+
+/// The one transaction callback: waking waiters after a release commits,
+/// and deciding at pre-commit whether a release/renew may commit async.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pgrx::pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    lease::on_xact_event(event);
+    wait::on_xact_event(event);
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -17,7 +17,6 @@
 use std::cell::RefCell;
 
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 
 /// Longest sleep between two attempts while the key looks held.
 pub const RECHECK_INTERVAL_MS: i64 = 50;
@@ -86,16 +85,8 @@ pub fn wake_after_commit(lock_key: &str) {
     });
 }
 
-/// Registered once per backend in `_PG_init`.
-pub fn register_callbacks() {
-    unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
-}
-
-#[pg_guard]
-unsafe extern "C-unwind" fn on_xact_event(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
+/// Called by the extension's transaction callback (lib.rs).
+pub fn on_xact_event(event: pg_sys::XactEvent::Type) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_COMMIT => {
             let events = PENDING_WAKEUPS.with(|pending| std::mem::take(&mut *pending.borrow_mut()));

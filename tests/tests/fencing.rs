@@ -66,6 +66,19 @@ async fn fenced_write(db: &Client, token: i64, sql: &str) -> Result<u64, Error> 
     }
 }
 
+/// Open a transaction on `writer` carrying `token` and update row 1: the
+/// check has passed and its key lock is held until COMMIT or ROLLBACK.
+async fn open_fenced_write(writer: &Client, table: &str, token: i64) {
+    writer
+        .batch_execute(&format!("BEGIN; SET LOCAL fence.token = '{token}'"))
+        .await
+        .unwrap();
+    writer
+        .execute(&format!("UPDATE {table} SET amount = 7 WHERE id = 1"), &[])
+        .await
+        .unwrap();
+}
+
 fn assert_fn001(error: &Error) -> String {
     assert_eq!(sqlstate(error).as_deref(), Some("FN001"), "{error}");
     error.as_db_error().unwrap().message().to_owned()
@@ -84,14 +97,7 @@ async fn a_writer_that_passed_its_check_holds_off_a_new_acquire_until_it_ends() 
             .unwrap()
             .unwrap();
 
-        writer
-            .batch_execute(&format!("BEGIN; SET LOCAL fence.token = '{token}'"))
-            .await
-            .unwrap();
-        writer
-            .execute(&format!("UPDATE {table} SET amount = 7 WHERE id = 1"), &[])
-            .await
-            .unwrap();
+        open_fenced_write(&writer, &table, token).await;
 
         // The lease expires while the writing transaction is open...
         outlive_lease(&setup, &key).await;
@@ -134,14 +140,7 @@ async fn renew_and_release_do_not_wait_for_a_fenced_writer() {
         .await
         .unwrap()
         .unwrap();
-    writer
-        .batch_execute(&format!("BEGIN; SET LOCAL fence.token = '{token}'"))
-        .await
-        .unwrap();
-    writer
-        .execute(&format!("UPDATE {table} SET amount = 1 WHERE id = 1"), &[])
-        .await
-        .unwrap();
+    open_fenced_write(&writer, &table, token).await;
     let quick = Duration::from_secs(5);
     assert!(tokio::time::timeout(quick, renew(&holder, &key, token))
         .await
@@ -175,14 +174,7 @@ async fn the_holders_retry_is_not_turned_away_by_its_own_write_in_flight() {
         .await
         .unwrap()
         .unwrap();
-    writer
-        .batch_execute(&format!("BEGIN; SET LOCAL fence.token = '{token}'"))
-        .await
-        .unwrap();
-    writer
-        .execute(&format!("UPDATE {table} SET amount = 1 WHERE id = 1"), &[])
-        .await
-        .unwrap();
+    open_fenced_write(&writer, &table, token).await;
     // G6 while the holder's own write holds the lease row's share lock.
     let again = tokio::time::timeout(
         Duration::from_secs(5),
