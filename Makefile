@@ -7,7 +7,7 @@ export PGFENCE_PORT
 PSQL         := psql -X -h 127.0.0.1 -p $(PGFENCE_PORT) -U postgres -d pg_fence
 CLUSTER      := scripts/cluster.sh
 
-.PHONY: setup install cluster demo stop psql test test-pgrx test-integration lint bench clean
+.PHONY: setup install cluster demo stop psql test test-pgrx test-client test-integration lint bench clean
 
 setup:
 	@scripts/setup.sh
@@ -36,7 +36,7 @@ psql:
 	@$(PSQL)
 
 ## test: set up, then every test tier (see README, "Tests").
-test: test-pgrx test-integration lint
+test: test-pgrx test-client test-integration lint
 	@echo "make test: all tiers passed"
 
 # Tier 1: #[pg_test] functions, inside a backend of a cluster cargo-pgrx manages.
@@ -45,7 +45,11 @@ test-pgrx: setup
 	@mkdir -p target/pgrx-test && if [ "$$(id -u)" -eq 0 ]; then chown postgres target/pgrx-test; fi
 	cargo pgrx test pg15 -p pg_fence $(if $(filter 0,$(shell id -u)),--runas postgres --pgdata $(CURDIR)/target/pgrx-test/data)
 
-# Tier 2: the tests/ crate drives the throwaway cluster from outside, many sessions at once.
+# Tier 2: the client crate's own unit tests and doctests (no database).
+test-client: setup
+	cargo test -p pg_fence_client --all-features
+
+# Tier 3: the tests/ crate drives the throwaway cluster from outside, many sessions at once.
 test-integration: cluster
 	@$(PSQL) -q -c 'SET client_min_messages = warning' -c 'DROP EXTENSION IF EXISTS pg_fence CASCADE' -c 'CREATE EXTENSION pg_fence'
 	cargo test -p pg_fence_tests -- --test-threads 4

@@ -1,0 +1,73 @@
+//! The deadpool-postgres backend: [`Backend`] for [`deadpool_postgres::Pool`].
+
+use std::time::Duration;
+
+use deadpool_postgres::{GenericClient, Pool};
+
+use super::{grant, millis, Backend, Grant};
+use crate::{sql, Error};
+
+impl Backend for Pool {
+    async fn acquire(
+        &self,
+        key: &str,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+    ) -> Result<Option<Grant>, Error> {
+        let client = self.get().await.map_err(pool_error)?;
+        let statement = client.prepare_cached(sql::ACQUIRE).await.map_err(error)?;
+        let row = client
+            .query_one(&statement, &[&key, &millis(ttl), &holder, &millis(wait)])
+            .await
+            .map_err(error)?;
+        Ok(grant(row.get(0), row.get(1)))
+    }
+
+    async fn renew(&self, key: &str, token: i64, ttl: Duration) -> Result<bool, Error> {
+        let client = self.get().await.map_err(pool_error)?;
+        let statement = client.prepare_cached(sql::RENEW).await.map_err(error)?;
+        Ok(client
+            .query_one(&statement, &[&key, &token, &millis(ttl)])
+            .await
+            .map_err(error)?
+            .get(0))
+    }
+
+    async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
+        let client = self.get().await.map_err(pool_error)?;
+        let statement = client.prepare_cached(sql::RELEASE).await.map_err(error)?;
+        Ok(client
+            .query_one(&statement, &[&key, &token])
+            .await
+            .map_err(error)?
+            .get(0))
+    }
+}
+
+/// Attach a lease's token to an open transaction (`SET LOCAL fence.token`),
+/// so writes to tables under `fence.protect()` carry it.
+/// Cancel safety: if cancelled, the setting may or may not be in place.
+pub async fn set_fence_token(transaction: &impl GenericClient, token: i64) -> Result<(), Error> {
+    transaction
+        .execute(sql::SET_FENCE_TOKEN, &[&token.to_string()])
+        .await
+        .map_err(error)?;
+    Ok(())
+}
+
+/// Map a tokio-postgres error: the server's SQLSTATE through
+/// [`Error::from_sqlstate`], anything else as [`Error::Connection`].
+pub fn error(error: tokio_postgres::Error) -> Error {
+    match error.as_db_error() {
+        Some(db) => Error::from_sqlstate(db.code().code(), db.message().to_owned()),
+        None => Error::Connection(error.to_string()),
+    }
+}
+
+fn pool_error(error: deadpool_postgres::PoolError) -> Error {
+    match error {
+        deadpool_postgres::PoolError::Backend(error) => self::error(error),
+        other => Error::Connection(other.to_string()),
+    }
+}

@@ -1,0 +1,58 @@
+//! What the lease machinery needs from a driver: three calls, each one round
+//! trip on a pooled connection. Each backend is a thin file behind a feature.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::Error;
+
+#[cfg(feature = "deadpool-postgres")]
+pub mod deadpool;
+#[cfg(feature = "sqlx")]
+pub mod sqlx;
+
+/// A grant as the server reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// The fencing token.
+    pub token: i64,
+    /// Time left on the lease by the server's clock when it answered.
+    pub remaining: Duration,
+}
+
+/// A database driver that can run pg_fence's lease functions.
+///
+/// Implemented for `sqlx::PgPool` (feature `sqlx`) and
+/// `deadpool_postgres::Pool` (feature `deadpool-postgres`). Every call takes a
+/// connection from the pool for one statement and gives it back: leases are
+/// not tied to a session, so this works behind PgBouncer in transaction mode.
+pub trait Backend: Clone + Send + Sync + 'static {
+    /// `fence.lock_acquire`: `None` when the key stayed busy for `wait`.
+    fn acquire(
+        &self,
+        key: &str,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Option<Grant>, Error>> + Send;
+    /// `fence.lock_renew`: false when the lease is no longer live.
+    fn renew(
+        &self,
+        key: &str,
+        token: i64,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
+    /// `fence.lock_release`: false when the lease was not live.
+    fn release(&self, key: &str, token: i64) -> impl Future<Output = Result<bool, Error>> + Send;
+}
+
+pub(crate) fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+pub(crate) fn grant(token: Option<i64>, remaining_ms: Option<i64>) -> Option<Grant> {
+    Some(Grant {
+        token: token?,
+        remaining: Duration::from_millis(remaining_ms?.max(0) as u64),
+    })
+}

@@ -1,0 +1,72 @@
+//! The sqlx backend: [`Backend`] for [`sqlx::PgPool`].
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use super::{grant, millis, Backend, Grant};
+use crate::{sql, Error};
+
+impl Backend for PgPool {
+    async fn acquire(
+        &self,
+        key: &str,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+    ) -> Result<Option<Grant>, Error> {
+        let (token, remaining): (Option<i64>, Option<i64>) = sqlx::query_as(sql::ACQUIRE)
+            .bind(key)
+            .bind(millis(ttl))
+            .bind(holder)
+            .bind(millis(wait))
+            .fetch_one(self)
+            .await
+            .map_err(error)?;
+        Ok(grant(token, remaining))
+    }
+
+    async fn renew(&self, key: &str, token: i64, ttl: Duration) -> Result<bool, Error> {
+        sqlx::query_scalar(sql::RENEW)
+            .bind(key)
+            .bind(token)
+            .bind(millis(ttl))
+            .fetch_one(self)
+            .await
+            .map_err(error)
+    }
+
+    async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
+        sqlx::query_scalar(sql::RELEASE)
+            .bind(key)
+            .bind(token)
+            .fetch_one(self)
+            .await
+            .map_err(error)
+    }
+}
+
+/// Attach a lease's token to the open transaction on `connection`, so writes
+/// to tables under `fence.protect()` carry it (`SET LOCAL fence.token`).
+/// Cancel safety: if cancelled, the setting may or may not be in place; the
+/// transaction is unaffected otherwise.
+pub async fn set_fence_token(connection: &mut sqlx::PgConnection, token: i64) -> Result<(), Error> {
+    sqlx::query(sql::SET_FENCE_TOKEN)
+        .bind(token.to_string())
+        .execute(connection)
+        .await
+        .map_err(error)?;
+    Ok(())
+}
+
+/// Map a sqlx error: the server's SQLSTATE through [`Error::from_sqlstate`],
+/// anything else (I/O, pool timeout) as [`Error::Connection`].
+pub fn error(error: sqlx::Error) -> Error {
+    match &error {
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => Error::from_sqlstate(&code, db.message().to_owned()),
+            None => Error::Connection(error.to_string()),
+        },
+        _ => Error::Connection(error.to_string()),
+    }
+}

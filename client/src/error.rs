@@ -1,0 +1,121 @@
+//! Errors, and the one function that maps a server's SQLSTATE to a kind.
+
+/// What went wrong in a pg_fence call. Busy keys and lost leases are not
+/// errors (they are `None` / `false` / [`crate::LossReason`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// `FN001`: a write to a protected table did not carry the key's live token.
+    #[error("stale fencing token: {message}")]
+    StaleToken {
+        /// The server's message: table, key, tokens.
+        message: String,
+    },
+    /// `42501`: this role does not own the lease (or may not do this).
+    #[error("not the lease owner: {message}")]
+    NotOwner {
+        /// The server's message: key, token, both roles.
+        message: String,
+    },
+    /// `22004` / `22023`: an argument the server refused.
+    #[error("invalid argument: {message}")]
+    InvalidArgument {
+        /// `22004` or `22023`.
+        sqlstate: String,
+        /// The server's message, naming the argument.
+        message: String,
+    },
+    /// `40001` / `40P01`: retry the transaction.
+    #[error("serialization failure, retry: {message}")]
+    Serialization {
+        /// `40001` or `40P01`.
+        sqlstate: String,
+        /// The server's message.
+        message: String,
+    },
+    /// `57014`: cancelled or `statement_timeout`.
+    #[error("cancelled: {message}")]
+    Cancelled {
+        /// The server's message.
+        message: String,
+    },
+    /// Any other SQLSTATE, kept as the server sent it.
+    #[error("database error {sqlstate}: {message}")]
+    Database {
+        /// The SQLSTATE, as sent.
+        sqlstate: String,
+        /// The server's message.
+        message: String,
+    },
+    /// No answer from the server: the connection or the pool failed. The
+    /// call may or may not have taken effect.
+    #[error("connection: {0}")]
+    Connection(String),
+}
+
+impl Error {
+    /// The one place a SQLSTATE becomes an error kind.
+    pub fn from_sqlstate(sqlstate: &str, message: String) -> Error {
+        match sqlstate {
+            "FN001" => Error::StaleToken { message },
+            "42501" => Error::NotOwner { message },
+            "22004" | "22023" => Error::InvalidArgument {
+                sqlstate: sqlstate.to_owned(),
+                message,
+            },
+            "40001" | "40P01" => Error::Serialization {
+                sqlstate: sqlstate.to_owned(),
+                message,
+            },
+            "57014" => Error::Cancelled { message },
+            _ => Error::Database {
+                sqlstate: sqlstate.to_owned(),
+                message,
+            },
+        }
+    }
+
+    /// The server's SQLSTATE, when the server answered.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            Error::StaleToken { .. } => Some("FN001"),
+            Error::NotOwner { .. } => Some("42501"),
+            Error::Cancelled { .. } => Some("57014"),
+            Error::InvalidArgument { sqlstate, .. }
+            | Error::Serialization { sqlstate, .. }
+            | Error::Database { sqlstate, .. } => Some(sqlstate),
+            Error::Connection(_) => None,
+        }
+    }
+
+    /// True when the server never answered, so the outcome is unknown and a
+    /// retry (with the same holder, for an acquire) is the way to learn it.
+    pub fn is_ambiguous(&self) -> bool {
+        matches!(self, Error::Connection(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_map_to_kinds_and_back() {
+        for code in [
+            "FN001", "42501", "22004", "22023", "40001", "40P01", "57014", "XX000", "53300",
+        ] {
+            let error = Error::from_sqlstate(code, "m".into());
+            assert_eq!(error.sqlstate(), Some(code), "{error:?}");
+            assert!(!error.is_ambiguous());
+        }
+        assert!(matches!(
+            Error::from_sqlstate("FN001", "m".into()),
+            Error::StaleToken { .. }
+        ));
+        assert!(matches!(
+            Error::from_sqlstate("53300", "m".into()),
+            Error::Database { .. }
+        ));
+        assert!(Error::Connection("reset".into()).is_ambiguous());
+    }
+}

@@ -1,0 +1,355 @@
+//! The lease guard: acquire, renew in the background, tell the holder the
+//! moment the lease is lost, release.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::backend::{Backend, Grant};
+use crate::Error;
+
+/// How a lease is taken and kept: the one place its policy lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseOptions {
+    /// The lease's time to live on the server. Default 30 s.
+    pub ttl: Duration,
+    /// How often the background task renews. Default `ttl / 3`.
+    pub renew_every: Duration,
+    /// Subtracted from the local deadline (last acknowledged renewal's send
+    /// time + ttl) to allow for clock rate differences. Default `ttl / 10`.
+    pub safety_margin: Duration,
+    /// The holder id. Default: a fresh UUID per lease; the client retries an
+    /// ambiguous acquire with it, so a lost reply does not lock you out (G6).
+    pub holder: Option<String>,
+    /// How many times an acquire whose reply was lost is retried. Default 3.
+    pub ambiguous_retries: u32,
+}
+
+impl LeaseOptions {
+    /// Options for a lease of `ttl`, the rest derived from it.
+    pub fn new(ttl: Duration) -> LeaseOptions {
+        LeaseOptions {
+            ttl,
+            renew_every: ttl / 3,
+            safety_margin: ttl / 10,
+            holder: None,
+            ambiguous_retries: 3,
+        }
+    }
+
+    /// Renew this often (keep it well inside the ttl).
+    pub fn renew_every(mut self, every: Duration) -> LeaseOptions {
+        self.renew_every = every;
+        self
+    }
+
+    /// Give up this much of the ttl to clock-rate differences.
+    pub fn safety_margin(mut self, margin: Duration) -> LeaseOptions {
+        self.safety_margin = margin;
+        self
+    }
+
+    /// Use this holder id (G6: the same holder re-acquiring gets its lease back).
+    pub fn holder(mut self, holder: impl Into<String>) -> LeaseOptions {
+        self.holder = Some(holder.into());
+        self
+    }
+}
+
+impl Default for LeaseOptions {
+    fn default() -> LeaseOptions {
+        LeaseOptions::new(Duration::from_secs(30))
+    }
+}
+
+/// Why a lease was lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LossReason {
+    /// The server says it is no longer live: it expired, or was forced.
+    NotLive,
+    /// Renewals failed until the local deadline passed: the server may
+    /// already have given the key to someone else.
+    DeadlinePassed,
+    /// The server refused to renew it (for example 42501): the message.
+    Refused(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Held { deadline: Instant },
+    Lost(LossReason),
+    Released,
+}
+
+/// A granted lease. It renews itself in the background until released,
+/// dropped or lost.
+///
+/// Dropping it stops renewal and releases it best-effort in the background
+/// (if a Tokio runtime is running); that release is not immediate and may
+/// not happen at all (the process may exit first), in which case the lease
+/// simply expires. Call [`Lease::release`] to know.
+pub struct Lease<B: Backend> {
+    backend: B,
+    key: String,
+    holder: String,
+    token: i64,
+    state: watch::Receiver<State>,
+    stop: watch::Sender<bool>,
+    renewal: Option<JoinHandle<()>>,
+    /// Released (or being released) by `release`: Drop has nothing to do.
+    settled: bool,
+}
+
+impl<B: Backend> Lease<B> {
+    /// Try once: `None` if the key is held.
+    ///
+    /// Cancel safety: if this future is dropped after the request was sent,
+    /// the server may have granted a lease nobody holds; it expires after
+    /// its ttl, or acquiring again with the same holder returns it (G6).
+    pub async fn try_acquire(
+        backend: &B,
+        key: &str,
+        options: &LeaseOptions,
+    ) -> Result<Option<Lease<B>>, Error> {
+        Lease::acquire(backend, key, options, Duration::ZERO).await
+    }
+
+    /// Wait up to `wait` (inside the server) for the key: `None` if it
+    /// stayed busy. Cancel safety: as [`Lease::try_acquire`].
+    #[tracing::instrument(name = "pg_fence.acquire", skip(backend, options), fields(token))]
+    pub async fn acquire(
+        backend: &B,
+        key: &str,
+        options: &LeaseOptions,
+        wait: Duration,
+    ) -> Result<Option<Lease<B>>, Error> {
+        let holder = options
+            .holder
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let mut attempts = 0;
+        let (sent, grant) = loop {
+            let sent = Instant::now();
+            match backend.acquire(key, options.ttl, &holder, wait).await {
+                Ok(grant) => break (sent, grant),
+                // The reply was lost: ask again as the same holder, which
+                // returns the lease if the first request had granted it.
+                Err(error) if error.is_ambiguous() && attempts < options.ambiguous_retries => {
+                    attempts += 1;
+                    tracing::warn!(%error, attempts, "acquire reply lost; retrying as the same holder");
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        let Some(Grant { token, remaining }) = grant else {
+            return Ok(None);
+        };
+        tracing::Span::current().record("token", token);
+        let deadline = sent
+            + remaining
+                .min(options.ttl)
+                .saturating_sub(options.safety_margin);
+        let (state_tx, state) = watch::channel(State::Held { deadline });
+        let (stop, stop_rx) = watch::channel(false);
+        let renewal = tokio::spawn(renew_until_stopped(
+            backend.clone(),
+            key.to_owned(),
+            token,
+            options.clone(),
+            deadline,
+            state_tx,
+            stop_rx,
+        ));
+        Ok(Some(Lease {
+            backend: backend.clone(),
+            key: key.to_owned(),
+            holder,
+            token,
+            state,
+            stop,
+            renewal: Some(renewal),
+            settled: false,
+        }))
+    }
+
+    /// The fencing token: carry it into every write the lease protects.
+    pub fn token(&self) -> i64 {
+        self.token
+    }
+
+    /// The key the lease is on.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The holder id it was acquired with.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// The local deadline (monotonic clock) while held: after it, assume the
+    /// lease may be gone even if no one said so.
+    pub fn deadline(&self) -> Option<Instant> {
+        match &*self.state.borrow() {
+            State::Held { deadline } => Some(*deadline),
+            _ => None,
+        }
+    }
+
+    /// Why the lease was lost, if it was.
+    pub fn loss(&self) -> Option<LossReason> {
+        match &*self.state.borrow() {
+            State::Lost(reason) => Some(reason.clone()),
+            _ => None,
+        }
+    }
+
+    /// Resolves when the lease is lost (never, once released). Race your work
+    /// against it with `tokio::select!`. Cancel safe.
+    pub fn lost(&self) -> impl Future<Output = LossReason> + Send + 'static {
+        let mut state = self.state.clone();
+        async move {
+            loop {
+                if let State::Lost(reason) = &*state.borrow_and_update() {
+                    return reason.clone();
+                }
+                if state.changed().await.is_err() {
+                    // The renewal task ended without a loss: released.
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+
+    /// Stop renewing and release: true if the lease was still live.
+    ///
+    /// Cancel safety: dropped while renewal is stopping, the guard's drop
+    /// still releases best-effort; dropped once the release request is on its
+    /// way, the lease is released or simply expires after its ttl.
+    #[tracing::instrument(name = "pg_fence.release", skip(self), fields(key = %self.key, token = self.token))]
+    pub async fn release(mut self) -> Result<bool, Error> {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.renewal.take() {
+            let _ = task.await;
+        }
+        self.settled = true;
+        self.backend.release(&self.key, self.token).await
+    }
+}
+
+impl<B: Backend> Drop for Lease<B> {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.renewal.take() {
+            task.abort();
+        }
+        if self.settled {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (backend, key, token) = (
+                self.backend.clone(),
+                std::mem::take(&mut self.key),
+                self.token,
+            );
+            runtime.spawn(async move {
+                if let Err(error) = backend.release(&key, token).await {
+                    tracing::warn!(%error, key, token, "release on drop failed; the lease will expire");
+                }
+            });
+        }
+    }
+}
+
+async fn renew_until_stopped<B: Backend>(
+    backend: B,
+    key: String,
+    token: i64,
+    options: LeaseOptions,
+    mut deadline: Instant,
+    state: watch::Sender<State>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let retry_pause = (options.renew_every / 4).max(Duration::from_millis(10));
+    let mut next = Instant::now() + options.renew_every;
+    let lose = |reason: LossReason| {
+        tracing::warn!(key, token, ?reason, "pg_fence.lease_lost");
+        let _ = state.send(State::Lost(reason));
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(next.min(deadline)) => {}
+            _ = stop.changed() => { let _ = state.send(State::Released); return; }
+        }
+        let sent = Instant::now();
+        if sent >= deadline {
+            return lose(LossReason::DeadlinePassed);
+        }
+        let renewed = tokio::select! {
+            renewed = tokio::time::timeout(deadline - sent, backend.renew(&key, token, options.ttl)) => renewed,
+            _ = stop.changed() => { let _ = state.send(State::Released); return; }
+        };
+        match renewed {
+            Ok(Ok(true)) => {
+                deadline = sent + options.ttl.saturating_sub(options.safety_margin);
+                next = sent + options.renew_every;
+                let _ = state.send(State::Held { deadline });
+                tracing::trace!(key, token, "pg_fence.renewed");
+            }
+            Ok(Ok(false)) => return lose(LossReason::NotLive),
+            Ok(Err(error @ (Error::NotOwner { .. } | Error::InvalidArgument { .. }))) => {
+                return lose(LossReason::Refused(error.to_string()))
+            }
+            // A transient failure: retry while the deadline holds.
+            Ok(Err(error)) => {
+                tracing::debug!(key, token, %error, "renew failed; retrying");
+                next = Instant::now() + retry_pause;
+            }
+            Err(_timed_out) => return lose(LossReason::DeadlinePassed),
+        }
+    }
+}
+
+/// How [`run`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunOutcome<T> {
+    /// The key stayed busy for the whole wait: the work did not run.
+    Busy,
+    /// The work finished while the lease was held; the lease was released.
+    Completed(T),
+    /// The lease was lost first; the work was dropped (cancelled) at that point.
+    Lost(LossReason),
+}
+
+/// Run `work` under a lease on `key`: acquire (waiting up to `wait`), run,
+/// and race the work against loss of the lease. The work gets the token.
+/// Cancel safety: dropping this future drops the work and the lease (which
+/// then releases best-effort).
+pub async fn run<B, F, Fut, T>(
+    backend: &B,
+    key: &str,
+    options: &LeaseOptions,
+    wait: Duration,
+    work: F,
+) -> Result<RunOutcome<T>, Error>
+where
+    B: Backend,
+    F: FnOnce(i64) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let Some(lease) = Lease::acquire(backend, key, options, wait).await? else {
+        return Ok(RunOutcome::Busy);
+    };
+    let lost = lease.lost();
+    tokio::select! {
+        output = work(lease.token()) => {
+            lease.release().await?;
+            Ok(RunOutcome::Completed(output))
+        }
+        reason = lost => Ok(RunOutcome::Lost(reason)),
+    }
+}

@@ -1,0 +1,328 @@
+//! pg_fence_client against the real cluster: every test body runs through
+//! both backends (sqlx and deadpool-postgres).
+
+use std::time::Duration;
+
+use pg_fence_client::{run, Backend, Error, Lease, LeaseOptions, LossReason, RunOutcome};
+use pg_fence_tests::*;
+use tokio::time::Instant;
+
+async fn sqlx_pool(application_name: &str) -> sqlx::PgPool {
+    let options = sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(port())
+        .username("postgres")
+        .database("pg_fence")
+        .application_name(application_name);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .unwrap()
+}
+
+async fn deadpool_pool(application_name: &str) -> deadpool_postgres::Pool {
+    let mut config = deadpool_postgres::Config::new();
+    config.host = Some("127.0.0.1".into());
+    config.port = Some(port());
+    config.user = Some("postgres".into());
+    config.dbname = Some("pg_fence".into());
+    config.application_name = Some(application_name.into());
+    config
+        .create_pool(Some(deadpool_postgres::Runtime::Tokio1), NoTls)
+        .unwrap()
+}
+
+/// Runs `$body(backend, application_name)` once per backend.
+macro_rules! through_both_backends {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlx() {
+                let app = pg_fence_tests::unique_table("sqlx");
+                super::$name(super::sqlx_pool(&app).await, app).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn deadpool() {
+                let app = pg_fence_tests::unique_table("dpool");
+                super::$name(super::deadpool_pool(&app).await, app).await
+            }
+        }
+    };
+}
+
+through_both_backends!(try_acquire_busy_and_release);
+async fn try_acquire_busy_and_release<B: Backend>(backend: B, _app: String) {
+    let key = unique_key("client");
+    let options = LeaseOptions::new(Duration::from_secs(30));
+    let lease = Lease::try_acquire(&backend, &key, &options)
+        .await
+        .unwrap()
+        .expect("free key");
+    assert!(lease.token() > 0);
+    assert!(lease.deadline().is_some() && lease.loss().is_none());
+    let db = connect().await;
+    assert_eq!(live_token(&db, &key).await, Some(lease.token()));
+    assert!(
+        Lease::try_acquire(&backend, &key, &options)
+            .await
+            .unwrap()
+            .is_none(),
+        "busy for another holder"
+    );
+    let token = lease.token();
+    assert!(lease.release().await.unwrap());
+    assert_eq!(live_token(&db, &key).await, None);
+    let again = Lease::try_acquire(&backend, &key, &options)
+        .await
+        .unwrap()
+        .expect("free again");
+    assert!(again.token() > token);
+    assert!(again.release().await.unwrap());
+}
+
+through_both_backends!(renewal_keeps_a_lease_alive_well_past_its_ttl);
+async fn renewal_keeps_a_lease_alive_well_past_its_ttl<B: Backend>(backend: B, _app: String) {
+    let key = unique_key("client-renew");
+    let options =
+        LeaseOptions::new(Duration::from_millis(600)).renew_every(Duration::from_millis(150));
+    let lease = Lease::try_acquire(&backend, &key, &options)
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(lease.loss(), None);
+    assert_eq!(
+        live_token(&connect().await, &key).await,
+        Some(lease.token()),
+        "still live on the server"
+    );
+    assert!(lease.release().await.unwrap());
+}
+
+through_both_backends!(a_forced_release_is_reported_before_the_local_deadline);
+async fn a_forced_release_is_reported_before_the_local_deadline<B: Backend>(
+    backend: B,
+    _app: String,
+) {
+    let key = unique_key("client-forced");
+    let options = LeaseOptions::new(Duration::from_secs(3)).renew_every(Duration::from_millis(200));
+    let lease = Lease::try_acquire(&backend, &key, &options)
+        .await
+        .unwrap()
+        .unwrap();
+    let deadline = lease.deadline().unwrap();
+    let forced: bool = connect()
+        .await
+        .query_one("SELECT fence.lock_force_release($1)", &[&key])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(forced);
+    let reason = tokio::time::timeout(Duration::from_secs(5), lease.lost())
+        .await
+        .expect("loss is reported");
+    assert_eq!(reason, LossReason::NotLive);
+    assert!(Instant::now() < deadline, "told before the local deadline");
+    assert_eq!(lease.loss(), Some(LossReason::NotLive));
+    assert!(!lease.release().await.unwrap(), "nothing live to release");
+}
+
+through_both_backends!(dropping_a_lease_releases_it);
+async fn dropping_a_lease_releases_it<B: Backend>(backend: B, _app: String) {
+    let key = unique_key("client-drop");
+    let lease = Lease::try_acquire(&backend, &key, &LeaseOptions::default())
+        .await
+        .unwrap()
+        .unwrap();
+    drop(lease);
+    let db = connect().await;
+    let started = Instant::now();
+    while live_token(&db, &key).await.is_some() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "released in the background soon after drop"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+through_both_backends!(lost_connections_are_retried_not_reported_as_loss);
+async fn lost_connections_are_retried_not_reported_as_loss<B: Backend>(backend: B, app: String) {
+    let key = unique_key("client-terminated");
+    let options = LeaseOptions::new(Duration::from_secs(2)).renew_every(Duration::from_millis(100));
+    let lease = Lease::try_acquire(&backend, &key, &options)
+        .await
+        .unwrap()
+        .unwrap();
+    let db = connect().await;
+    // Kill the pool's connections again and again while it renews.
+    let mut killed = 0;
+    for _ in 0..10 {
+        let terminate = "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1";
+        let count: i64 = db.query_one(terminate, &[&app]).await.unwrap().get(0);
+        killed += count;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        killed >= 2,
+        "the pool's connections were really terminated ({killed})"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        lease.loss(),
+        None,
+        "transient errors are retried while the deadline holds"
+    );
+    assert_eq!(live_token(&db, &key).await, Some(lease.token()));
+    assert!(lease.release().await.unwrap());
+}
+
+through_both_backends!(run_races_the_work_against_loss);
+async fn run_races_the_work_against_loss<B: Backend>(backend: B, _app: String) {
+    let key = unique_key("client-run");
+    let options = LeaseOptions::new(Duration::from_secs(3)).renew_every(Duration::from_millis(200));
+    let outcome = run(
+        &backend,
+        &key,
+        &options,
+        Duration::ZERO,
+        |token| async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            token * 2
+        },
+    )
+    .await
+    .unwrap();
+    let RunOutcome::Completed(doubled) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(doubled > 0);
+    assert_eq!(
+        live_token(&connect().await, &key).await,
+        None,
+        "released after the work"
+    );
+
+    let forcer = {
+        let key = key.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            connect()
+                .await
+                .query_one("SELECT fence.lock_force_release($1)", &[&key])
+                .await
+                .unwrap();
+        })
+    };
+    let outcome = run(&backend, &key, &options, Duration::ZERO, |_| {
+        tokio::time::sleep(Duration::from_secs(30))
+    })
+    .await
+    .unwrap();
+    assert_eq!(outcome, RunOutcome::Lost(LossReason::NotLive));
+    forcer.await.unwrap();
+
+    let holder = Lease::try_acquire(&backend, &key, &options)
+        .await
+        .unwrap()
+        .unwrap();
+    let outcome = run(&backend, &key, &options, Duration::ZERO, |_| async {})
+        .await
+        .unwrap();
+    assert_eq!(outcome, RunOutcome::Busy);
+    holder.release().await.unwrap();
+}
+
+through_both_backends!(server_errors_keep_their_sqlstate);
+async fn server_errors_keep_their_sqlstate<B: Backend>(backend: B, _app: String) {
+    let options = LeaseOptions::new(Duration::from_secs(2 * 86_400));
+    let error = Lease::try_acquire(&backend, &unique_key("too-long"), &options)
+        .await
+        .err()
+        .expect("ttl over the maximum");
+    assert!(
+        matches!(&error, Error::InvalidArgument { sqlstate, .. } if sqlstate == "22023"),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("fence.max_ttl"), "{error}");
+}
+
+/// A fenced write through each driver: the token attached with
+/// `set_fence_token`, a stale one mapped to `Error::StaleToken`.
+#[tokio::test]
+async fn fenced_transactions_through_both_drivers() {
+    let db = connect().await;
+    let table = unique_table("client_fenced");
+    let key = unique_key("client-fence");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO {table} VALUES (1);
+         SELECT fence.protect('{table}', lock_key => '{key}');"
+    ))
+    .await
+    .unwrap();
+    let options = LeaseOptions::default();
+
+    let pool = deadpool_pool("client_fenced_deadpool").await;
+    let lease = Lease::try_acquire(&pool, &key, &options)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut client = pool.get().await.unwrap();
+    let transaction = client.transaction().await.unwrap();
+    pg_fence_client::backend::deadpool::set_fence_token(&transaction, lease.token())
+        .await
+        .unwrap();
+    transaction
+        .execute(&format!("UPDATE {table} SET n = n + 1"), &[])
+        .await
+        .unwrap();
+    transaction.commit().await.unwrap();
+    let stale = lease.token();
+    assert!(lease.release().await.unwrap());
+    let transaction = client.transaction().await.unwrap();
+    pg_fence_client::backend::deadpool::set_fence_token(&transaction, stale)
+        .await
+        .unwrap();
+    let error = transaction
+        .execute(&format!("UPDATE {table} SET n = n + 1"), &[])
+        .await
+        .unwrap_err();
+    let error = pg_fence_client::backend::deadpool::error(error);
+    assert!(matches!(error, Error::StaleToken { .. }), "{error:?}");
+    drop(transaction);
+
+    let pool = sqlx_pool("client_fenced_sqlx").await;
+    let lease = Lease::try_acquire(&pool, &key, &options)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut transaction = pool.begin().await.unwrap();
+    pg_fence_client::backend::sqlx::set_fence_token(&mut transaction, lease.token())
+        .await
+        .unwrap();
+    sqlx::query(&format!("UPDATE {table} SET n = n + 1"))
+        .execute(&mut *transaction)
+        .await
+        .unwrap();
+    transaction.commit().await.unwrap();
+    assert!(lease.release().await.unwrap());
+    let mut transaction = pool.begin().await.unwrap();
+    pg_fence_client::backend::sqlx::set_fence_token(&mut transaction, stale)
+        .await
+        .unwrap();
+    let error = sqlx::query(&format!("UPDATE {table} SET n = n + 1"))
+        .execute(&mut *transaction)
+        .await
+        .unwrap_err();
+    let error = pg_fence_client::backend::sqlx::error(error);
+    assert!(matches!(error, Error::StaleToken { .. }), "{error:?}");
+
+    let n: i32 = db
+        .query_one(&format!("SELECT n FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "exactly the two writes with live tokens landed");
+}
