@@ -33,14 +33,17 @@
 //!
 //! Leases are not tied to a connection: every call borrows a pooled
 //! connection for one statement, so they work behind PgBouncer in
-//! transaction mode, unlike session-level advisory locks.
+//! transaction mode, unlike session-level advisory locks ([`advisory`],
+//! whose docs say why and what their cancel safety is).
 #![warn(missing_docs)]
 
+pub mod advisory;
 pub mod backend;
 mod error;
 mod lease;
 pub mod sql;
 
+pub use advisory::{AdvisoryKey, Wait};
 pub use backend::{Backend, Grant};
 pub use error::Error;
 pub use lease::{run, Lease, LeaseOptions, LossReason, RunOutcome};

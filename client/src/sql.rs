@@ -19,3 +19,22 @@ pub const RELEASE: &str = "SELECT fence.lock_release($1, $2)";
 /// Attach a lease's token to the current transaction, for writes to tables
 /// under `fence.protect()` without a token column. `$1` the token as text.
 pub const SET_FENCE_TOKEN: &str = "SELECT set_config('fence.token', $1, true)";
+
+/// Session advisory locks. `$1` the key (bigint).
+pub const ADVISORY_LOCK: &str = "SELECT pg_advisory_lock($1)";
+/// `$1` the key: true if taken.
+pub const ADVISORY_TRY_LOCK: &str = "SELECT pg_try_advisory_lock($1)";
+/// `$1` the key: true if it was held.
+pub const ADVISORY_UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
+/// Transaction advisory locks, released at COMMIT or ROLLBACK. `$1` the key.
+pub const ADVISORY_XACT_LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
+/// `$1` the key: true if taken.
+pub const ADVISORY_XACT_TRY_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
+/// Run on a connection before it waits for a session advisory lock: the
+/// lock wait gives up (55P03) after `$1` ms (0: never), and the server
+/// notices within 100 ms if the client went away mid-wait, so an abandoned
+/// wait never turns into a lock held by nobody.
+pub const ADVISORY_PREPARE_WAIT: &str = "SELECT set_config('lock_timeout', $1, false), \
+        set_config('client_connection_check_interval', '100ms', false)";
+/// Undo [`ADVISORY_PREPARE_WAIT`] before the connection goes back to the pool.
+pub const ADVISORY_RESET_WAIT: &str = "RESET lock_timeout; RESET client_connection_check_interval";

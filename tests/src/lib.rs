@@ -139,3 +139,31 @@ pub async fn ensure_test_roles(db: &Client) {
 pub fn unique_table(prefix: &str) -> String {
     unique_key(prefix).replace(':', "_")
 }
+
+/// A sqlx pool on the test cluster, its connections named `application_name`.
+pub async fn sqlx_pool(application_name: &str) -> sqlx::PgPool {
+    let options = sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(port())
+        .username("postgres")
+        .database("pg_fence")
+        .application_name(application_name);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .unwrap()
+}
+
+/// A deadpool-postgres pool on the test cluster, likewise.
+pub async fn deadpool_pool(application_name: &str) -> deadpool_postgres::Pool {
+    let mut config = deadpool_postgres::Config::new();
+    config.host = Some("127.0.0.1".into());
+    config.port = Some(port());
+    config.user = Some("postgres".into());
+    config.dbname = Some("pg_fence".into());
+    config.application_name = Some(application_name.into());
+    config
+        .create_pool(Some(deadpool_postgres::Runtime::Tokio1), NoTls)
+        .unwrap()
+}

@@ -7,32 +7,6 @@ use pg_fence_client::{run, Backend, Error, Lease, LeaseOptions, LossReason, RunO
 use pg_fence_tests::*;
 use tokio::time::Instant;
 
-async fn sqlx_pool(application_name: &str) -> sqlx::PgPool {
-    let options = sqlx::postgres::PgConnectOptions::new()
-        .host("127.0.0.1")
-        .port(port())
-        .username("postgres")
-        .database("pg_fence")
-        .application_name(application_name);
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect_with(options)
-        .await
-        .unwrap()
-}
-
-async fn deadpool_pool(application_name: &str) -> deadpool_postgres::Pool {
-    let mut config = deadpool_postgres::Config::new();
-    config.host = Some("127.0.0.1".into());
-    config.port = Some(port());
-    config.user = Some("postgres".into());
-    config.dbname = Some("pg_fence".into());
-    config.application_name = Some(application_name.into());
-    config
-        .create_pool(Some(deadpool_postgres::Runtime::Tokio1), NoTls)
-        .unwrap()
-}
-
 /// Runs `$body(backend, application_name)` once per backend.
 macro_rules! through_both_backends {
     ($name:ident) => {
