@@ -71,3 +71,16 @@ SELECT l.lock_key,
 REVOKE ALL ON fence.leases, fence.token_seq FROM PUBLIC;
 GRANT USAGE ON SCHEMA fence TO PUBLIC;
 GRANT SELECT ON fence.leases, fence.locks TO PUBLIC;
+
+-- Run-once records (idempotency): one row per (role, operation key) whose
+-- work committed. fence.claim_operation() inserts it inside the caller's
+-- transaction, so the record and the work commit, or vanish, together.
+CREATE TABLE fence.operations (
+    owner_role  oid NOT NULL,
+    op_key      text COLLATE "C" NOT NULL,
+    claimed_at  timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    CONSTRAINT operations_pkey PRIMARY KEY (owner_role, op_key),
+    CONSTRAINT operations_op_key_length CHECK (octet_length(op_key) BETWEEN 1 AND 1024)
+);
+SELECT pg_catalog.pg_extension_config_dump('fence.operations', '');
+REVOKE ALL ON fence.operations FROM PUBLIC;

@@ -41,9 +41,11 @@ pub mod advisory;
 pub mod backend;
 mod error;
 mod lease;
+pub mod once;
 pub mod sql;
 
 pub use advisory::{AdvisoryKey, Wait};
 pub use backend::{Backend, Grant};
 pub use error::Error;
 pub use lease::{run, Lease, LeaseOptions, LossReason, RunOutcome};
+pub use once::Once;

@@ -373,7 +373,7 @@ fn with_spi<R>(
 
 /// The caller's role: the current user outside any SECURITY DEFINER function,
 /// so our own definer rights do not hide who is calling.
-fn caller_role() -> pg_sys::Oid {
+pub fn caller_role() -> pg_sys::Oid {
     unsafe { pg_sys::GetOuterUserId() }
 }
 
@@ -381,7 +381,7 @@ fn caller_role() -> pg_sys::Oid {
 /// index expression run by ANALYZE or autovacuum, REFRESH MATERIALIZED VIEW,
 /// ...): there the outer role is whoever started the operation, not the
 /// code that called us, so G4's role check would be meaningless.
-fn refuse_security_restricted(function: &'static str) -> Result<(), FenceError> {
+pub fn refuse_security_restricted(function: &'static str) -> Result<(), FenceError> {
     if unsafe { pg_sys::InSecurityRestrictedOperation() } {
         return Err(FenceError::SecurityRestricted { function });
     }

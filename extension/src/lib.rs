@@ -12,6 +12,7 @@ pub mod errors;
 pub mod fence;
 pub mod keylock;
 pub mod lease;
+pub mod operations;
 pub mod settings;
 pub mod wait;
 

@@ -1,0 +1,25 @@
+//! Run an operation once per operation key ("locks reduce risk; idempotency
+//! eliminates it").
+//!
+//! [`deadpool::run_once`] and [`sqlx::run_once`] open a transaction, claim the
+//! key with `fence.claim_operation` (a row in `fence.operations`), run your
+//! work inside the same transaction, and commit both together. A retried job
+//! or a redelivered webhook finds the key claimed and does nothing. Two
+//! concurrent runs of one key: the second waits for the first transaction,
+//! then does nothing if it committed, or runs if it rolled back. Only work
+//! done *in that transaction* is covered; effects outside the database
+//! (emails, HTTP calls) need the receiver's own idempotency.
+
+#[cfg(feature = "deadpool-postgres")]
+pub mod deadpool;
+#[cfg(feature = "sqlx")]
+pub mod sqlx;
+
+/// How a run-once call ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Once<T> {
+    /// This call did the work, and committed it with its record.
+    Ran(T),
+    /// The operation was already done (committed by an earlier call).
+    AlreadyDone,
+}

@@ -1,0 +1,81 @@
+//! Run-once records: the server half of the client's idempotency helper
+//! ("locks reduce risk; idempotency eliminates it").
+//!
+//! `fence.claim_operation(op_key)` records that the calling role is doing the
+//! operation `op_key`, inside the caller's transaction. The first claim
+//! returns true; once that transaction has committed, every later claim
+//! returns false. A concurrent claim of the same key waits for the first
+//! transaction: false if it commits, true (its turn) if it rolls back. So the
+//! work done in the claiming transaction happens exactly once per key.
+//! Keys are per role: two roles never collide.
+
+use pgrx::prelude::*;
+
+use crate::errors::{or_raise, FenceError};
+use crate::lease::{caller_role, check_key};
+
+/// Claim `op_key` for the calling role in the current transaction: true if
+/// this transaction is the one to do the operation, false if it was done.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn claim_operation(op_key: Option<&str>) -> bool {
+    or_raise(claim(op_key))
+}
+
+/// Forget the calling role's run-once records older than `older_than`
+/// (members of fence_admin: every role's). Returns how many were deleted.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn forget_operations(older_than: Option<pgrx::datum::Interval>) -> i64 {
+    or_raise(forget(older_than))
+}
+
+fn claim(op_key: Option<&str>) -> Result<bool, FenceError> {
+    crate::lease::refuse_security_restricted("claim_operation")?;
+    let key = check_key("claim_operation", op_key).map_err(|e| rename_argument(e, "op_key"))?;
+    let role = caller_role();
+    Spi::connect_mut(|client| {
+        let inserted = client.update(
+            "INSERT INTO fence.operations (owner_role, op_key) VALUES ($1, $2) \
+             ON CONFLICT (owner_role, op_key) DO NOTHING RETURNING true",
+            Some(1),
+            &[role.into(), key.into()],
+        )?;
+        Ok(!inserted.is_empty())
+    })
+}
+
+fn forget(older_than: Option<pgrx::datum::Interval>) -> Result<i64, FenceError> {
+    crate::lease::refuse_security_restricted("forget_operations")?;
+    let older_than = older_than.ok_or(FenceError::NullArgument {
+        function: "forget_operations",
+        argument: "older_than",
+    })?;
+    let role = caller_role();
+    let admin = crate::lease::is_fence_admin(role);
+    Spi::connect_mut(|client| {
+        let deleted = client.update(
+            "DELETE FROM fence.operations \
+              WHERE claimed_at < pg_catalog.clock_timestamp() - $1 AND ($2 OR owner_role = $3)",
+            None,
+            &[older_than.into(), admin.into(), role.into()],
+        )?;
+        Ok(deleted.len() as i64)
+    })
+}
+
+fn rename_argument(error: FenceError, argument: &'static str) -> FenceError {
+    match error {
+        FenceError::NullArgument { function, .. } => {
+            FenceError::NullArgument { function, argument }
+        }
+        FenceError::InvalidArgument {
+            function, problem, ..
+        } => FenceError::InvalidArgument {
+            function,
+            argument,
+            problem,
+        },
+        other => other,
+    }
+}
