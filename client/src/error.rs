@@ -33,6 +33,13 @@ pub enum Error {
         /// The server's message.
         message: String,
     },
+    /// `55P03`: a lock that was not to be waited for (`NOWAIT`, `lock_timeout`)
+    /// is held. The transaction is aborted: roll it back.
+    #[error("lock not available: {message}")]
+    LockNotAvailable {
+        /// The server's message.
+        message: String,
+    },
     /// `57014`: cancelled or `statement_timeout`.
     #[error("cancelled: {message}")]
     Cancelled {
@@ -67,6 +74,7 @@ impl Error {
                 sqlstate: sqlstate.to_owned(),
                 message,
             },
+            "55P03" => Error::LockNotAvailable { message },
             "57014" => Error::Cancelled { message },
             _ => Error::Database {
                 sqlstate: sqlstate.to_owned(),
@@ -81,6 +89,7 @@ impl Error {
             Error::StaleToken { .. } => Some("FN001"),
             Error::NotOwner { .. } => Some("42501"),
             Error::Cancelled { .. } => Some("57014"),
+            Error::LockNotAvailable { .. } => Some("55P03"),
             Error::InvalidArgument { sqlstate, .. }
             | Error::Serialization { sqlstate, .. }
             | Error::Database { sqlstate, .. } => Some(sqlstate),

@@ -42,6 +42,7 @@ pub mod backend;
 mod error;
 mod lease;
 pub mod once;
+pub mod rows;
 pub mod sql;
 
 pub use advisory::{AdvisoryKey, Wait};
@@ -49,3 +50,4 @@ pub use backend::{Backend, Grant};
 pub use error::Error;
 pub use lease::{run, Lease, LeaseOptions, LossReason, RunOutcome};
 pub use once::Once;
+pub use rows::{Cas, RowLock, Table};

@@ -42,3 +42,70 @@ pub const ADVISORY_RESET_WAIT: &str = "RESET lock_timeout; RESET client_connecti
 /// Claim a run-once operation key in the current transaction. `$1` the key:
 /// true if this transaction is the one to do the work.
 pub const CLAIM_OPERATION: &str = "SELECT fence.claim_operation($1)";
+
+/// A possibly schema-qualified SQL name, quoted part by part (so it is taken
+/// exactly as written, case included, and cannot inject SQL).
+pub fn ident(name: &str) -> String {
+    name.split('.')
+        .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Lock one row: `$1` its key.
+pub fn lock_row(table: &str, key_column: &str, suffix: &str) -> String {
+    format!(
+        "SELECT * FROM {} WHERE {} = $1 FOR UPDATE{suffix}",
+        ident(table),
+        ident(key_column)
+    )
+}
+
+/// Claim up to `limit` rows matching `filter` (trusted SQL), in key order,
+/// skipping rows other transactions hold.
+pub fn claim(table: &str, key_column: &str, filter: &str, limit: i64) -> String {
+    format!(
+        "SELECT * FROM {} WHERE {filter} ORDER BY {} LIMIT {limit} FOR UPDATE SKIP LOCKED",
+        ident(table),
+        ident(key_column)
+    )
+}
+
+/// Compare-and-set: `$1` key, `$2` expected version, `$3` the value the
+/// assignment (trusted SQL, e.g. `state = $3`) uses. Returns the new version.
+pub fn compare_and_set(
+    table: &str,
+    key_column: &str,
+    version_column: &str,
+    assignment: &str,
+) -> String {
+    let version = ident(version_column);
+    format!(
+        "UPDATE {} SET {assignment}, {version} = {version} + 1 WHERE {} = $1 AND {version} = $2 RETURNING {version}",
+        ident(table),
+        ident(key_column)
+    )
+}
+
+/// The current version of a row: `$1` key.
+pub fn current_version(table: &str, key_column: &str, version_column: &str) -> String {
+    format!(
+        "SELECT {} FROM {} WHERE {} = $1",
+        ident(version_column),
+        ident(table),
+        ident(key_column)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn identifiers_are_quoted_part_by_part() {
+        assert_eq!(super::ident("jobs"), "\"jobs\"");
+        assert_eq!(super::ident("app.Jobs"), "\"app\".\"Jobs\"");
+        assert_eq!(
+            super::ident("x\"; DROP TABLE t; --"),
+            "\"x\"\"; DROP TABLE t; --\""
+        );
+    }
+}

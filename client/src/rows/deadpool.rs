@@ -1,0 +1,66 @@
+//! Row locks and compare-and-set over deadpool-postgres (any
+//! `GenericClient`: a transaction, usually).
+
+use deadpool_postgres::GenericClient;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use super::{Cas, RowLock, Table};
+use crate::backend::deadpool::error;
+use crate::{sql, Error};
+
+/// Lock the row whose key is `key`: `None` if there is none (or, with
+/// [`RowLock::SkipLocked`], if another transaction holds it).
+pub async fn lock_row(
+    client: &impl GenericClient,
+    table: Table<'_>,
+    key: &(dyn ToSql + Sync),
+    mode: RowLock,
+) -> Result<Option<Row>, Error> {
+    let text = sql::lock_row(table.name, table.key_column, mode.suffix());
+    client.query_opt(&text, &[key]).await.map_err(error)
+}
+
+/// Claim up to `limit` rows matching `filter` (your SQL, e.g.
+/// `state = 'ready'`), oldest key first, skipping rows other workers hold:
+/// each row goes to exactly one of several concurrent claimers.
+pub async fn claim(
+    client: &impl GenericClient,
+    table: Table<'_>,
+    filter: &str,
+    limit: i64,
+) -> Result<Vec<Row>, Error> {
+    let text = sql::claim(table.name, table.key_column, filter, limit);
+    client.query(&text, &[]).await.map_err(error)
+}
+
+/// Set the row with `key` by `assignment` (your SQL using `$3` for `value`,
+/// e.g. `state = $3`) if its `version_column` still equals `expected`, and
+/// bump that version.
+pub async fn compare_and_set(
+    client: &impl GenericClient,
+    table: Table<'_>,
+    key: &(dyn ToSql + Sync),
+    version_column: &str,
+    expected: i64,
+    assignment: &str,
+    value: &(dyn ToSql + Sync),
+) -> Result<Cas, Error> {
+    let update = sql::compare_and_set(table.name, table.key_column, version_column, assignment);
+    if let Some(row) = client
+        .query_opt(&update, &[key, &expected, value])
+        .await
+        .map_err(error)?
+    {
+        return Ok(Cas::Updated {
+            version: row.get(0),
+        });
+    }
+    let current = sql::current_version(table.name, table.key_column, version_column);
+    let current = client
+        .query_opt(&current, &[key])
+        .await
+        .map_err(error)?
+        .map(|row| row.get(0));
+    Ok(Cas::Conflict { current })
+}

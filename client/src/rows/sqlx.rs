@@ -1,0 +1,84 @@
+//! Row locks and compare-and-set over sqlx (a `&mut PgConnection`: a
+//! transaction's, usually).
+
+use sqlx::postgres::PgRow;
+use sqlx::{Encode, PgConnection, Postgres, Row, Type};
+
+use super::{Cas, RowLock, Table};
+use crate::backend::sqlx::error;
+use crate::{sql, Error};
+
+/// A value sqlx can bind.
+pub trait Bind: for<'q> Encode<'q, Postgres> + Type<Postgres> + Send + Sync {}
+impl<T: for<'q> Encode<'q, Postgres> + Type<Postgres> + Send + Sync> Bind for T {}
+
+/// Lock the row whose key is `key`: `None` if there is none (or, with
+/// [`RowLock::SkipLocked`], if another transaction holds it).
+pub async fn lock_row<K: Bind>(
+    connection: &mut PgConnection,
+    table: Table<'_>,
+    key: K,
+    mode: RowLock,
+) -> Result<Option<PgRow>, Error> {
+    let text = sql::lock_row(table.name, table.key_column, mode.suffix());
+    sqlx::query(&text)
+        .bind(key)
+        .fetch_optional(connection)
+        .await
+        .map_err(error)
+}
+
+/// Claim up to `limit` rows matching `filter` (your SQL, e.g.
+/// `state = 'ready'`), oldest key first, skipping rows other workers hold:
+/// each row goes to exactly one of several concurrent claimers.
+pub async fn claim(
+    connection: &mut PgConnection,
+    table: Table<'_>,
+    filter: &str,
+    limit: i64,
+) -> Result<Vec<PgRow>, Error> {
+    let text = sql::claim(table.name, table.key_column, filter, limit);
+    sqlx::query(&text)
+        .fetch_all(connection)
+        .await
+        .map_err(error)
+}
+
+/// Set the row with `key` by `assignment` (your SQL using `$3` for `value`,
+/// e.g. `state = $3`) if its `version_column` still equals `expected`, and
+/// bump that version.
+pub async fn compare_and_set<K: Bind + Clone, V: Bind>(
+    connection: &mut PgConnection,
+    table: Table<'_>,
+    key: K,
+    version_column: &str,
+    expected: i64,
+    assignment: &str,
+    value: V,
+) -> Result<Cas, Error> {
+    let update = sql::compare_and_set(table.name, table.key_column, version_column, assignment);
+    let updated = sqlx::query(&update)
+        .bind(key.clone())
+        .bind(expected)
+        .bind(value)
+        .fetch_optional(&mut *connection)
+        .await
+        .map_err(error)?;
+    if let Some(row) = updated {
+        return Ok(Cas::Updated {
+            version: row.try_get(0).map_err(error)?,
+        });
+    }
+    let current = sql::current_version(table.name, table.key_column, version_column);
+    let current = sqlx::query(&current)
+        .bind(key)
+        .fetch_optional(&mut *connection)
+        .await
+        .map_err(error)?;
+    Ok(Cas::Conflict {
+        current: current
+            .map(|row| row.try_get(0))
+            .transpose()
+            .map_err(error)?,
+    })
+}
