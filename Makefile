@@ -54,6 +54,9 @@ test-integration: cluster
 	@$(PSQL) -q -c 'SET client_min_messages = warning' -c 'DROP EXTENSION IF EXISTS pg_fence CASCADE' -c 'CREATE EXTENSION pg_fence'
 	cargo test -p pg_fence_tests -- --test-threads 4
 	cargo run -q -p pg_fence_tests --example quickstart
+	for example in leader_election fenced_payment_worker job_claimer; do \
+		cargo run -q -p pg_fence_client --features deadpool-postgres --example $$example || exit 1; \
+	done
 
 lint:
 	cargo fmt --all -- --check
