@@ -289,8 +289,12 @@ async fn renew_until_stopped<B: Backend>(
         if sent >= deadline {
             return lose(LossReason::DeadlinePassed);
         }
+        let renew = tracing::Instrument::instrument(
+            backend.renew(&key, token, options.ttl),
+            tracing::debug_span!("pg_fence.renew", key = %key, token),
+        );
         let renewed = tokio::select! {
-            renewed = tokio::time::timeout(deadline - sent, backend.renew(&key, token, options.ttl)) => renewed,
+            renewed = tokio::time::timeout(deadline - sent, renew) => renewed,
             _ = stop.changed() => { let _ = state.send(State::Released); return; }
         };
         match renewed {
