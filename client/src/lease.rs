@@ -2,7 +2,7 @@
 //! moment the lease is lost, release.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -80,7 +80,10 @@ pub enum LossReason {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
-    Held { deadline: Instant },
+    Held {
+        deadline: Instant,
+        expires_at: SystemTime,
+    },
     Lost(LossReason),
     Released,
 }
@@ -145,7 +148,12 @@ impl<B: Backend> Lease<B> {
                 Err(error) => return Err(error),
             }
         };
-        let Some(Grant { token, remaining }) = grant else {
+        let Some(Grant {
+            token,
+            remaining,
+            expires_at,
+        }) = grant
+        else {
             return Ok(None);
         };
         tracing::Span::current().record("token", token);
@@ -153,7 +161,10 @@ impl<B: Backend> Lease<B> {
             + remaining
                 .min(options.ttl)
                 .saturating_sub(options.safety_margin);
-        let (state_tx, state) = watch::channel(State::Held { deadline });
+        let (state_tx, state) = watch::channel(State::Held {
+            deadline,
+            expires_at,
+        });
         let (stop, stop_rx) = watch::channel(false);
         let renewal = tokio::spawn(renew_until_stopped(
             backend.clone(),
@@ -195,7 +206,17 @@ impl<B: Backend> Lease<B> {
     /// lease may be gone even if no one said so.
     pub fn deadline(&self) -> Option<Instant> {
         match &*self.state.borrow() {
-            State::Held { deadline } => Some(*deadline),
+            State::Held { deadline, .. } => Some(*deadline),
+            _ => None,
+        }
+    }
+
+    /// While held: when the lease expires by the server's clock, as the last
+    /// acquire or renewal reported it. Only the server judges expiry (G5);
+    /// this is for display and logs, [`Lease::deadline`] is for deciding.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        match &*self.state.borrow() {
+            State::Held { expires_at, .. } => Some(*expires_at),
             _ => None,
         }
     }
@@ -298,13 +319,16 @@ async fn renew_until_stopped<B: Backend>(
             _ = stop.changed() => { let _ = state.send(State::Released); return; }
         };
         match renewed {
-            Ok(Ok(true)) => {
+            Ok(Ok(Some(expires_at))) => {
                 deadline = sent + options.ttl.saturating_sub(options.safety_margin);
                 next = sent + options.renew_every;
-                let _ = state.send(State::Held { deadline });
+                let _ = state.send(State::Held {
+                    deadline,
+                    expires_at,
+                });
                 tracing::trace!(key, token, "pg_fence.renewed");
             }
-            Ok(Ok(false)) => return lose(LossReason::NotLive),
+            Ok(Ok(None)) => return lose(LossReason::NotLive),
             Ok(Err(error @ (Error::NotOwner { .. } | Error::InvalidArgument { .. }))) => {
                 return lose(LossReason::Refused(error.to_string()))
             }

@@ -2,16 +2,19 @@
 //! milliseconds and become intervals on the server (G5: the client never
 //! sends a timestamp).
 
-/// `$1` key, `$2` ttl ms, `$3` holder, `$4` wait ms. One row: the token and
-/// the lease's remaining time by the server's clock, or NULLs if not granted.
+/// `$1` key, `$2` ttl ms, `$3` holder, `$4` wait ms. One row: the token, the
+/// lease's remaining time and its expiry (Unix seconds), both by the
+/// server's clock, or NULLs if not granted.
 pub const ACQUIRE: &str = "SELECT l.token, \
-        (extract(epoch FROM l.expires_at - clock_timestamp()) * 1000)::bigint AS remaining_ms \
+        (extract(epoch FROM l.expires_at - clock_timestamp()) * 1000)::bigint AS remaining_ms, \
+        extract(epoch FROM l.expires_at)::float8 AS expires_at \
    FROM fence.lock_acquire($1, make_interval(secs => $2::float8 / 1000), $3, \
                            make_interval(secs => $4::float8 / 1000)) AS l";
 
-/// `$1` key, `$2` token, `$3` ttl ms: true while the lease was live.
+/// `$1` key, `$2` token, `$3` ttl ms: the new expiry (Unix seconds, server
+/// clock), NULL when the lease was no longer live.
 pub const RENEW: &str =
-    "SELECT fence.lock_renew($1, $2, make_interval(secs => $3::float8 / 1000)) IS NOT NULL";
+    "SELECT extract(epoch FROM fence.lock_renew($1, $2, make_interval(secs => $3::float8 / 1000)))::float8";
 
 /// `$1` key, `$2` token.
 pub const RELEASE: &str = "SELECT fence.lock_release($1, $2)";

@@ -25,6 +25,18 @@ macro_rules! through_both_backends {
     };
 }
 
+async fn db_expiry(key: &str) -> f64 {
+    connect()
+        .await
+        .query_one(
+            "SELECT extract(epoch FROM expires_at)::float8 FROM fence.lock_status($1)",
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 through_both_backends!(try_acquire_busy_and_release);
 async fn try_acquire_busy_and_release<B: Backend>(backend: B, _app: String) {
     let key = unique_key("client");
@@ -35,6 +47,18 @@ async fn try_acquire_busy_and_release<B: Backend>(backend: B, _app: String) {
         .expect("free key");
     assert!(lease.token() > 0);
     assert!(lease.deadline().is_some() && lease.loss().is_none());
+    // The server's expiry, about 30 s from now by its clock.
+    let server_says = db_expiry(&key).await;
+    let reported = lease
+        .expires_at()
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (reported - server_says).abs() < 0.001,
+        "{reported} vs {server_says}"
+    );
     let db = connect().await;
     assert_eq!(live_token(&db, &key).await, Some(lease.token()));
     assert!(

@@ -1,10 +1,10 @@
 //! The deadpool-postgres backend: [`Backend`] for [`deadpool_postgres::Pool`].
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{GenericClient, Pool};
 
-use super::{grant, millis, Backend, Grant};
+use super::{grant, millis, unix_seconds, Backend, Grant};
 use crate::{sql, Error};
 
 impl Backend for Pool {
@@ -21,17 +21,22 @@ impl Backend for Pool {
             .query_one(&statement, &[&key, &millis(ttl), &holder, &millis(wait)])
             .await
             .map_err(error)?;
-        Ok(grant(row.get(0), row.get(1)))
+        Ok(grant(row.get(0), row.get(1), row.get(2)))
     }
 
-    async fn renew(&self, key: &str, token: i64, ttl: Duration) -> Result<bool, Error> {
+    async fn renew(
+        &self,
+        key: &str,
+        token: i64,
+        ttl: Duration,
+    ) -> Result<Option<SystemTime>, Error> {
         let client = self.get().await.map_err(pool_error)?;
         let statement = client.prepare_cached(sql::RENEW).await.map_err(error)?;
-        Ok(client
+        let row = client
             .query_one(&statement, &[&key, &token, &millis(ttl)])
             .await
-            .map_err(error)?
-            .get(0))
+            .map_err(error)?;
+        Ok(row.get::<_, Option<f64>>(0).map(unix_seconds))
     }
 
     async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {

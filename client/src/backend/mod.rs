@@ -2,7 +2,7 @@
 //! trip on a pooled connection. Each backend is a thin file behind a feature.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::Error;
 
@@ -18,6 +18,8 @@ pub struct Grant {
     pub token: i64,
     /// Time left on the lease by the server's clock when it answered.
     pub remaining: Duration,
+    /// When the lease expires, by the server's clock.
+    pub expires_at: SystemTime,
 }
 
 /// A database driver that can run pg_fence's lease functions.
@@ -35,13 +37,14 @@ pub trait Backend: Clone + Send + Sync + 'static {
         holder: &str,
         wait: Duration,
     ) -> impl Future<Output = Result<Option<Grant>, Error>> + Send;
-    /// `fence.lock_renew`: false when the lease is no longer live.
+    /// `fence.lock_renew`: the new expiry (server clock), `None` when the
+    /// lease is no longer live.
     fn renew(
         &self,
         key: &str,
         token: i64,
         ttl: Duration,
-    ) -> impl Future<Output = Result<bool, Error>> + Send;
+    ) -> impl Future<Output = Result<Option<SystemTime>, Error>> + Send;
     /// `fence.lock_release`: false when the lease was not live.
     fn release(&self, key: &str, token: i64) -> impl Future<Output = Result<bool, Error>> + Send;
 }
@@ -50,9 +53,19 @@ pub(crate) fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
 }
 
-pub(crate) fn grant(token: Option<i64>, remaining_ms: Option<i64>) -> Option<Grant> {
+pub(crate) fn grant(
+    token: Option<i64>,
+    remaining_ms: Option<i64>,
+    expires_at: Option<f64>,
+) -> Option<Grant> {
     Some(Grant {
         token: token?,
         remaining: Duration::from_millis(remaining_ms?.max(0) as u64),
+        expires_at: unix_seconds(expires_at?),
     })
+}
+
+/// A server timestamp sent as Unix seconds.
+pub(crate) fn unix_seconds(seconds: f64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs_f64(seconds.max(0.0))
 }

@@ -1,10 +1,10 @@
 //! The sqlx backend: [`Backend`] for [`sqlx::PgPool`].
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use sqlx::PgPool;
 
-use super::{grant, millis, Backend, Grant};
+use super::{grant, millis, unix_seconds, Backend, Grant};
 use crate::{sql, Error};
 
 impl Backend for PgPool {
@@ -15,25 +15,32 @@ impl Backend for PgPool {
         holder: &str,
         wait: Duration,
     ) -> Result<Option<Grant>, Error> {
-        let (token, remaining): (Option<i64>, Option<i64>) = sqlx::query_as(sql::ACQUIRE)
-            .bind(key)
-            .bind(millis(ttl))
-            .bind(holder)
-            .bind(millis(wait))
-            .fetch_one(self)
-            .await
-            .map_err(error)?;
-        Ok(grant(token, remaining))
+        let (token, remaining, expires_at): (Option<i64>, Option<i64>, Option<f64>) =
+            sqlx::query_as(sql::ACQUIRE)
+                .bind(key)
+                .bind(millis(ttl))
+                .bind(holder)
+                .bind(millis(wait))
+                .fetch_one(self)
+                .await
+                .map_err(error)?;
+        Ok(grant(token, remaining, expires_at))
     }
 
-    async fn renew(&self, key: &str, token: i64, ttl: Duration) -> Result<bool, Error> {
-        sqlx::query_scalar(sql::RENEW)
+    async fn renew(
+        &self,
+        key: &str,
+        token: i64,
+        ttl: Duration,
+    ) -> Result<Option<SystemTime>, Error> {
+        let expires_at: Option<f64> = sqlx::query_scalar(sql::RENEW)
             .bind(key)
             .bind(token)
             .bind(millis(ttl))
             .fetch_one(self)
             .await
-            .map_err(error)
+            .map_err(error)?;
+        Ok(expires_at.map(unix_seconds))
     }
 
     async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
