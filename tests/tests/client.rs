@@ -324,3 +324,67 @@ async fn fenced_transactions_through_both_drivers() {
         .get(0);
     assert_eq!(n, 2, "exactly the two writes with live tokens landed");
 }
+
+/// A backend whose first acquire reaches the server but whose reply is
+/// "lost" on the way back: the request took effect, the client saw an error.
+#[derive(Clone)]
+struct LostFirstReply<B> {
+    inner: B,
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<B: Backend> Backend for LostFirstReply<B> {
+    async fn acquire(
+        &self,
+        key: &str,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+    ) -> Result<Option<pg_fence_client::Grant>, Error> {
+        let grant = self.inner.acquire(key, ttl, holder, wait).await?;
+        if !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Connection(
+                "connection reset before the reply".into(),
+            ));
+        }
+        Ok(grant)
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        token: i64,
+        ttl: Duration,
+    ) -> Result<Option<std::time::SystemTime>, Error> {
+        self.inner.renew(key, token, ttl).await
+    }
+
+    async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
+        self.inner.release(key, token).await
+    }
+}
+
+through_both_backends!(a_lost_acquire_reply_is_retried_as_the_same_holder);
+async fn a_lost_acquire_reply_is_retried_as_the_same_holder<B: Backend>(backend: B, _app: String) {
+    let key = unique_key("client-lost-reply");
+    let flaky = LostFirstReply {
+        inner: backend,
+        lost: Default::default(),
+    };
+    // Without G6 the retry would find the key busy (held by our own first,
+    // unacknowledged request) and we would be locked out for the ttl.
+    let lease = Lease::try_acquire(&flaky, &key, &LeaseOptions::default())
+        .await
+        .unwrap()
+        .expect("G6: our own lease back");
+    assert!(
+        flaky.lost.load(std::sync::atomic::Ordering::SeqCst),
+        "the first reply was lost"
+    );
+    assert_eq!(
+        live_token(&connect().await, &key).await,
+        Some(lease.token()),
+        "one lease, the first request's"
+    );
+    assert!(lease.release().await.unwrap());
+}
