@@ -167,3 +167,16 @@ pub async fn deadpool_pool(application_name: &str) -> deadpool_postgres::Pool {
         .create_pool(Some(deadpool_postgres::Runtime::Tokio1), NoTls)
         .unwrap()
 }
+
+/// Run `scripts/cluster.sh <action>` for a throwaway cluster of a test's own
+/// (for tests that crash or stop their server): `target/<base>`, `port`.
+pub fn side_cluster(action: &str, base: &str, port: u16) {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = std::process::Command::new(root.join("scripts/cluster.sh"))
+        .arg(action)
+        .env("PGFENCE_PORT", port.to_string())
+        .env("PGFENCE_BASE", root.join("target").join(base))
+        .status()
+        .expect("run scripts/cluster.sh");
+    assert!(status.success(), "cluster.sh {action} failed for {base}");
+}

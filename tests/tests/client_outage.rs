@@ -3,8 +3,6 @@
 //! expired on the server, through both backends. Runs on its own cluster
 //! (scripts/cluster.sh with another base and port), which it stops.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use pg_fence_client::{Backend, Lease, LeaseOptions, LossReason};
@@ -16,14 +14,7 @@ const PORT: u16 = 28817;
 type LossFuture = std::pin::Pin<Box<dyn std::future::Future<Output = LossReason> + Send>>;
 
 fn cluster(action: &str) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status = Command::new(root.join("scripts/cluster.sh"))
-        .arg(action)
-        .env("PGFENCE_PORT", PORT.to_string())
-        .env("PGFENCE_BASE", root.join("target/pg_fence_outage"))
-        .status()
-        .expect("run scripts/cluster.sh");
-    assert!(status.success(), "cluster.sh {action} failed");
+    side_cluster(action, "pg_fence_outage", PORT);
 }
 
 async fn hold<B: Backend>(backend: &B, key: &str) -> (Lease<B>, Instant) {

@@ -6,8 +6,6 @@
 //! Runs on its own cluster (scripts/cluster.sh with another base and port),
 //! so crashing it disturbs no other test.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,14 +14,7 @@ use pg_fence_tests::*;
 const PORT: u16 = 28816;
 
 fn cluster(action: &str) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status = Command::new(root.join("scripts/cluster.sh"))
-        .arg(action)
-        .env("PGFENCE_PORT", PORT.to_string())
-        .env("PGFENCE_BASE", root.join("target/pg_fence_crash"))
-        .status()
-        .expect("run scripts/cluster.sh");
-    assert!(status.success(), "cluster.sh {action} failed");
+    side_cluster(action, "pg_fence_crash", PORT);
 }
 
 #[derive(Default)]

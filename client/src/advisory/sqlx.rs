@@ -27,7 +27,7 @@ impl SessionLock {
     pub async fn unlock(mut self) -> Result<(), Error> {
         let connection: &mut sqlx::PgConnection =
             self.connection.as_mut().expect("held until unlock");
-        execute_bigint(connection, sql::ADVISORY_UNLOCK, self.key.0)
+        execute_with(connection, sql::ADVISORY_UNLOCK, self.key.0)
             .await
             .map_err(error)?;
         execute_raw(connection, sql::ADVISORY_RESET_WAIT)
@@ -84,10 +84,10 @@ async fn lock_on(
             .await
             .map_err(error);
     }
-    execute_text(connection, sql::ADVISORY_PREPARE_WAIT, wait.lock_timeout())
+    execute_with(connection, sql::ADVISORY_PREPARE_WAIT, wait.lock_timeout())
         .await
         .map_err(error)?;
-    match execute_bigint(connection, sql::ADVISORY_LOCK, key.0).await {
+    match execute_with(connection, sql::ADVISORY_LOCK, key.0).await {
         Ok(()) => Ok(true),
         Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
             execute_raw(connection, sql::ADVISORY_RESET_WAIT)
@@ -115,7 +115,7 @@ pub async fn lock_xact(
             .await
             .map_err(error),
         Wait::Forever => {
-            execute_bigint(transaction, sql::ADVISORY_XACT_LOCK, key.0)
+            execute_with(transaction, sql::ADVISORY_XACT_LOCK, key.0)
                 .await
                 .map_err(error)?;
             Ok(true)
@@ -146,23 +146,14 @@ async fn scalar_bool(
         .try_get(0)
 }
 
-async fn execute_bigint(
+async fn execute_with<V>(
     connection: &mut sqlx::PgConnection,
     sql: &'static str,
-    value: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(sql)
-        .bind(value)
-        .execute(connection)
-        .await
-        .map(|_| ())
-}
-
-async fn execute_text(
-    connection: &mut sqlx::PgConnection,
-    sql: &'static str,
-    value: String,
-) -> Result<(), sqlx::Error> {
+    value: V,
+) -> Result<(), sqlx::Error>
+where
+    V: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+{
     sqlx::query(sql)
         .bind(value)
         .execute(connection)
