@@ -298,7 +298,8 @@ async fn renew_until_stopped<B: Backend>(
     let retry_pause = (options.renew_every / 4).max(Duration::from_millis(10));
     let mut next = Instant::now() + options.renew_every;
     let lose = |reason: LossReason| {
-        tracing::warn!(key, token, ?reason, "pg_fence.lease_lost");
+        tracing::warn_span!("pg_fence.lease_lost", key = %key, token, ?reason)
+            .in_scope(|| tracing::warn!("lease lost: stop the work it protects"));
         let _ = state.send(State::Lost(reason));
     };
     loop {
