@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use pg_fence_client::backend::deadpool::{error, set_fence_token};
-use pg_fence_client::{Error, Lease, LeaseOptions};
+use pg_fence_client::{Backend, Error, Lease, LeaseOptions};
 
 mod common;
 
@@ -29,11 +29,10 @@ async fn main() -> Result<(), Error> {
         .map_err(error)?;
     let key = format!("{table}:7");
 
-    // Worker A takes the lease, then stalls past its ttl without renewing
-    // (a renew interval longer than the ttl stands in for a long GC pause).
-    let stalled =
-        LeaseOptions::new(Duration::from_millis(500)).renew_every(Duration::from_secs(60));
-    let a = Lease::try_acquire(&pool, &key, &stalled)
+    // Worker A takes a lease (a bare grant: nothing renews it), then stalls
+    // past its ttl, as in a long GC pause.
+    let a = pool
+        .acquire(&key, Duration::from_millis(500), "worker-a", Duration::ZERO)
         .await?
         .expect("free");
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -51,12 +50,11 @@ async fn main() -> Result<(), Error> {
     println!("worker B captured with token {}", b.token());
 
     // Worker A wakes up and tries too: refused by the database.
-    match capture(&pool, &table, "worker-a", a.token()).await {
+    match capture(&pool, &table, "worker-a", a.token).await {
         Err(Error::StaleToken { message }) => println!("worker A refused: {message}"),
         other => panic!("a stale write must be refused, got {other:?}"),
     }
     b.release().await?;
-    drop(a);
 
     let captured_by: String = client
         .query_one(

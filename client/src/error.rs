@@ -100,7 +100,17 @@ impl Error {
     /// True when the server never answered, so the outcome is unknown and a
     /// retry (with the same holder, for an acquire) is the way to learn it.
     pub fn is_ambiguous(&self) -> bool {
-        matches!(self, Error::Connection(_))
+        match self {
+            Error::Connection(_) => true,
+            // Connection exceptions, and a backend terminated (fast
+            // shutdown, failover, pg_terminate_backend) perhaps after its
+            // commit, e.g. while waiting for a synchronous standby.
+            Error::Database { sqlstate, .. } => {
+                sqlstate.starts_with("08")
+                    || matches!(sqlstate.as_str(), "57P01" | "57P02" | "57P03")
+            }
+            _ => false,
+        }
     }
 }
 

@@ -59,6 +59,32 @@ impl LeaseOptions {
     }
 }
 
+impl LeaseOptions {
+    /// Renewal must fit well inside the ttl: `0 < renew_every` and
+    /// `renew_every + safety_margin < ttl`. Checked by every acquire.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |message: String| {
+            Err(Error::InvalidArgument {
+                sqlstate: "22023".into(),
+                message,
+            })
+        };
+        if self.ttl.is_zero() || self.renew_every.is_zero() {
+            return invalid(format!(
+                "ttl ({:?}) and renew_every ({:?}) must be positive",
+                self.ttl, self.renew_every
+            ));
+        }
+        if self.renew_every.saturating_add(self.safety_margin) >= self.ttl {
+            return invalid(format!(
+                "renew_every ({:?}) + safety_margin ({:?}) must be less than ttl ({:?}), or the lease is lost before its first renewal",
+                self.renew_every, self.safety_margin, self.ttl
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for LeaseOptions {
     fn default() -> LeaseOptions {
         LeaseOptions::new(Duration::from_secs(30))
@@ -76,6 +102,9 @@ pub enum LossReason {
     DeadlinePassed,
     /// The server refused to renew it (for example 42501): the message.
     Refused(String),
+    /// Nobody renews it any more: the guard was dropped, or its renewal task
+    /// ended (the runtime shut down) while the lease was held.
+    Abandoned,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +159,7 @@ impl<B: Backend> Lease<B> {
         options: &LeaseOptions,
         wait: Duration,
     ) -> Result<Option<Lease<B>>, Error> {
+        options.validate()?;
         let holder = options
             .holder
             .clone()
@@ -157,9 +187,11 @@ impl<B: Backend> Lease<B> {
             return Ok(None);
         };
         tracing::Span::current().record("token", token);
+        // `remaining` runs from the statement's start (after `sent`), through
+        // any wait, to the expiry: never later than the server's.
         let deadline = sent
             + remaining
-                .min(options.ttl)
+                .min(options.ttl + wait)
                 .saturating_sub(options.safety_margin);
         let (state_tx, state) = watch::channel(State::Held {
             deadline,
@@ -239,8 +271,13 @@ impl<B: Backend> Lease<B> {
                     return reason.clone();
                 }
                 if state.changed().await.is_err() {
-                    // The renewal task ended without a loss: released.
-                    return std::future::pending().await;
+                    // The renewal task is gone. Released: nothing to report.
+                    // Otherwise (the guard was dropped, the runtime shut
+                    // down): nobody keeps the lease any more.
+                    if *state.borrow() == State::Released {
+                        return std::future::pending().await;
+                    }
+                    return LossReason::Abandoned;
                 }
             }
         }
@@ -264,7 +301,8 @@ impl<B: Backend> Lease<B> {
 
 impl<B: Backend> Drop for Lease<B> {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
+        // No stop signal: an aborted renewal leaves the state Held, which a
+        // lost() future still running elsewhere reports as Abandoned.
         if let Some(task) = self.renewal.take() {
             task.abort();
         }
@@ -296,7 +334,7 @@ async fn renew_until_stopped<B: Backend>(
     mut stop: watch::Receiver<bool>,
 ) {
     let retry_pause = (options.renew_every / 4).max(Duration::from_millis(10));
-    let mut next = Instant::now() + options.renew_every;
+    let mut next = Instant::now() + options.renew_every; // validated: well inside the ttl
     let lose = |reason: LossReason| {
         tracing::warn_span!("pg_fence.lease_lost", key = %key, token, ?reason)
             .in_scope(|| tracing::warn!("lease lost: stop the work it protects"));
@@ -305,7 +343,7 @@ async fn renew_until_stopped<B: Backend>(
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(next.min(deadline)) => {}
-            _ = stop.changed() => { let _ = state.send(State::Released); return; }
+            _ = stop.changed() => return stopped(&state, &stop),
         }
         let sent = Instant::now();
         if sent >= deadline {
@@ -317,7 +355,7 @@ async fn renew_until_stopped<B: Backend>(
         );
         let renewed = tokio::select! {
             renewed = tokio::time::timeout(deadline - sent, renew) => renewed,
-            _ = stop.changed() => { let _ = state.send(State::Released); return; }
+            _ = stop.changed() => return stopped(&state, &stop),
         };
         match renewed {
             Ok(Ok(Some(expires_at))) => {
@@ -343,12 +381,23 @@ async fn renew_until_stopped<B: Backend>(
     }
 }
 
+/// The renewal was told to stop: by `release()` (the stop flag set) the lease
+/// is being released; by the guard going away, it is abandoned (state left
+/// as is, which `lost()` reports once the task is gone).
+fn stopped(state: &watch::Sender<State>, stop: &watch::Receiver<bool>) {
+    if *stop.borrow() {
+        let _ = state.send(State::Released);
+    }
+}
+
 /// How [`run`] ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RunOutcome<T> {
     /// The key stayed busy for the whole wait: the work did not run.
     Busy,
-    /// The work finished while the lease was held; the lease was released.
+    /// The work finished before any loss of the lease was reported; the lease
+    /// was then released (best-effort: a failed release is logged, and the
+    /// lease expires).
     Completed(T),
     /// The lease was lost first; the work was dropped (cancelled) at that point.
     Lost(LossReason),
@@ -375,10 +424,18 @@ where
     };
     let lost = lease.lost();
     tokio::select! {
+        // Loss first: when both are ready, the work did not finish in time.
+        biased;
+        reason = lost => Ok(RunOutcome::Lost(reason)),
         output = work(lease.token()) => {
-            lease.release().await?;
+            // The work is done: report it even if the release fails (the
+            // lease then expires); never make a caller redo finished work.
+            match lease.release().await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(key, "the lease was no longer live at release"),
+                Err(error) => tracing::warn!(key, %error, "release after the work failed; the lease will expire"),
+            }
             Ok(RunOutcome::Completed(output))
         }
-        reason = lost => Ok(RunOutcome::Lost(reason)),
     }
 }

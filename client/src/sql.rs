@@ -3,10 +3,12 @@
 //! sends a timestamp).
 
 /// `$1` key, `$2` ttl ms, `$3` holder, `$4` wait ms. One row: the token, the
-/// lease's remaining time and its expiry (Unix seconds), both by the
-/// server's clock, or NULLs if not granted.
+/// time from the statement's start to the lease's expiry (so that adding it
+/// to the client's send time, which is earlier, errs on the safe side even
+/// after a long wait) and the expiry (Unix seconds), both by the server's
+/// clock; or NULLs if not granted.
 pub const ACQUIRE: &str = "SELECT l.token, \
-        (extract(epoch FROM l.expires_at - clock_timestamp()) * 1000)::bigint AS remaining_ms, \
+        (extract(epoch FROM l.expires_at - statement_timestamp()) * 1000)::bigint AS remaining_ms, \
         extract(epoch FROM l.expires_at)::float8 AS expires_at \
    FROM fence.lock_acquire($1, make_interval(secs => $2::float8 / 1000), $3, \
                            make_interval(secs => $4::float8 / 1000)) AS l";

@@ -388,3 +388,74 @@ async fn a_lost_acquire_reply_is_retried_as_the_same_holder<B: Backend>(backend:
     );
     assert!(lease.release().await.unwrap());
 }
+
+through_both_backends!(a_lease_won_after_a_long_wait_is_not_reported_lost);
+async fn a_lease_won_after_a_long_wait_is_not_reported_lost<B: Backend>(backend: B, _app: String) {
+    let key = unique_key("client-long-wait");
+    let db = connect().await;
+    let first = acquire(&db, &key, "30 seconds", Some("first"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let releaser = {
+        let key = key.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1600)).await;
+            assert!(release(&connect().await, &key, first).await.unwrap());
+        })
+    };
+    // Waits ~1.6 s, then holds a 2 s lease: the local deadline must count
+    // from the grant, not from when the wait began.
+    let options = LeaseOptions::new(Duration::from_secs(2))
+        .renew_every(Duration::from_millis(500))
+        .safety_margin(Duration::from_millis(200));
+    let lease = Lease::acquire(&backend, &key, &options, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("granted");
+    releaser.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        lease.loss(),
+        None,
+        "a lease is not lost just because it was waited for"
+    );
+    assert_eq!(live_token(&db, &key).await, Some(lease.token()));
+    assert!(lease.release().await.unwrap());
+}
+
+through_both_backends!(lease_options_must_renew_inside_the_ttl);
+async fn lease_options_must_renew_inside_the_ttl<B: Backend>(backend: B, _app: String) {
+    let key = unique_key("client-bad-options");
+    for options in [
+        LeaseOptions::new(Duration::from_secs(1)).renew_every(Duration::from_secs(2)),
+        LeaseOptions::new(Duration::from_secs(1)).renew_every(Duration::ZERO),
+        LeaseOptions::new(Duration::from_secs(1)).safety_margin(Duration::from_secs(1)),
+    ] {
+        let error = Lease::try_acquire(&backend, &key, &options)
+            .await
+            .err()
+            .expect("refused");
+        assert!(matches!(error, Error::InvalidArgument { .. }), "{error:?}");
+    }
+    assert_eq!(
+        live_token(&connect().await, &key).await,
+        None,
+        "nothing was sent"
+    );
+}
+
+through_both_backends!(a_loss_future_outliving_its_guard_reports_abandoned);
+async fn a_loss_future_outliving_its_guard_reports_abandoned<B: Backend>(backend: B, _app: String) {
+    let key = unique_key("client-abandoned");
+    let lease = Lease::try_acquire(&backend, &key, &LeaseOptions::default())
+        .await
+        .unwrap()
+        .unwrap();
+    let lost = lease.lost();
+    drop(lease);
+    let reason = tokio::time::timeout(Duration::from_secs(2), lost)
+        .await
+        .expect("resolves");
+    assert_eq!(reason, LossReason::Abandoned);
+}

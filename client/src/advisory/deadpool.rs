@@ -65,7 +65,7 @@ pub async fn lock_session(
     let connection = pool
         .get()
         .await
-        .map_err(|e| Error::Connection(e.to_string()))?;
+        .map_err(crate::backend::deadpool::pool_error)?;
     // Until we know the outcome, a drop must close this connection.
     let mut pending = SessionLock {
         connection: Some(connection),

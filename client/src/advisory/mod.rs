@@ -9,6 +9,11 @@
 //! Transaction locks (`lock_xact`) live inside the caller's transaction and
 //! work behind any pooler.
 //!
+//! Waiting session locks set `lock_timeout` and
+//! `client_connection_check_interval` on their connection and `RESET` them
+//! before it goes back to the pool: a value your pool set with `SET` on
+//! connect is reset to the server's default by that.
+//!
 //! Cancel safety: a session-lock acquire that is dropped mid-way never
 //! returns its connection to the pool; the connection is closed, and the
 //! server, which checks for a vanished client every 100 ms while waiting,
@@ -61,7 +66,8 @@ impl Wait {
     /// `lock_timeout` for a waiting session lock, in milliseconds (0 = none).
     pub(crate) fn lock_timeout(self) -> String {
         match self {
-            Wait::Up(duration) => duration.as_millis().max(1).to_string(),
+            // lock_timeout is an int of milliseconds.
+            Wait::Up(duration) => duration.as_millis().clamp(1, i32::MAX as u128).to_string(),
             _ => "0".to_owned(),
         }
     }

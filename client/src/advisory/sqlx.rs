@@ -10,7 +10,8 @@ use crate::{sql, Error};
 /// A session advisory lock, holding its pooled connection until
 /// [`SessionLock::unlock`]. Dropped without unlocking, it closes the
 /// connection (never returned to the pool with the lock held), which
-/// releases the lock.
+/// releases the lock. As with any sqlx pooled connection, drop it inside a
+/// Tokio runtime (sqlx panics otherwise).
 pub struct SessionLock {
     connection: Option<PoolConnection<Postgres>>,
     key: AdvisoryKey,

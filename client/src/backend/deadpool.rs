@@ -70,7 +70,8 @@ pub fn error(error: tokio_postgres::Error) -> Error {
     }
 }
 
-fn pool_error(error: deadpool_postgres::PoolError) -> Error {
+/// Map a pool error: a server error keeps its SQLSTATE.
+pub(crate) fn pool_error(error: deadpool_postgres::PoolError) -> Error {
     match error {
         deadpool_postgres::PoolError::Backend(error) => self::error(error),
         other => Error::Connection(other.to_string()),

@@ -26,7 +26,7 @@ where
     let mut client = pool
         .get()
         .await
-        .map_err(|e| Error::Connection(e.to_string()))?;
+        .map_err(crate::backend::deadpool::pool_error)?;
     let transaction = client.transaction().await.map_err(error)?;
     let claimed: bool = transaction
         .query_one(sql::CLAIM_OPERATION, &[&op_key])

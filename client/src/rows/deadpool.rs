@@ -53,14 +53,13 @@ pub async fn compare_and_set(
         .map_err(error)?
     {
         return Ok(Cas::Updated {
-            version: row.get(0),
+            version: row.try_get(0).map_err(error)?,
         });
     }
     let current = sql::current_version(table.name, table.key_column, version_column);
-    let current = client
-        .query_opt(&current, &[key])
-        .await
-        .map_err(error)?
-        .map(|row| row.get(0));
+    let current = match client.query_opt(&current, &[key]).await.map_err(error)? {
+        Some(row) => Some(row.try_get(0).map_err(error)?),
+        None => None,
+    };
     Ok(Cas::Conflict { current })
 }
