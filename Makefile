@@ -67,6 +67,7 @@ bench: setup
 	cargo pgrx install --release -p pg_fence --pg-config $(PG_CONFIG)
 	@$(CLUSTER) start
 	@$(PSQL) -q -c 'SET client_min_messages = warning' -c 'DROP EXTENSION IF EXISTS pg_fence CASCADE' -c 'CREATE EXTENSION pg_fence'
+	bench/lease_cycle.sh
 	bench/fence_write.sh
 
 clean: stop
