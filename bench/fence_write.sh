@@ -18,6 +18,7 @@ ROUNDS=${BENCH_ROUNDS:-3}
 ROWS=${BENCH_ROWS:-10000}
 CONN=(-h 127.0.0.1 -p "$PORT" -U postgres)
 PSQL=(psql -X -q -v ON_ERROR_STOP=1 "${CONN[@]}" -d pg_fence)
+. "$ROOT/bench/lib.sh"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
@@ -93,8 +94,6 @@ for mode in durable async; do
     done
 done
 
-median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.3f", a/b}'; }
 
 rows=""
 for mode in durable async; do
@@ -103,16 +102,15 @@ for mode in durable async; do
     plpgsql=$(echo "${TPS[$mode.plpgsql]}" | median)
     label="synchronous_commit = on"; [ "$mode" = async ] && label="synchronous_commit = off"
     rows+=$(printf '| %s | %.0f | %.0f | %.0f | **%s** | %s | %s |' "$label" "$plain" "$fenced" "$plpgsql" \
-        "$(ratio "$fenced" "$plain")" "$(ratio "$plpgsql" "$plain")" "$(ratio "$fenced" "$plpgsql")")$'\n'
+        "$(ratio "$fenced" "$plain" 3)" "$(ratio "$plpgsql" "$plain" 3)" "$(ratio "$fenced" "$plpgsql" 3)")$'\n'
 done
 
 PG_VERSION=$("${PSQL[@]}" -At -c "SHOW server_version")
-CPU=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
 SECTION=$(cat <<MD
 <!-- fence_write:begin (written by bench/fence_write.sh) -->
 ## Fenced writes: protected UPDATE vs unprotected vs PL/pgSQL trigger
 
-$(date -u +%Y-%m-%d), $(nproc) cores ($CPU), $(free -g | awk '/^Mem:/ {print $2}') GiB, PostgreSQL $PG_VERSION,
+$(machine "$PG_VERSION"),
 pg_fence release build. pgbench \`-M prepared\`, $CLIENTS clients, ${DURATION} s per run, median of
 $ROUNDS rounds after a discarded warm-up; the three variants run back to back in each round, in
 rotating order, each from a fresh CHECKPOINT. $ROWS rows, each with its own
@@ -132,14 +130,5 @@ and 0.75x (async) of plain, the same as PL/pgSQL, before it moved to the key loc
 <!-- fence_write:end -->
 MD
 )
-REPORT="$ROOT/BENCHMARKS.md"
-[ -f "$REPORT" ] || printf '# pg_fence benchmarks\n\nWritten by `make bench`; each section says how it was measured.\n\n' >"$REPORT"
-python3 - "$REPORT" "$SECTION" <<'PY'
-import re, sys
-path, section = sys.argv[1], sys.argv[2]
-text = open(path).read()
-pattern = re.compile(r"<!-- fence_write:begin.*?<!-- fence_write:end -->", re.S)
-text = pattern.sub(lambda m: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-open(path, "w").write(text)
-PY
+write_section fence_write "$SECTION"
 echo "$SECTION"

@@ -19,6 +19,7 @@ ROUNDS=${BENCH_ROUNDS:-3}
 KEYS=${BENCH_KEYS:-1000000}
 CONN=(-h 127.0.0.1 -p "$PORT" -U postgres)
 PSQL=(psql -X -q -v ON_ERROR_STOP=1 "${CONN[@]}" -d pg_fence)
+. "$ROOT/bench/lib.sh"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
@@ -80,19 +81,16 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 
-median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a/b}'; }
 fence=$(echo "${TPS[pg_fence]}" | median)
 recipe=$(echo "${TPS[recipe]}" | median)
 advisory=$(echo "${TPS[advisory]}" | median)
 
 PG_VERSION=$("${PSQL[@]}" -At -c "SHOW server_version")
-CPU=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
 SECTION=$(cat <<MD
 <!-- lease_cycle:begin (written by bench/lease_cycle.sh) -->
 ## Acquire + release cycle
 
-$(date -u +%Y-%m-%d), $(nproc) cores ($CPU), PostgreSQL $PG_VERSION, pg_fence release build.
+$(machine "$PG_VERSION"), pg_fence release build.
 pgbench \`-M prepared\`, $CLIENTS clients, random keys over $KEYS, ${DURATION} s per run, median of
 $ROUNDS rounds after a warm-up, variants in rotating order, each run from a CHECKPOINT.
 One cycle = acquire (two round trips in all) and release.
@@ -110,19 +108,5 @@ they die with the session and carry no token.
 <!-- lease_cycle:end -->
 MD
 )
-REPORT="$ROOT/BENCHMARKS.md"
-python3 - "$REPORT" "$SECTION" <<'PY'
-import re, sys
-path, section = sys.argv[1], sys.argv[2]
-text = open(path).read()
-pattern = re.compile(r"<!-- lease_cycle:begin.*?<!-- lease_cycle:end -->", re.S)
-if pattern.search(text):
-    text = pattern.sub(lambda m: section, text)
-else:
-    # Keep the report in reading order: the lease cycle before fencing.
-    marker = "<!-- fence_write:begin"
-    i = text.find(marker)
-    text = text[:i] + section + "\n\n" + text[i:] if i >= 0 else text.rstrip("\n") + "\n\n" + section + "\n"
-open(path, "w").write(text)
-PY
+write_section lease_cycle "$SECTION"
 echo "$SECTION"

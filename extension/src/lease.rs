@@ -712,26 +712,19 @@ fn take_locked_row(
         });
     }
     let token = issue_token()?;
-    let row = client
-        .update(
-            &plans.grant_update,
-            Some(1),
-            &[
-                key.into(),
-                holder.into(),
-                token.into(),
-                ttl.into(),
-                role.into(),
-            ],
-        )?
-        .first();
-    Ok(Attempt::Granted(granted(
-        key,
-        holder,
-        token,
-        row.get(1)?,
-        row.get(2)?,
-    )?))
+    // We hold the row lock, so this matches.
+    let rows = client.update(
+        &plans.grant_update,
+        Some(1),
+        &[
+            key.into(),
+            holder.into(),
+            token.into(),
+            ttl.into(),
+            role.into(),
+        ],
+    )?;
+    grant_outcome(rows, key, holder, token)
 }
 
 /// G6: the holder retrying (say after a lost reply) gets its live lease back,
@@ -756,18 +749,8 @@ fn extend_own_lease(
         Some(1),
         &[key.into(), ttl.into(), holder.into(), token.into()],
     )?;
-    if rows.is_empty() {
-        // It expired or was released since we looked: start over.
-        return Ok(Attempt::Again);
-    }
-    let row = rows.first();
-    Ok(Attempt::Granted(granted(
-        key,
-        holder,
-        token,
-        row.get(1)?,
-        row.get(2)?,
-    )?))
+    // None matched: it expired or was released since we looked.
+    grant_outcome(rows, key, holder, token)
 }
 
 /// The key has no row yet: create it, unless another transaction is doing so.
@@ -795,11 +778,22 @@ fn claim_new_key(
             role.into(),
         ],
     )?;
-    if inserted.is_empty() {
-        // Created (and committed) by someone else since we looked.
+    // None inserted: created (and committed) by someone else since we looked.
+    grant_outcome(inserted, key, holder, token)
+}
+
+/// The outcome of a statement that grants (returning `acquired_at`,
+/// `expires_at`): `Again` if it matched no row, else the lease.
+fn grant_outcome(
+    rows: pgrx::spi::SpiTupleTable<'_>,
+    key: &str,
+    holder: &str,
+    token: i64,
+) -> Result<Attempt, FenceError> {
+    if rows.is_empty() {
         return Ok(Attempt::Again);
     }
-    let row = inserted.first();
+    let row = rows.first();
     Ok(Attempt::Granted(granted(
         key,
         holder,

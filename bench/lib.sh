@@ -1,0 +1,29 @@
+# Shared by the bench scripts (sourced): statistics and the report.
+
+# Median of the numbers on standard input, one per word.
+median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+# a / b with `digits` decimals (default 2).
+ratio() { awk -v a="$1" -v b="$2" -v d="${3:-2}" 'BEGIN {printf "%.*f", d, a/b}'; }
+
+# One line about the machine and versions, for the report.
+machine() {
+    local cpu
+    cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
+    echo "$(date -u +%Y-%m-%d), $(nproc) cores ($cpu), $(free -g | awk '/^Mem:/ {print $2}') GiB, PostgreSQL $1"
+}
+
+# Replace the section between `<!-- NAME:begin` and `<!-- NAME:end -->` in
+# BENCHMARKS.md with $2 (which carries those markers), or add it.
+write_section() {
+    local report="$ROOT/BENCHMARKS.md"
+    [ -f "$report" ] || printf '# pg_fence benchmarks\n\nWritten by `make bench`; each section says how it was measured.\n\n' >"$report"
+    python3 - "$report" "$1" "$2" <<'PY'
+import re, sys
+path, name, section = sys.argv[1:4]
+text = open(path).read()
+pattern = re.compile(r"<!-- %s:begin.*?<!-- %s:end -->" % (name, name), re.S)
+text = pattern.sub(lambda m: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
+open(path, "w").write(text)
+PY
+}
