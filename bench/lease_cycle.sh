@@ -12,16 +12,11 @@
 # BENCHMARKS.md. Run through `make bench`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PORT=${PGFENCE_PORT:-28815}
 CLIENTS=${BENCH_CLIENTS:-8}
 DURATION=${BENCH_SECONDS:-15}
 ROUNDS=${BENCH_ROUNDS:-3}
 KEYS=${BENCH_KEYS:-1000000}
-CONN=(-h 127.0.0.1 -p "$PORT" -U postgres)
-PSQL=(psql -X -q -v ON_ERROR_STOP=1 "${CONN[@]}" -d pg_fence)
 . "$ROOT/bench/lib.sh"
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
 
 echo "== lease_cycle: keys over $KEYS, $CLIENTS clients, ${DURATION}s x $ROUNDS rounds per variant"
 "${PSQL[@]}" <<'SQL'

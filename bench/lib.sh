@@ -1,4 +1,11 @@
-# Shared by the bench scripts (sourced): statistics and the report.
+# Shared by the bench scripts (sourced after ROOT is set): the connection to
+# the local cluster, a scratch directory, statistics and the report.
+
+PORT=${PGFENCE_PORT:-28815}
+CONN=(-h 127.0.0.1 -p "$PORT" -U postgres)
+PSQL=(psql -X -q -v ON_ERROR_STOP=1 "${CONN[@]}" -d pg_fence)
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 
 # Median of the numbers on standard input, one per word.
 median() { tr ' ' '\n' | sed '/^$/d' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }

@@ -30,6 +30,29 @@ BEGIN
 END
 $fn$;
 
+-- The checks protect() and unprotect() share: a table (22004, 42809), owned
+-- by the caller or a role the caller belongs to (42501).
+CREATE FUNCTION fence._require_table_owner(function_name text, tbl regclass) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    rel record;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION '%: argument "tbl" must not be NULL', function_name USING ERRCODE = '22004';
+    END IF;
+    SELECT c.relkind, c.relowner INTO rel FROM pg_class AS c WHERE c.oid = tbl;
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '%: "%" is not a table', function_name, tbl USING ERRCODE = '42809';
+    END IF;
+    IF NOT pg_has_role(current_user, rel.relowner, 'USAGE') THEN
+        RAISE EXCEPTION '%: role "%" must own table "%"', function_name, current_user, tbl
+            USING ERRCODE = '42501';
+    END IF;
+END
+$fn$;
+
 CREATE FUNCTION fence.protect(
     tbl          regclass,
     lock_key     text DEFAULT NULL,
@@ -41,22 +64,11 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    rel         record;
     column_type oid;
 BEGIN
-    IF tbl IS NULL THEN
-        RAISE EXCEPTION 'protect: argument "tbl" must not be NULL' USING ERRCODE = '22004';
-    END IF;
+    PERFORM fence._require_table_owner('protect', tbl);
     IF key_prefix IS NULL THEN
         RAISE EXCEPTION 'protect: argument "key_prefix" must not be NULL' USING ERRCODE = '22004';
-    END IF;
-    SELECT c.relkind, c.relowner INTO rel FROM pg_class AS c WHERE c.oid = tbl;
-    IF rel.relkind NOT IN ('r', 'p') THEN
-        RAISE EXCEPTION 'protect: "%" is not a table', tbl USING ERRCODE = '42809';
-    END IF;
-    IF NOT pg_has_role(current_user, rel.relowner, 'USAGE') THEN
-        RAISE EXCEPTION 'protect: role "%" must own table "%" to protect it', current_user, tbl
-            USING ERRCODE = '42501';
     END IF;
     IF (lock_key IS NULL) = (key_column IS NULL) THEN
         RAISE EXCEPTION 'protect: give exactly one of "lock_key" (one key for the whole table) or "key_column" (one key per row)'
@@ -119,17 +131,8 @@ CREATE FUNCTION fence.unprotect(tbl regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-DECLARE
-    owner oid;
 BEGIN
-    IF tbl IS NULL THEN
-        RAISE EXCEPTION 'unprotect: argument "tbl" must not be NULL' USING ERRCODE = '22004';
-    END IF;
-    SELECT c.relowner INTO owner FROM pg_class AS c WHERE c.oid = tbl;
-    IF NOT pg_has_role(current_user, owner, 'USAGE') THEN
-        RAISE EXCEPTION 'unprotect: role "%" must own table "%" to unprotect it', current_user, tbl
-            USING ERRCODE = '42501';
-    END IF;
+    PERFORM fence._require_table_owner('unprotect', tbl);
     IF NOT EXISTS (SELECT FROM pg_trigger AS t WHERE t.tgrelid = tbl AND t.tgname = 'zz_fence_guard') THEN
         RAISE NOTICE 'table "%" is not protected', tbl;
     END IF;

@@ -141,10 +141,19 @@ pub fn check_key<'a>(
     function: &'static str,
     lock_key: Option<&'a str>,
 ) -> Result<&'a str, FenceError> {
-    let key = required(function, "lock_key", lock_key)?;
+    check_text_key(function, "lock_key", lock_key)
+}
+
+/// A key-like argument: not NULL (22004), 1 to [`MAX_KEY_BYTES`] bytes (22023).
+pub fn check_text_key<'a>(
+    function: &'static str,
+    argument: &'static str,
+    value: Option<&'a str>,
+) -> Result<&'a str, FenceError> {
+    let key = required(function, argument, value)?;
     let invalid = |problem: String| FenceError::InvalidArgument {
         function,
-        argument: "lock_key",
+        argument,
         problem,
     };
     if key.is_empty() {
@@ -711,20 +720,8 @@ fn take_locked_row(
             busy_until(expires_at)
         });
     }
-    let token = issue_token()?;
-    // We hold the row lock, so this matches.
-    let rows = client.update(
-        &plans.grant_update,
-        Some(1),
-        &[
-            key.into(),
-            holder.into(),
-            token.into(),
-            ttl.into(),
-            role.into(),
-        ],
-    )?;
-    grant_outcome(rows, key, holder, token)
+    // We hold the row lock, so the update matches.
+    grant(client, &plans.grant_update, key, holder, ttl, role)
 }
 
 /// G6: the holder retrying (say after a lost reply) gets its live lease back,
@@ -766,9 +763,23 @@ fn claim_new_key(
     if let Some(busy) = claim_key(key) {
         return Ok(busy);
     }
+    // Nothing inserted: created (and committed) by someone else since we looked.
+    grant(client, &plans.grant_insert, key, holder, ttl, role)
+}
+
+/// Issue a token and run a grant statement (`$1` key, `$2` holder, `$3`
+/// token, `$4` ttl, `$5` role, returning `acquired_at`, `expires_at`).
+fn grant(
+    client: &mut SpiClient<'_>,
+    statement: &OwnedPreparedStatement,
+    key: &str,
+    holder: &str,
+    ttl: Interval,
+    role: pg_sys::Oid,
+) -> Result<Attempt, FenceError> {
     let token = issue_token()?;
-    let inserted = client.update(
-        &plans.grant_insert,
+    let rows = client.update(
+        statement,
         Some(1),
         &[
             key.into(),
@@ -778,8 +789,7 @@ fn claim_new_key(
             role.into(),
         ],
     )?;
-    // None inserted: created (and committed) by someone else since we looked.
-    grant_outcome(inserted, key, holder, token)
+    grant_outcome(rows, key, holder, token)
 }
 
 /// The outcome of a statement that grants (returning `acquired_at`,

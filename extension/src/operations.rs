@@ -12,7 +12,7 @@
 use pgrx::prelude::*;
 
 use crate::errors::{or_raise, FenceError};
-use crate::lease::{caller_role, check_key};
+use crate::lease::{caller_role, check_text_key};
 
 /// Claim `op_key` for the calling role in the current transaction: true if
 /// this transaction is the one to do the operation, false if it was done.
@@ -32,7 +32,7 @@ fn forget_operations(older_than: Option<pgrx::datum::Interval>) -> i64 {
 
 fn claim(op_key: Option<&str>) -> Result<bool, FenceError> {
     crate::lease::refuse_security_restricted("claim_operation")?;
-    let key = check_key("claim_operation", op_key).map_err(|e| rename_argument(e, "op_key"))?;
+    let key = check_text_key("claim_operation", "op_key", op_key)?;
     let role = caller_role();
     Spi::connect_mut(|client| {
         let inserted = client.update(
@@ -62,20 +62,4 @@ fn forget(older_than: Option<pgrx::datum::Interval>) -> Result<i64, FenceError> 
         )?;
         Ok(deleted.len() as i64)
     })
-}
-
-fn rename_argument(error: FenceError, argument: &'static str) -> FenceError {
-    match error {
-        FenceError::NullArgument { function, .. } => {
-            FenceError::NullArgument { function, argument }
-        }
-        FenceError::InvalidArgument {
-            function, problem, ..
-        } => FenceError::InvalidArgument {
-            function,
-            argument,
-            problem,
-        },
-        other => other,
-    }
 }
