@@ -14,9 +14,9 @@
 //! and release do not conflict with the check.
 //!
 //! Cost per row: a lock-manager lookup (a backend-local hit after the first
-//! row of a key in a transaction) and one execution of a plan prepared once
-//! per backend, which probes the lease table's primary key. No WAL, no page
-//! written: the lease row is only read.
+//! row of a key in a transaction) and one probe of the lease table's primary
+//! key (probe.rs), without SPI or the executor. No WAL, no page written: the
+//! lease row is only read.
 
 use std::ffi::{c_char, CStr};
 
@@ -24,7 +24,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::errors::FenceError;
-use crate::{keylock, lease, settings};
+use crate::{keylock, lease, probe, settings};
 
 /// Why a write was refused (SQLSTATE FN001).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,64 +295,6 @@ fn check_lease(key: &str, token: i64) -> Result<Option<Stale>, FenceError> {
 /// a lease granted after the transaction's own snapshot was taken. No SPI, no
 /// executor: this runs for every protected row.
 fn live_token_now(key: &str) -> Result<Option<i64>, FenceError> {
-    let internal = |what: &str| FenceError::internal(format!("fence check: {what}"));
-    unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"fence".as_ptr(), false);
-        let table_oid = pg_sys::get_relname_relid(c"leases".as_ptr(), namespace);
-        let index_oid = pg_sys::get_relname_relid(c"leases_pkey".as_ptr(), namespace);
-        if table_oid == pg_sys::InvalidOid || index_oid == pg_sys::InvalidOid {
-            return Err(internal("fence.leases or its primary key is missing"));
-        }
-        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-        let table = pg_sys::table_open(table_oid, lock);
-        let index = pg_sys::index_open(index_oid, lock);
-        let descriptor = (*table).rd_att;
-        let column = |name: &CStr| pg_sys::SPI_fnumber(descriptor, name.as_ptr());
-        let (token_at, expires_at, released_at) = (
-            column(c"token"),
-            column(c"expires_at"),
-            column(c"released_at"),
-        );
-        if token_at <= 0 || expires_at <= 0 || released_at <= 0 {
-            return Err(internal(
-                "fence.leases lacks token, expires_at or released_at",
-            ));
-        }
-
-        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
-        let mut scan_key: pg_sys::ScanKeyData = std::mem::zeroed();
-        pg_sys::ScanKeyInit(
-            &mut scan_key,
-            1,
-            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
-            pg_sys::Oid::from(pg_sys::F_TEXTEQ),
-            key.into_datum().ok_or_else(|| internal("NULL key"))?,
-        );
-        let scan = pg_sys::index_beginscan(table, index, snapshot, 1, 0);
-        pg_sys::index_rescan(scan, &mut scan_key, 1, std::ptr::null_mut(), 0);
-        let slot = pg_sys::table_slot_create(table, std::ptr::null_mut());
-
-        let mut live_token = None;
-        if pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
-            pg_sys::slot_getsomeattrs_int(slot, token_at.max(expires_at).max(released_at));
-            let value = |attnum: i32| {
-                let i = (attnum - 1) as usize;
-                (!*(*slot).tts_isnull.add(i)).then(|| *(*slot).tts_values.add(i))
-            };
-            let live = value(released_at).is_none()
-                && value(expires_at)
-                    .is_some_and(|at| at.value() as i64 > pg_sys::GetCurrentTimestamp());
-            if live {
-                live_token = value(token_at).map(|datum| datum.value() as i64);
-            }
-        }
-
-        pg_sys::ExecDropSingleTupleTableSlot(slot);
-        pg_sys::index_endscan(scan);
-        pg_sys::UnregisterSnapshot(snapshot);
-        // Keep the AccessShareLocks until the transaction ends, as the executor does.
-        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
-        pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
-        Ok(live_token)
-    }
+    let row = probe::lease_row(key, probe::Snapshot::Latest, false)?;
+    Ok(row.filter(|row| row.live).map(|row| row.token))
 }

@@ -57,3 +57,12 @@ pub fn try_exclusive(lock_key: &str) -> bool {
     let result = unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, true) };
     result != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
 }
+
+/// Release one hold of the key's exclusive lock taken by [`try_exclusive`]
+/// in this same function call (same resource owner): for an attempt that
+/// took the lock and then did not grant. An earlier hold by this
+/// transaction (a lease it granted before) stays.
+pub fn release_exclusive(lock_key: &str) {
+    let tag = tag(lock_key);
+    unsafe { pg_sys::LockRelease(&tag, pg_sys::ExclusiveLock as i32, false) };
+}

@@ -9,11 +9,14 @@
 //! a client is never handed out again, even if that transaction aborts or the
 //! caller runs with `synchronous_commit = off` and the server then crashes.
 //!
-//! Acquire locks the lease row `FOR UPDATE SKIP LOCKED`: a row another
-//! transaction has locked (an acquire in flight) counts as busy, so two
-//! acquires can never both grant (G2). Before granting it also try-locks the
-//! key exclusively (keylock.rs), which a fenced write in flight holds in
-//! share mode (G3).
+//! Before granting, acquire try-locks the key exclusively (keylock.rs) until
+//! its transaction ends: another grant in flight holds that lock, so two
+//! acquires can never both grant (G2), and so does a fenced write in flight,
+//! in share mode (G3). A key whose row is free and untouched is then granted
+//! with one update (the fast path). A row that another transaction has
+//! locked or updated since (a release in flight), and every row under
+//! REPEATABLE READ or SERIALIZABLE, is locked `FOR UPDATE SKIP LOCKED`
+//! inside an internal subtransaction first: still locked counts as busy.
 
 use std::cell::OnceCell;
 
@@ -21,9 +24,10 @@ use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiError};
+use pgrx::PgTupleDesc;
 
 use crate::errors::{or_raise, FenceError};
-use crate::{keylock, settings, wait};
+use crate::{keylock, probe, settings, wait};
 
 /// Longest accepted key, in bytes (DESIGN.md).
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -40,26 +44,41 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// A `fence.lease` value. Formed in one step from a type found through the
+    /// syscache and typcache: parsing the type name (`regtypein`) and setting
+    /// the fields one by one cost more than the rest of a `lock_status` call.
     fn into_composite(self) -> Result<pgrx::composite_type!('static, "fence.lease"), FenceError> {
         let internal = |what: &str| FenceError::internal(format!("building fence.lease: {what}"));
-        let mut tuple =
-            PgHeapTuple::new_composite_type("fence.lease").map_err(|e| internal(&e.to_string()))?;
-        tuple
-            .set_by_name("lock_key", self.lock_key)
-            .map_err(|e| internal(&e.to_string()))?;
-        tuple
-            .set_by_name("holder", self.holder)
-            .map_err(|e| internal(&e.to_string()))?;
-        tuple
-            .set_by_name("token", self.token)
-            .map_err(|e| internal(&e.to_string()))?;
-        tuple
-            .set_by_name("acquired_at", self.acquired_at)
-            .map_err(|e| internal(&e.to_string()))?;
-        tuple
-            .set_by_name("expires_at", self.expires_at)
-            .map_err(|e| internal(&e.to_string()))?;
-        Ok(tuple)
+        let typoid = unsafe {
+            let namespace = pg_sys::get_namespace_oid(c"fence".as_ptr(), false);
+            pg_sys::GetSysCacheOid(
+                pg_sys::SysCacheIdentifier::TYPENAMENSP as i32,
+                pg_sys::Anum_pg_type_oid as pg_sys::AttrNumber,
+                pg_sys::Datum::from(c"lease".as_ptr()),
+                namespace.into_datum().unwrap_or(pg_sys::Datum::from(0)),
+                pg_sys::Datum::from(0),
+                pg_sys::Datum::from(0),
+            )
+        };
+        let tupdesc = PgTupleDesc::for_composite_type_by_oid(typoid)
+            .ok_or_else(|| internal("type fence.lease is missing"))?;
+        if tupdesc.len() != 5 {
+            return Err(internal("type fence.lease does not have 5 attributes"));
+        }
+        let mut values = [
+            self.lock_key.into_datum(),
+            self.holder.into_datum(),
+            self.token.into_datum(),
+            self.acquired_at.into_datum(),
+            self.expires_at.into_datum(),
+        ]
+        .map(|datum| datum.unwrap_or(pg_sys::Datum::from(0)));
+        let mut nulls = [false; 5];
+        unsafe {
+            let tuple =
+                pg_sys::heap_form_tuple(tupdesc.as_ptr(), values.as_mut_ptr(), nulls.as_mut_ptr());
+            Ok(PgHeapTuple::from_heap_tuple(tupdesc, tuple).into_owned())
+        }
     }
 }
 
@@ -244,7 +263,6 @@ const LIVE: &str = "l.released_at IS NULL AND l.expires_at > pg_catalog.clock_ti
 
 struct Plans {
     lock_row: OwnedPreparedStatement,
-    peek_row: OwnedPreparedStatement,
     grant_update: OwnedPreparedStatement,
     grant_insert: OwnedPreparedStatement,
     extend: OwnedPreparedStatement,
@@ -258,7 +276,17 @@ struct Plans {
 
 impl Plans {
     fn prepare(client: &SpiClient<'_>) -> Result<Plans, SpiError> {
-        use pg_sys::{BOOLOID, INT8OID, INTERVALOID, OIDOID, TEXTOID};
+        use pg_sys::{BOOLOID, INT8OID, INTERVALOID, OIDOID, TEXTOID, TIMESTAMPTZOID};
+        // The grant statements: key, holder, token, ttl, role, now, application_name.
+        const GRANT_ARGUMENTS: [pg_sys::Oid; 7] = [
+            TEXTOID,
+            TEXTOID,
+            INT8OID,
+            INTERVALOID,
+            OIDOID,
+            TIMESTAMPTZOID,
+            TEXTOID,
+        ];
         let prep =
             |sql: String, args: &[pg_sys::Oid]| -> Result<OwnedPreparedStatement, SpiError> {
                 let oids: Vec<_> = args.iter().map(|oid| pg_sys::PgOid::from(*oid)).collect();
@@ -274,33 +302,23 @@ impl Plans {
                 ),
                 &[TEXTOID],
             )?,
-            peek_row: prep(
-                format!(
-                    "SELECT ({LIVE}) AS live, l.expires_at, l.holder, l.token, l.owner_role \
-                       FROM fence.leases AS l WHERE l.lock_key = $1"
-                ),
-                &[TEXTOID],
-            )?,
             grant_update: prep(
-                "UPDATE fence.leases AS l \
-                    SET holder = $2, token = $3, ttl = $4, acquired_at = n.now, expires_at = n.now + $4, \
-                        released_at = NULL, owner_role = $5, \
-                        application_name = pg_catalog.current_setting('application_name') \
-                   FROM (SELECT pg_catalog.clock_timestamp() AS now) AS n \
-                  WHERE l.lock_key = $1 \
-                 RETURNING l.acquired_at, l.expires_at"
+                    "UPDATE fence.leases AS l \
+                    SET holder = $2, token = $3, ttl = $4, acquired_at = $6, expires_at = $6 + $4, \
+                        released_at = NULL, owner_role = $5, application_name = $7 \
+                  WHERE l.lock_key = $1 AND NOT (l.released_at IS NULL AND l.expires_at > $6) \
+                 RETURNING l.expires_at"
                     .into(),
-                &[TEXTOID, TEXTOID, INT8OID, INTERVALOID, OIDOID],
+                &GRANT_ARGUMENTS,
             )?,
             grant_insert: prep(
                 "INSERT INTO fence.leases AS l \
                         (lock_key, holder, token, ttl, acquired_at, expires_at, owner_role, application_name) \
-                 SELECT $1, $2, $3, $4, n.now, n.now + $4, $5, pg_catalog.current_setting('application_name') \
-                   FROM (SELECT pg_catalog.clock_timestamp() AS now) AS n \
+                 VALUES ($1, $2, $3, $4, $6, $6 + $4, $5, $7) \
                  ON CONFLICT (lock_key) DO NOTHING \
-                 RETURNING l.acquired_at, l.expires_at"
+                 RETURNING l.expires_at"
                     .into(),
-                &[TEXTOID, TEXTOID, INT8OID, INTERVALOID, OIDOID],
+                &GRANT_ARGUMENTS,
             )?,
             extend: prep(
                 format!(
@@ -623,27 +641,71 @@ fn attempt(
     role: pg_sys::Oid,
 ) -> Result<Attempt, FenceError> {
     // Look first, without locking: a key someone else holds costs no lock.
-    let peek = client.update(&plans.peek_row, Some(1), &[key.into()])?;
-    if peek.is_empty() {
-        return in_subtransaction(|| claim_new_key(client, plans, key, holder, ttl, role));
-    }
-    let row = peek.first();
-    let live: bool = row.get(1)?.unwrap_or(false);
-    let expires_at: Option<TimestampWithTimeZone> = row.get(2)?;
-    let current_holder: Option<String> = row.get(3)?;
-    if live && current_holder.as_deref() == Some(holder) {
-        let token: i64 = required_col(row.get(4)?)?;
-        let owner: pg_sys::Oid = required_col(row.get(5)?)?;
-        return extend_own_lease(client, plans, key, holder, token, owner, ttl, role);
+    // (A statement would first make this transaction's earlier changes
+    // visible; so does the probe.)
+    unsafe { pg_sys::CommandCounterIncrement() };
+    let Some(row) = probe::lease_row(key, probe::Snapshot::Statement, true)? else {
+        return claim_new_key(client, plans, key, holder, ttl, role);
+    };
+    let live = row.live;
+    if live && row.holder.as_deref() == Some(holder) {
+        return extend_own_lease(
+            client,
+            plans,
+            key,
+            holder,
+            row.token,
+            row.owner_role,
+            ttl,
+            role,
+        );
     }
     // Under REPEATABLE READ / SERIALIZABLE the peek saw the transaction's
     // snapshot, perhaps stale: lock instead, which fails with 40001 if the
     // key changed since, rather than answer "busy" for a key now free.
-    if live && !uses_transaction_snapshot() {
-        return Ok(busy_until(expires_at));
+    if uses_transaction_snapshot() {
+        return in_subtransaction(|| take_locked_row(client, plans, key, holder, ttl, role));
     }
-    // Free: lock the row and decide again on what we locked.
+    if live {
+        return Ok(busy_until(
+            TimestampWithTimeZone::try_from(row.expires_at).ok(),
+        ));
+    }
+    if row.untouched {
+        return take_free_row(client, plans, key, holder, ttl, role);
+    }
+    // Free, but some transaction has locked or updated the row version we
+    // saw (a release in flight, an aborted grant): lock it, skipping it if
+    // it is still locked, and decide again on what we locked.
     in_subtransaction(|| take_locked_row(client, plans, key, holder, ttl, role))
+}
+
+/// The fast path, for a row that is not live and that no transaction has
+/// locked or updated since it was written (`xmax = 0`): no subtransaction and
+/// no row lock. The key lock is enough. Every path that can make a lease row
+/// live again (a grant) takes it exclusively first, and everything else that
+/// writes the row (renew, release, force, a holder's re-acquire) matches only
+/// a live lease. So holding the key lock, nobody else can change this row, and
+/// the grant's update (which itself matches only a row that is not live)
+/// neither waits for a row lock nor races with another grant. If it matches
+/// nothing (granted to someone else between the peek and the key lock), the
+/// key lock is released at once and the caller looks again.
+fn take_free_row(
+    client: &mut SpiClient<'_>,
+    plans: &Plans,
+    key: &str,
+    holder: &str,
+    ttl: Interval,
+    role: pg_sys::Oid,
+) -> Result<Attempt, FenceError> {
+    if let Some(busy) = claim_key(key) {
+        return Ok(busy);
+    }
+    let outcome = grant(client, &plans.grant_update, key, holder, ttl, role)?;
+    if !matches!(outcome, Attempt::Granted(_)) {
+        keylock::release_exclusive(key);
+    }
+    Ok(outcome)
 }
 
 /// Run one grant attempt in an internal subtransaction, committed only if it
@@ -751,6 +813,8 @@ fn extend_own_lease(
 }
 
 /// The key has no row yet: create it, unless another transaction is doing so.
+/// Like [`take_free_row`], this needs no subtransaction: the key lock keeps
+/// other grants out, and the insert writes only if it grants.
 fn claim_new_key(
     client: &mut SpiClient<'_>,
     plans: &Plans,
@@ -764,11 +828,16 @@ fn claim_new_key(
         return Ok(busy);
     }
     // Nothing inserted: created (and committed) by someone else since we looked.
-    grant(client, &plans.grant_insert, key, holder, ttl, role)
+    let outcome = grant(client, &plans.grant_insert, key, holder, ttl, role)?;
+    if !matches!(outcome, Attempt::Granted(_)) {
+        keylock::release_exclusive(key);
+    }
+    Ok(outcome)
 }
 
 /// Issue a token and run a grant statement (`$1` key, `$2` holder, `$3`
-/// token, `$4` ttl, `$5` role, returning `acquired_at`, `expires_at`).
+/// token, `$4` ttl, `$5` role, `$6` now, `$7` application_name; returning
+/// `expires_at`). `now` is `clock_timestamp()`, taken after the token.
 fn grant(
     client: &mut SpiClient<'_>,
     statement: &OwnedPreparedStatement,
@@ -778,6 +847,8 @@ fn grant(
     role: pg_sys::Oid,
 ) -> Result<Attempt, FenceError> {
     let token = issue_token()?;
+    let now = TimestampWithTimeZone::try_from(now_micros())
+        .map_err(|_| FenceError::internal("clock_timestamp() out of range".into()))?;
     let rows = client.update(
         statement,
         Some(1),
@@ -787,9 +858,32 @@ fn grant(
             token.into(),
             ttl.into(),
             role.into(),
+            now.into(),
+            application_name().into(),
         ],
     )?;
-    grant_outcome(rows, key, holder, token)
+    if rows.is_empty() {
+        return Ok(Attempt::Again);
+    }
+    Ok(Attempt::Granted(granted(
+        key,
+        holder,
+        token,
+        Some(now),
+        rows.first().get(1)?,
+    )?))
+}
+
+/// This session's `application_name`, recorded with a grant.
+fn application_name() -> Option<String> {
+    unsafe {
+        let name = pg_sys::application_name;
+        (!name.is_null()).then(|| {
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
+        })
+    }
 }
 
 /// The outcome of a statement that grants (returning `acquired_at`,

@@ -13,6 +13,7 @@ pub mod fence;
 pub mod keylock;
 pub mod lease;
 pub mod operations;
+pub mod probe;
 pub mod settings;
 pub mod wait;
 

@@ -1,0 +1,134 @@
+//! Reading one lease row without SPI or the executor: a single probe of
+//! `fence.leases_pkey`, for the two reads that run most often. The fence
+//! check runs it for every protected row (with the latest snapshot), and
+//! `lock_acquire` looks at the key with it before deciding how to grant (with
+//! the transaction's snapshot, as a statement would). Planning is not the
+//! cost here; executor start-up and shutdown for a one-row index scan are,
+//! and they were a fifth of an acquire's CPU.
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::errors::FenceError;
+
+/// Which snapshot the probe reads with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Snapshot {
+    /// Committed as of now, whatever the isolation level (what foreign-key
+    /// checks use): a fenced write must see a lease granted after its
+    /// transaction's snapshot.
+    Latest,
+    /// What a statement run now would see: a fresh snapshot under READ
+    /// COMMITTED, the transaction's under REPEATABLE READ and SERIALIZABLE.
+    Statement,
+}
+
+/// The visible version of a key's lease row.
+#[derive(Debug, Clone)]
+pub struct LeaseRow {
+    pub token: i64,
+    /// `released_at IS NULL AND expires_at > clock_timestamp()`.
+    pub live: bool,
+    pub expires_at: pg_sys::TimestampTz,
+    pub owner_role: pg_sys::Oid,
+    /// Read only when asked for.
+    pub holder: Option<String>,
+    /// No transaction has locked or updated this version (its xmax is unset
+    /// or known invalid).
+    pub untouched: bool,
+}
+
+/// The key's lease row, if it has one.
+pub fn lease_row(
+    key: &str,
+    snapshot: Snapshot,
+    with_holder: bool,
+) -> Result<Option<LeaseRow>, FenceError> {
+    let internal = |what: &str| FenceError::internal(format!("reading fence.leases: {what}"));
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"fence".as_ptr(), false);
+        let table_oid = pg_sys::get_relname_relid(c"leases".as_ptr(), namespace);
+        let index_oid = pg_sys::get_relname_relid(c"leases_pkey".as_ptr(), namespace);
+        if table_oid == pg_sys::InvalidOid || index_oid == pg_sys::InvalidOid {
+            return Err(internal("the table or its primary key is missing"));
+        }
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let table = pg_sys::table_open(table_oid, lock);
+        let index = pg_sys::index_open(index_oid, lock);
+        let descriptor = (*table).rd_att;
+        let column = |name: &CStr| pg_sys::SPI_fnumber(descriptor, name.as_ptr());
+        let attributes = [
+            column(c"token"),
+            column(c"expires_at"),
+            column(c"released_at"),
+            column(c"owner_role"),
+            column(c"holder"),
+        ];
+        if attributes.iter().any(|&attnum| attnum <= 0) {
+            return Err(internal(
+                "a column (token, expires_at, released_at, owner_role, holder) is missing",
+            ));
+        }
+        let [token_at, expires_at, released_at, owner_at, holder_at] = attributes;
+
+        let snapshot = pg_sys::RegisterSnapshot(match snapshot {
+            Snapshot::Latest => pg_sys::GetLatestSnapshot(),
+            Snapshot::Statement => pg_sys::GetTransactionSnapshot(),
+        });
+        let mut scan_key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut scan_key,
+            1,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::Oid::from(pg_sys::F_TEXTEQ),
+            key.into_datum().ok_or_else(|| internal("NULL key"))?,
+        );
+        let scan = pg_sys::index_beginscan(table, index, snapshot, 1, 0);
+        pg_sys::index_rescan(scan, &mut scan_key, 1, std::ptr::null_mut(), 0);
+        let slot = pg_sys::table_slot_create(table, std::ptr::null_mut());
+
+        let mut row = None;
+        if pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+            let last = *attributes.iter().max().unwrap_or(&1);
+            pg_sys::slot_getsomeattrs_int(slot, last);
+            let value = |attnum: i32| {
+                let i = (attnum - 1) as usize;
+                (!*(*slot).tts_isnull.add(i)).then(|| *(*slot).tts_values.add(i))
+            };
+            let expires = value(expires_at).map_or(i64::MIN, |at| at.value() as i64);
+            let live = value(released_at).is_none() && expires > pg_sys::GetCurrentTimestamp();
+            let mut should_free = false;
+            let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
+            let header = (*tuple).t_data;
+            let untouched = (*header).t_choice.t_heap.t_xmax == pg_sys::InvalidTransactionId
+                || (*header).t_infomask & pg_sys::HEAP_XMAX_INVALID as u16 != 0;
+            let holder = match (with_holder, value(holder_at)) {
+                (true, Some(datum)) => String::from_datum(datum, false),
+                _ => None,
+            };
+            row = Some(LeaseRow {
+                token: value(token_at).map_or(0, |datum| datum.value() as i64),
+                live,
+                expires_at: expires,
+                owner_role: value(owner_at).map_or(pg_sys::InvalidOid, |datum| {
+                    pg_sys::Oid::from(datum.value() as u32)
+                }),
+                holder,
+                untouched,
+            });
+            if should_free {
+                pg_sys::heap_freetuple(tuple);
+            }
+        }
+
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::index_endscan(scan);
+        pg_sys::UnregisterSnapshot(snapshot);
+        // Keep the AccessShareLocks until the transaction ends, as the executor does.
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
+        Ok(row)
+    }
+}
