@@ -307,3 +307,105 @@ async fn a_waiting_session_shows_in_pg_stat_activity() {
         .unwrap();
     assert!(waiting.await.unwrap().unwrap().is_some());
 }
+
+/// The fast grant path skips the row lock only for a row nobody has locked
+/// or updated since it was written. Here the lease expires while a release
+/// of it sits uncommitted in another transaction, which holds the row: a
+/// try-acquire must answer busy at once rather than block on that row lock,
+/// and a waiting acquire must be granted as soon as the release commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_row_locked_by_an_open_transaction_is_busy_not_blocking() {
+    let owner = connect().await;
+    let other = connect().await;
+    let key = unique_key("locked-row");
+    let token = acquire(&owner, &key, "300 milliseconds", None, "0")
+        .await
+        .unwrap()
+        .expect("free key");
+    owner.batch_execute("BEGIN").await.unwrap();
+    assert!(release(&owner, &key, token).await.unwrap());
+    // The committed version is not released, but it expires; the row stays
+    // locked by the open transaction.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    other
+        .batch_execute("SET statement_timeout = '5s'")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let got = acquire(&other, &key, "30 seconds", None, "0")
+        .await
+        .unwrap();
+    assert_eq!(got, None, "the row is locked by an open transaction: busy");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a try-acquire must not wait for the row lock ({:?})",
+        started.elapsed()
+    );
+
+    // A waiter is granted once the releasing transaction commits.
+    let waiter = {
+        let key = key.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let token = acquire(&other, &key, "30 seconds", None, "3 seconds")
+                .await
+                .unwrap();
+            (token, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    owner.batch_execute("COMMIT").await.unwrap();
+    let (granted, waited) = waiter.await.unwrap();
+    let granted = granted.expect("granted after the release commits");
+    assert!(granted > token);
+    assert!(
+        waited < Duration::from_secs(2),
+        "granted {waited:?} after it started"
+    );
+    assert_eq!(live_token(&owner, &key).await, Some(granted));
+}
+
+/// A grant rolled back leaves its xid on the row (the fast path's "touched"
+/// case); the next acquire still grants, with a higher token, and so does the
+/// one after it, which finds the row untouched again.
+#[tokio::test]
+async fn acquire_after_a_rolled_back_grant_takes_the_locked_path_and_grants() {
+    let db = connect().await;
+    let key = unique_key("rolled-back");
+    let first = acquire(&db, &key, "30 seconds", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(release(&db, &key, first).await.unwrap());
+    db.batch_execute("BEGIN").await.unwrap();
+    let spent = acquire(&db, &key, "30 seconds", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    db.batch_execute("ROLLBACK").await.unwrap();
+    let xmax_set: bool = db
+        .query_one(
+            "SELECT xmax <> '0'::xid FROM fence.leases WHERE lock_key = $1",
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        xmax_set,
+        "the rolled-back update left its xid on the visible row"
+    );
+    let second = acquire(&db, &key, "30 seconds", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(second > spent && spent > first);
+    assert!(release(&db, &key, second).await.unwrap());
+    let third = acquire(&db, &key, "30 seconds", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(third > second);
+    assert_eq!(live_token(&db, &key).await, Some(third));
+}
