@@ -62,13 +62,19 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 
-## bench: a release build on the local cluster; writes BENCHMARKS.md. Not part of make test.
-bench: setup
+## bench: release builds on the local cluster, plus Redis; writes BENCHMARKS.md and
+## bench/hot_key_latency.png (about 40 minutes). Not part of make test.
+bench:
+	@scripts/setup.sh --bench
 	cargo pgrx install --release -p pg_fence --pg-config $(PG_CONFIG)
+	cargo build --release -p pg_fence_bench
 	@$(CLUSTER) start
 	@$(PSQL) -q -c 'SET client_min_messages = warning' -c 'DROP EXTENSION IF EXISTS pg_fence CASCADE' -c 'CREATE EXTENSION pg_fence'
 	bench/lease_cycle.sh
 	bench/fence_write.sh
+	bench/hot_key.sh
+	bench/client.sh
+	bench/scale.sh   # last: it drops and re-creates the extension
 
 clean: stop
 	$(CLUSTER) destroy

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Acquire + release cycles, side by side in one run (pgbench), 8 clients on
-# random keys over 1M:
+# Acquire + release cycles, side by side in one run, 8 clients on random keys
+# over 1M, every key's row present (released) from the start in both tables,
+# as in a lock service that has been running a while:
+#
+# pgbench (-M prepared), the SQL-level comparison:
 #   pg_fence  fence.lock_acquire + fence.lock_release (acquire durable,
 #             release asynchronous, as DESIGN.md's performance shape says)
 #   recipe    the hand-written SQL recipe: INSERT ... ON CONFLICT ... WHERE
@@ -8,7 +11,12 @@
 #             durable
 #   advisory  pg_advisory_lock + pg_advisory_unlock (no lease, no token, no
 #             durability: the floor)
-# Median of the rounds after a warm-up; writes the lease_cycle section of
+# pg_fence_bench (Rust, tokio-postgres and a RESP client on one runtime):
+#   pg_fence      the client's own SQL (pg_fence_client::sql) over tokio-postgres
+#   redis         SET NX PX + Lua compare-and-delete, no persistence
+#   redis-aof     the same with appendonly yes, appendfsync always (durable)
+# Then a sweep over client counts, pg_fence vs the recipe, one round each.
+# Medians of the rounds after a warm-up; writes the lease_cycle section of
 # BENCHMARKS.md. Run through `make bench`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,10 +24,15 @@ CLIENTS=${BENCH_CLIENTS:-8}
 DURATION=${BENCH_SECONDS:-15}
 ROUNDS=${BENCH_ROUNDS:-3}
 KEYS=${BENCH_KEYS:-1000000}
+SWEEP=${BENCH_SWEEP:-1 2 4 8}
+REDIS_PORT=${BENCH_REDIS_PORT:-28818}
+REDIS_AOF_PORT=$((REDIS_PORT + 1))
 . "$ROOT/bench/lib.sh"
+trap 'redis_stop $REDIS_PORT; redis_stop $REDIS_AOF_PORT; rm -rf "$WORK"' EXIT
 
 echo "== lease_cycle: keys over $KEYS, $CLIENTS clients, ${DURATION}s x $ROUNDS rounds per variant"
-"${PSQL[@]}" <<'SQL'
+echo "   seeding $KEYS released keys in fence.leases and in the recipe's table"
+"${PSQL[@]}" -v keys="$KEYS" <<'SQL'
 SET client_min_messages = warning;
 DROP TABLE IF EXISTS bench_recipe_locks;
 DROP SEQUENCE IF EXISTS bench_recipe_token_seq;
@@ -30,6 +43,17 @@ CREATE TABLE bench_recipe_locks (
     token      bigint NOT NULL,
     expires_at timestamptz NOT NULL
 ) WITH (fillfactor = 50);
+INSERT INTO bench_recipe_locks
+SELECT 'cycle:' || g, 'seed', nextval('bench_recipe_token_seq'), now() - interval '1 hour'
+  FROM generate_series(1, :keys) AS g;
+INSERT INTO fence.leases (lock_key, holder, token, ttl, acquired_at, expires_at, released_at, owner_role, application_name)
+SELECT 'cycle:' || g, 'seed', nextval('fence.token_seq'), interval '30 seconds',
+       now() - interval '1 hour', now() - interval '1 hour' + interval '30 seconds',
+       now() - interval '1 hour', 'postgres'::regrole, 'bench seed'
+  FROM generate_series(1, :keys) AS g
+ON CONFLICT (lock_key) DO NOTHING;
+VACUUM ANALYZE bench_recipe_locks;
+VACUUM ANALYZE fence.leases;
 SQL
 
 cat >"$WORK/pg_fence.sql" <<'PGB'
@@ -55,51 +79,99 @@ SELECT pg_advisory_lock(:id);
 SELECT pg_advisory_unlock(:id);
 PGB
 
-run() {  # variant -> cycles per second
-    pgbench -n -M prepared -c "$CLIENTS" -j 2 -T "$DURATION" -D keys="$KEYS" \
-        -f "$WORK/$1.sql" "${CONN[@]}" pg_fence 2>&1 |
-        sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p'
+redis_start "$REDIS_PORT" --appendonly no
+redis_start "$REDIS_AOF_PORT" --appendonly yes --appendfsync always
+
+# variant [clients] -> cycles per second
+run() {
+    local clients=${2:-$CLIENTS}
+    case $1 in
+    pg_fence | recipe | advisory)
+        pgbench -n -M prepared -c "$clients" -j 2 -T "$DURATION" -D keys="$KEYS" \
+            -f "$WORK/$1.sql" "${CONN[@]}" pg_fence 2>&1 |
+            sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p'
+        ;;
+    rust_pg_fence)
+        "$BENCH_BIN" cycle tokio-postgres --clients "$clients" --seconds "$DURATION" --keys "$KEYS" | field cycles_per_s
+        ;;
+    redis)
+        "$BENCH_BIN" cycle redis --clients "$clients" --seconds "$DURATION" --keys "$KEYS" --redis-port "$REDIS_PORT" | field cycles_per_s
+        ;;
+    redis_aof)
+        "$BENCH_BIN" cycle redis --clients "$clients" --seconds "$DURATION" --keys "$KEYS" --redis-port "$REDIS_AOF_PORT" | field cycles_per_s
+        ;;
+    esac
 }
 
+VARIANTS=(pg_fence recipe advisory rust_pg_fence redis redis_aof)
 echo "   warm-up (discarded)"
-for variant in pg_fence recipe advisory; do DURATION=5 run "$variant" >/dev/null; done
+for variant in "${VARIANTS[@]}"; do DURATION=5 run "$variant" >/dev/null; done
 
 declare -A TPS
-orders=("pg_fence recipe advisory" "recipe advisory pg_fence" "advisory pg_fence recipe")
 for round in $(seq "$ROUNDS"); do
-    for variant in ${orders[$(( (round - 1) % 3 ))]}; do
+    # Rotate the order from round to round.
+    order=("${VARIANTS[@]:$(( (round - 1) % ${#VARIANTS[@]} ))}" "${VARIANTS[@]:0:$(( (round - 1) % ${#VARIANTS[@]} ))}")
+    for variant in "${order[@]}"; do
         "${PSQL[@]}" -c CHECKPOINT
         tps=$(run "$variant")
-        [ -n "$tps" ] || { echo "pgbench failed for $variant" >&2; exit 1; }
+        [ -n "$tps" ] || { echo "run failed for $variant" >&2; exit 1; }
         TPS[$variant]="${TPS[$variant]:-} $tps"
-        printf '   round %s  %-9s %10.0f cycles/s\n' "$round" "$variant" "$tps"
+        printf '   round %s  %-14s %10.0f cycles/s\n' "$round" "$variant" "$tps"
     done
 done
+declare -A MED
+for variant in "${VARIANTS[@]}"; do MED[$variant]=$(echo "${TPS[$variant]}" | median); done
 
-fence=$(echo "${TPS[pg_fence]}" | median)
-recipe=$(echo "${TPS[recipe]}" | median)
-advisory=$(echo "${TPS[advisory]}" | median)
+echo "   client sweep: pg_fence vs recipe, one ${DURATION}s run each"
+SWEEP_ROWS=""
+for clients in $SWEEP; do
+    "${PSQL[@]}" -c CHECKPOINT
+    f=$(run pg_fence "$clients")
+    "${PSQL[@]}" -c CHECKPOINT
+    r=$(run recipe "$clients")
+    printf '   %s clients: pg_fence %.0f, recipe %.0f cycles/s\n' "$clients" "$f" "$r"
+    SWEEP_ROWS+="| $clients | $(printf '%.0f' "$f") | $(printf '%.0f' "$r") | **$(ratio "$f" "$r")** |"$'\n'
+done
 
 PG_VERSION=$("${PSQL[@]}" -At -c "SHOW server_version")
+REDIS_VERSION=$(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')
+f=${MED[pg_fence]} r=${MED[recipe]} a=${MED[advisory]}
+rf=${MED[rust_pg_fence]} rd=${MED[redis]} ra=${MED[redis_aof]}
 SECTION=$(cat <<MD
 <!-- lease_cycle:begin (written by bench/lease_cycle.sh) -->
 ## Acquire + release cycle
 
-$(machine "$PG_VERSION"), pg_fence release build.
-pgbench \`-M prepared\`, $CLIENTS clients, random keys over $KEYS, ${DURATION} s per run, median of
-$ROUNDS rounds after a warm-up, variants in rotating order, each run from a CHECKPOINT.
-One cycle = acquire (two round trips in all) and release.
+$(machine "$PG_VERSION"), Redis $REDIS_VERSION, pg_fence release build.
+$CLIENTS clients, random keys over $KEYS, each key's row present (released) in both
+PostgreSQL tables from the start; ${DURATION} s per run, median of $ROUNDS rounds after a
+warm-up, variants in rotating order, each run from a CHECKPOINT. One cycle = acquire and
+release, two round trips.
+
+**SQL-level** (pgbench \`-M prepared\`):
 
 | variant | cycles/s | vs the SQL recipe |
 |---|---|---|
-| pg_fence: lock_acquire (durable) + lock_release (async commit) | $(printf '%.0f' "$fence") | **$(ratio "$fence" "$recipe")** |
-| hand-written recipe: INSERT ... ON CONFLICT ... WHERE expired + UPDATE, both durable | $(printf '%.0f' "$recipe") | 1.00 |
-| pg_advisory_lock + pg_advisory_unlock (no lease, no token, nothing durable) | $(printf '%.0f' "$advisory") | $(ratio "$advisory" "$recipe") |
+| pg_fence: lock_acquire (durable) + lock_release (async commit) | $(printf '%.0f' "$f") | **$(ratio "$f" "$r")** |
+| hand-written recipe: INSERT ... ON CONFLICT ... WHERE expired + UPDATE, both durable | $(printf '%.0f' "$r") | 1.00 |
+| pg_advisory_lock + pg_advisory_unlock (no lease, no token, nothing durable) | $(printf '%.0f' "$a") | $(ratio "$a" "$r") |
 
-Aim (issue 5): pg_fence ≥ 1.25x the recipe. pg_fence commits one durable transaction
-per cycle where the recipe commits two: that, not query speed, is where the ratio comes
-from. Advisory locks are the floor of what PostgreSQL can do, but they are not leases:
-they die with the session and carry no token.
+**Against Redis** (one Rust harness, \`bench/src/main.rs\`: tokio-postgres with the client
+crate's SQL text, and a RESP client; the same runtime, tasks and key choice for both):
+
+| variant | cycles/s | vs pg_fence |
+|---|---|---|
+| pg_fence over tokio-postgres | $(printf '%.0f' "$rf") | 1.00 |
+| Redis: SET NX PX + Lua compare-and-delete, no persistence | $(printf '%.0f' "$rd") | $(ratio "$rd" "$rf") |
+| Redis, appendonly yes + appendfsync always (each write fsynced) | $(printf '%.0f' "$ra") | $(ratio "$ra" "$rf") |
+
+**Clients** (pgbench, one ${DURATION} s run per cell, so noisier than the medians above):
+
+| clients | pg_fence cycles/s | recipe cycles/s | pg_fence / recipe |
+|---|---|---|---|
+$SWEEP_ROWS
+Aim (issue 5): pg_fence ≥ 1.25x the recipe at 8 clients. Redis without persistence
+forgets every lock in a crash and has no token; with \`appendfsync always\` it fsyncs
+each SET and each delete, as the recipe commits twice.
 <!-- lease_cycle:end -->
 MD
 )

@@ -34,3 +34,28 @@ text = pattern.sub(lambda m: section, text) if pattern.search(text) else text.rs
 open(path, "w").write(text)
 PY
 }
+
+# The Rust half of the bench (bench/src/main.rs), built by `make bench`.
+BENCH_BIN="$ROOT/target/release/pg_fence_bench"
+[ -x "$BENCH_BIN" ] || (cd "$ROOT" && cargo build -q --release -p pg_fence_bench)
+
+# The value of `name=value` in a line of pg_fence_bench output.
+field() { sed -n "s/.*\\b$1=\\([^ ]*\\).*/\\1/p"; }
+
+# A Redis on loopback for one comparison: redis_start PORT [extra options].
+# No RDB snapshots; the caller chooses the AOF policy.
+redis_start() {
+    local port=$1
+    shift
+    mkdir -p "$WORK/redis-$port"
+    redis-server --port "$port" --bind 127.0.0.1 --save '' --daemonize yes \
+        --dir "$WORK/redis-$port" --pidfile "$WORK/redis-$port/pid" \
+        --logfile "$WORK/redis-$port/log" "$@" >/dev/null
+    for _ in $(seq 50); do
+        redis-cli -p "$port" ping >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "redis-server on port $port did not start" >&2
+    return 1
+}
+redis_stop() { redis-cli -p "$1" shutdown nosave >/dev/null 2>&1 || true; }

@@ -10,6 +10,11 @@ cd "$(dirname "$0")/.."
 PGRX_VERSION=$(sed -n 's/^pgrx = "=\(.*\)"$/\1/p' Cargo.toml)
 PG_MAJOR=15
 APT_PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo pkg-config)
+# `scripts/setup.sh --bench` (make bench) also wants Redis, the other side of
+# one comparison, and gnuplot for the hot-key latency plot.
+if [ "${1:-}" = "--bench" ]; then
+    APT_PACKAGES+=(redis-server gnuplot-nox)
+fi
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 

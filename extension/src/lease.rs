@@ -620,6 +620,10 @@ pub fn acquire(
             Attempt::Busy { retry_in_ms } => {
                 let left_ms = (deadline.saturating_sub(now_micros()) + 999) / 1000;
                 if left_ms <= 0 {
+                    if wait_micros > 0 {
+                        wait::stop_advertising();
+                        wait::pass_on_wakeup(event);
+                    }
                     break None;
                 }
                 wait::sleep(event, retry_in_ms.min(left_ms));

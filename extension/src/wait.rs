@@ -4,12 +4,16 @@
 //! latch. While it waits it advertises the key it wants in its PGPROC's
 //! `wait_event_info` (class `Extension`, the low 24 bits a hash of the key),
 //! which is what `pg_stat_activity` reads too. A transaction that released a
-//! key sets the latch of every backend advertising that hash, right after it
-//! commits, so a waiter retries within about a millisecond of a release. An
+//! key sets the latch of one backend advertising that hash, right after it
+//! commits, so a waiter retries within about a millisecond of a release.
+//! Only one: a release frees one grant, and waking every waiter had them all
+//! race for it, which on a hot key cost more than the grant (the scan starts
+//! at a varying place, so no waiter is always first). A waiter whose wait
+//! runs out just after it was woken passes the wake-up on to another. An
 //! expiry needs no signal: the waiter knows `expires_at` and sleeps until
-//! then. A hash collision only costs a spurious retry, and a missed signal
-//! (the advertisement is briefly overwritten while the waiter does I/O) costs
-//! at most [`RECHECK_INTERVAL_MS`].
+//! then. A hash collision, a woken waiter that is cancelled, or a missed
+//! signal (the advertisement is briefly overwritten while the waiter does
+//! I/O) costs the other waiters at most [`RECHECK_INTERVAL_MS`].
 //!
 //! This needs no shared memory of its own, so the extension works without
 //! `shared_preload_libraries`.
@@ -91,7 +95,7 @@ pub fn on_xact_event(event: pg_sys::XactEvent::Type) {
         pg_sys::XactEvent::XACT_EVENT_COMMIT => {
             let events = PENDING_WAKEUPS.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
             for event in events {
-                unsafe { set_latches_waiting_on(event) };
+                unsafe { wake_one_waiting_on(event) };
             }
         }
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
@@ -103,11 +107,21 @@ pub fn on_xact_event(event: pg_sys::XactEvent::Type) {
     }
 }
 
-/// Set the latch of every backend whose advertised wait event is `event`.
-/// Reading another backend's `wait_event_info` without a lock is what
-/// `pg_stat_activity` does; setting another backend's latch is what
-/// condition variables do.
-unsafe fn set_latches_waiting_on(event: u32) {
+/// A waiter leaving without the lease: if a release woke it since its last
+/// attempt (its latch is set), wake another waiter of the key in its place.
+pub fn pass_on_wakeup(event: u32) {
+    unsafe {
+        if (*pg_sys::MyLatch).is_set != 0 {
+            wake_one_waiting_on(event);
+        }
+    }
+}
+
+/// Set the latch of one backend (not this one) whose advertised wait event is
+/// `event`, scanning from a varying start. Reading another backend's
+/// `wait_event_info` without a lock is what `pg_stat_activity` does; setting
+/// another backend's latch is what condition variables do.
+unsafe fn wake_one_waiting_on(event: u32) {
     unsafe {
         let header = pg_sys::ProcGlobal;
         if header.is_null() {
@@ -115,11 +129,19 @@ unsafe fn set_latches_waiting_on(event: u32) {
         }
         let procs = (*header).allProcs;
         let count = (*header).allProcCount as usize;
-        for i in 0..count {
-            let proc_ = procs.add(i);
+        if count == 0 {
+            return;
+        }
+        let start = (pg_sys::GetCurrentTimestamp() as u64 % count as u64) as usize;
+        for step in 0..count {
+            let proc_ = procs.add((start + step) % count);
+            if proc_ == pg_sys::MyProc {
+                continue;
+            }
             let advertised = std::ptr::read_volatile(std::ptr::addr_of!((*proc_).wait_event_info));
             if advertised == event {
                 pg_sys::SetLatch(std::ptr::addr_of_mut!((*proc_).procLatch));
+                return;
             }
         }
     }
