@@ -18,7 +18,7 @@ ROUNDS=${BENCH_ROUNDS:-3}
 
 echo "== hot_key: $CLIENTS clients on one key, ${DURATION}s x $ROUNDS rounds per variant"
 VARIANTS=(pg_fence advisory)
-declare -A GRANTS HANDOFFS
+declare -A GRANTS HANDOFFS WAIT50 WAIT99 TIMEOUTS FEWEST MOST
 for round in $(seq "$ROUNDS"); do
     order=("${VARIANTS[@]}")
     [ $((round % 2)) -eq 0 ] && order=(advisory pg_fence)
@@ -27,7 +27,12 @@ for round in $(seq "$ROUNDS"); do
             --samples "$WORK/$variant.$round")
         GRANTS[$variant]="${GRANTS[$variant]:-} $(echo "$line" | field grants_per_s)"
         HANDOFFS[$variant]="${HANDOFFS[$variant]:-} $(echo "$line" | field handoffs_per_s)"
-        echo "   round $round  $line"
+        WAIT50[$variant]="${WAIT50[$variant]:-} $(echo "$line" | field wait_p50_us)"
+        WAIT99[$variant]="${WAIT99[$variant]:-} $(echo "$line" | field wait_p99_us)"
+        TIMEOUTS[$variant]=$((${TIMEOUTS[$variant]:-0} + $(echo "$line" | field timeouts)))
+        FEWEST[$variant]="${FEWEST[$variant]:-} $(echo "$line" | field fewest_grants)"
+        MOST[$variant]="${MOST[$variant]:-} $(echo "$line" | field most_grants)"
+        echo "$line" | sed 's/^/   round '"$round"'  /'
     done
 done
 
@@ -85,12 +90,21 @@ moment the next holder had its grant.
 | pg_fence: lock_acquire(wait => 10 s) + lock_release | $(printf '%.0f' "$g_f") | $(printf '%.0f' "$h_f") | **$(ratio "$h_f" "$h_a")** | $(ms "${P50[pg_fence]}") ms | $(ms "${P90[pg_fence]}") ms | $(ms "${P99[pg_fence]}") ms | $(ms "${PMAX[pg_fence]}") ms | ${COUNT[pg_fence]} |
 | pg_advisory_lock + pg_advisory_unlock | $(printf '%.0f' "$g_a") | $(printf '%.0f' "$h_a") | 1.00 | $(ms "${P50[advisory]}") ms | $(ms "${P90[advisory]}") ms | $(ms "${P99[advisory]}") ms | $(ms "${PMAX[advisory]}") ms | ${COUNT[advisory]} |
 
+How long a client waited in its acquire call (median over rounds of each round's
+percentile), how many 10 s waits ran out, and how evenly the grants fell (per round, the
+fewest and the most grants one client got; medians over rounds):
+
+| variant | acquire wait p50 | acquire wait p99 | waits that ran out | grants per client, fewest / most |
+|---|---|---|---|---|
+| pg_fence | $(ms "$(echo "${WAIT50[pg_fence]}" | median)") ms | $(ms "$(echo "${WAIT99[pg_fence]}" | median)") ms | ${TIMEOUTS[pg_fence]} | $(echo "${FEWEST[pg_fence]}" | median) / $(echo "${MOST[pg_fence]}" | median) |
+| advisory | $(ms "$(echo "${WAIT50[advisory]}" | median)") ms | $(ms "$(echo "${WAIT99[advisory]}" | median)") ms | ${TIMEOUTS[advisory]} | $(echo "${FEWEST[advisory]}" | median) / $(echo "${MOST[advisory]}" | median) |
+
 ![wake-up latency CDF](bench/hot_key_latency.png)
 
 Aim (issue 5): handoffs/s ≥ 0.5x advisory locks. The lock manager queues advisory waiters
-and grants the next one inside the releasing backend, without a commit; a pg_fence handoff
-is a committed release (asynchronous), a latch wake-up of the waiters, and a durable grant
-that one of them wins.
+and grants the next one inside the releasing backend, in memory; a pg_fence handoff is a
+committed release (asynchronous), a latch wake-up of one waiter, and a durable grant: one
+WAL flush per handoff, which on one key nothing can share.
 <!-- hot_key:end -->
 MD
 )

@@ -9,6 +9,9 @@
 #   recipe    the hand-written SQL recipe: INSERT ... ON CONFLICT ... WHERE
 #             expired with a token sequence, then an UPDATE to release; both
 #             durable
+#   recipe_async_release  the same recipe, released by a PL/pgSQL function
+#             that sets synchronous_commit = off for its transaction (what
+#             pg_fence does), to show what is left once the commits match
 #   advisory  pg_advisory_lock + pg_advisory_unlock (no lease, no token, no
 #             durability: the floor)
 # pg_fence_bench (Rust, tokio-postgres and a RESP client on one runtime):
@@ -16,7 +19,9 @@
 #   redis         SET NX PX + Lua compare-and-delete, no persistence
 #   redis-aof     the same with appendonly yes, appendfsync always (durable)
 # Then a sweep over client counts, pg_fence vs the recipe, one round each.
-# Medians of the rounds after a warm-up; writes the lease_cycle section of
+# Checkpoints: one after seeding, then none until the script ends (see
+# quiet_checkpoints in lib.sh); a 20 s warm-up per variant first writes most
+# pages once. Medians of the rounds; writes the lease_cycle section of
 # BENCHMARKS.md. Run through `make bench`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,11 +29,13 @@ CLIENTS=${BENCH_CLIENTS:-8}
 DURATION=${BENCH_SECONDS:-15}
 ROUNDS=${BENCH_ROUNDS:-3}
 KEYS=${BENCH_KEYS:-1000000}
+WARMUP=${BENCH_WARMUP_SECONDS:-20}
 SWEEP=${BENCH_SWEEP:-1 2 4 8}
 REDIS_PORT=${BENCH_REDIS_PORT:-28818}
 REDIS_AOF_PORT=$((REDIS_PORT + 1))
 . "$ROOT/bench/lib.sh"
-trap 'redis_stop $REDIS_PORT; redis_stop $REDIS_AOF_PORT; rm -rf "$WORK"' EXIT
+trap 'redis_stop $REDIS_PORT; redis_stop $REDIS_AOF_PORT; restore_checkpoints; rm -rf "$WORK"' EXIT
+quiet_checkpoints
 
 echo "== lease_cycle: keys over $KEYS, $CLIENTS clients, ${DURATION}s x $ROUNDS rounds per variant"
 echo "   seeding $KEYS released keys in fence.leases and in the recipe's table"
@@ -43,6 +50,14 @@ CREATE TABLE bench_recipe_locks (
     token      bigint NOT NULL,
     expires_at timestamptz NOT NULL
 ) WITH (fillfactor = 50);
+-- The recipe's release with pg_fence's commit policy: SET LOCAL in a function
+-- without a SET clause lasts until the transaction commits.
+CREATE OR REPLACE FUNCTION bench_recipe_release_async(k text, t bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    SET LOCAL synchronous_commit = off;
+    UPDATE bench_recipe_locks SET expires_at = clock_timestamp() WHERE lock_key = k AND token = t;
+END $$;
 INSERT INTO bench_recipe_locks
 SELECT 'cycle:' || g, 'seed', nextval('bench_recipe_token_seq'), now() - interval '1 hour'
   FROM generate_series(1, :keys) AS g;
@@ -54,6 +69,7 @@ SELECT 'cycle:' || g, 'seed', nextval('fence.token_seq'), interval '30 seconds',
 ON CONFLICT (lock_key) DO NOTHING;
 VACUUM ANALYZE bench_recipe_locks;
 VACUUM ANALYZE fence.leases;
+CHECKPOINT;
 SQL
 
 cat >"$WORK/pg_fence.sql" <<'PGB'
@@ -73,6 +89,8 @@ WITH granted AS (
 SELECT coalesce((SELECT token FROM granted), 0) AS token \gset
 UPDATE bench_recipe_locks SET expires_at = clock_timestamp() WHERE lock_key = 'cycle:' || :id AND token = :token;
 PGB
+sed -e 's/^UPDATE bench_recipe_locks .*/SELECT bench_recipe_release_async('"'"'cycle:'"'"' || :id, :token);/' \
+    "$WORK/recipe.sql" >"$WORK/recipe_async_release.sql"
 cat >"$WORK/advisory.sql" <<'PGB'
 \set id random(1, :keys)
 SELECT pg_advisory_lock(:id);
@@ -86,7 +104,7 @@ redis_start "$REDIS_AOF_PORT" --appendonly yes --appendfsync always
 run() {
     local clients=${2:-$CLIENTS}
     case $1 in
-    pg_fence | recipe | advisory)
+    pg_fence | recipe | recipe_async_release | advisory)
         pgbench -n -M prepared -c "$clients" -j 2 -T "$DURATION" -D keys="$KEYS" \
             -f "$WORK/$1.sql" "${CONN[@]}" pg_fence 2>&1 |
             sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p'
@@ -103,31 +121,15 @@ run() {
     esac
 }
 
-VARIANTS=(pg_fence recipe advisory rust_pg_fence redis redis_aof)
-echo "   warm-up (discarded)"
-for variant in "${VARIANTS[@]}"; do DURATION=5 run "$variant" >/dev/null; done
-
-declare -A TPS
-for round in $(seq "$ROUNDS"); do
-    # Rotate the order from round to round.
-    order=("${VARIANTS[@]:$(( (round - 1) % ${#VARIANTS[@]} ))}" "${VARIANTS[@]:0:$(( (round - 1) % ${#VARIANTS[@]} ))}")
-    for variant in "${order[@]}"; do
-        "${PSQL[@]}" -c CHECKPOINT
-        tps=$(run "$variant")
-        [ -n "$tps" ] || { echo "run failed for $variant" >&2; exit 1; }
-        TPS[$variant]="${TPS[$variant]:-} $tps"
-        printf '   round %s  %-14s %10.0f cycles/s\n' "$round" "$variant" "$tps"
-    done
-done
-declare -A MED
-for variant in "${VARIANTS[@]}"; do MED[$variant]=$(echo "${TPS[$variant]}" | median); done
+VARIANTS=(pg_fence recipe recipe_async_release advisory rust_pg_fence redis redis_aof)
+echo "   warm-up, ${WARMUP}s per variant (discarded)"
+for variant in "${VARIANTS[@]}"; do DURATION=$WARMUP run "$variant" >/dev/null; done
+rotate_rounds "${VARIANTS[@]}"
 
 echo "   client sweep: pg_fence vs recipe, one ${DURATION}s run each"
 SWEEP_ROWS=""
 for clients in $SWEEP; do
-    "${PSQL[@]}" -c CHECKPOINT
     f=$(run pg_fence "$clients")
-    "${PSQL[@]}" -c CHECKPOINT
     r=$(run recipe "$clients")
     printf '   %s clients: pg_fence %.0f, recipe %.0f cycles/s\n' "$clients" "$f" "$r"
     SWEEP_ROWS+="| $clients | $(printf '%.0f' "$f") | $(printf '%.0f' "$r") | **$(ratio "$f" "$r")** |"$'\n'
@@ -135,7 +137,7 @@ done
 
 PG_VERSION=$("${PSQL[@]}" -At -c "SHOW server_version")
 REDIS_VERSION=$(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')
-f=${MED[pg_fence]} r=${MED[recipe]} a=${MED[advisory]}
+f=${MED[pg_fence]} r=${MED[recipe]} a=${MED[advisory]} ra_rel=${MED[recipe_async_release]}
 rf=${MED[rust_pg_fence]} rd=${MED[redis]} ra=${MED[redis_aof]}
 SECTION=$(cat <<MD
 <!-- lease_cycle:begin (written by bench/lease_cycle.sh) -->
@@ -143,9 +145,11 @@ SECTION=$(cat <<MD
 
 $(machine "$PG_VERSION"), Redis $REDIS_VERSION, pg_fence release build.
 $CLIENTS clients, random keys over $KEYS, each key's row present (released) in both
-PostgreSQL tables from the start; ${DURATION} s per run, median of $ROUNDS rounds after a
-warm-up, variants in rotating order, each run from a CHECKPOINT. One cycle = acquire and
-release, two round trips.
+PostgreSQL tables from the start; ${DURATION} s per run, median of $ROUNDS rounds, variants in
+rotating order, after a ${WARMUP} s warm-up of each. Checkpoints: one after seeding, none
+during the runs (\`checkpoint_timeout\` stretched for the script), so the runs show the
+steady state rather than the burst of full-page images right after a checkpoint. One cycle
+= acquire and release, two round trips.
 
 **SQL-level** (pgbench \`-M prepared\`):
 
@@ -153,6 +157,7 @@ release, two round trips.
 |---|---|---|
 | pg_fence: lock_acquire (durable) + lock_release (async commit) | $(printf '%.0f' "$f") | **$(ratio "$f" "$r")** |
 | hand-written recipe: INSERT ... ON CONFLICT ... WHERE expired + UPDATE, both durable | $(printf '%.0f' "$r") | 1.00 |
+| the recipe with its release committed asynchronously (a PL/pgSQL function, SET LOCAL) | $(printf '%.0f' "$ra_rel") | $(ratio "$ra_rel" "$r") |
 | pg_advisory_lock + pg_advisory_unlock (no lease, no token, nothing durable) | $(printf '%.0f' "$a") | $(ratio "$a" "$r") |
 
 **Against Redis** (one Rust harness, \`bench/src/main.rs\`: tokio-postgres with the client

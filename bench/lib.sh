@@ -59,3 +59,37 @@ redis_start() {
     return 1
 }
 redis_stop() { redis-cli -p "$1" shutdown nosave >/dev/null 2>&1 || true; }
+
+# Checkpoints only where a script asks for them: a 15 s run just after a
+# CHECKPOINT logs a full-page image for nearly every page it first touches,
+# which over a million keys is most of its writes and no steady state shows.
+# quiet_checkpoints stretches the interval for the run (restore_checkpoints
+# undoes it; scripts call it from their EXIT trap).
+quiet_checkpoints() {
+    "${PSQL[@]}" -c "ALTER SYSTEM SET checkpoint_timeout = '1h'" -c "ALTER SYSTEM SET max_wal_size = '32GB'" \
+        -c "SELECT pg_reload_conf()" >/dev/null
+}
+restore_checkpoints() {
+    "${PSQL[@]}" -c "ALTER SYSTEM RESET checkpoint_timeout" -c "ALTER SYSTEM RESET max_wal_size" \
+        -c "SELECT pg_reload_conf()" >/dev/null 2>&1 || true
+}
+
+# rotate_rounds VARIANT...: run each variant $ROUNDS times through the
+# script's run() (which prints one rate), rotating the order from round to
+# round. Fills TPS[variant] with the rates and MED[variant] with their median.
+# With CHECKPOINT_EACH=1, each run starts from a CHECKPOINT.
+rotate_rounds() {
+    declare -gA TPS MED
+    local variants=("$@") round shift_by variant tps
+    for round in $(seq "$ROUNDS"); do
+        shift_by=$(((round - 1) % ${#variants[@]}))
+        for variant in "${variants[@]:$shift_by}" "${variants[@]:0:$shift_by}"; do
+            [ "${CHECKPOINT_EACH:-0}" = 1 ] && "${PSQL[@]}" -c CHECKPOINT
+            tps=$(run "$variant")
+            [ -n "$tps" ] || { echo "run failed for $variant" >&2; exit 1; }
+            TPS[$variant]="${TPS[$variant]:-} $tps"
+            printf '   round %s  %-16s %10.0f /s\n' "$round" "$variant" "$tps"
+        done
+    done
+    for variant in "${variants[@]}"; do MED[$variant]=$(echo "${TPS[$variant]}" | median); done
+}

@@ -7,15 +7,19 @@
 //!   single-instance lock) and, through the same harness for comparison,
 //!   `tokio-postgres` (`fence.lock_acquire` + `fence.lock_release`).
 //! - `client <variant>`: the same cycle through the pg_fence client (`lease-sqlx`,
-//!   `lease-deadpool`) and through the same SQL on the bare drivers
-//!   (`sqlx`, `tokio-postgres`).
+//!   `lease-deadpool`) and through the same SQL on the bare drivers and pools
+//!   (`sqlx`, `deadpool`, and `tokio-postgres` with a connection per client).
+
 //! - `hot-key <variant>`: every client wants one key, blocking until it gets
 //!   it, and releases at once: `pg_fence` (`lock_acquire(..., wait)`) or
 //!   `advisory` (`pg_advisory_lock`). Reports grants per second, how many
 //!   went to another client (handoffs) and the wake-up latency of each
 //!   handoff: from the moment the holder sent its release to the moment the
-//!   next holder had its grant. Writes the latencies (µs), one per line, to
+//!   next holder had its grant; also how long each grant's acquire call took
+//!   (the wait), acquires that timed out, and the fewest and most grants any
+//!   one client got. Writes the handoff latencies (µs), one per line, to
 //!   `--samples FILE`.
+
 //!
 //! Connection: `PGFENCE_PORT` (default 28815) on 127.0.0.1, user postgres,
 //! database pg_fence; Redis on `--redis-port`.
@@ -119,6 +123,7 @@ enum Cycler {
     ),
     Sqlx(sqlx::PgPool),
     LeaseSqlx(sqlx::PgPool),
+    Deadpool(deadpool_postgres::Pool),
     LeaseDeadpool(deadpool_postgres::Pool),
 }
 
@@ -183,6 +188,22 @@ impl Cycler {
                     .await?;
                 Ok(released)
             }
+            Cycler::Deadpool(pool) => {
+                let holder = uuid::Uuid::new_v4().to_string();
+                let client = pool.get().await?;
+                let acquire = client.prepare_cached(sql::ACQUIRE).await?;
+                let row = client
+                    .query_one(&acquire, &[&key, &30_000_f64, &holder, &0_f64])
+                    .await?;
+                drop(client);
+                let Some(token) = row.get::<_, Option<i64>>(0) else {
+                    return Ok(false);
+                };
+                let client = pool.get().await?;
+                let release = client.prepare_cached(sql::RELEASE).await?;
+                let released: bool = client.query_one(&release, &[&key, &token]).await?.get(0);
+                Ok(released)
+            }
             Cycler::LeaseSqlx(pool) => match Lease::try_acquire(&*pool, key, &options).await? {
                 Some(lease) => Ok(lease.release().await?),
                 None => Ok(false),
@@ -240,35 +261,30 @@ async fn cyclers(args: &Args) -> Result<Vec<Cycler>, AnyError> {
             let pool = pool_sqlx().await?;
             all.extend((0..n).map(|_| Cycler::LeaseSqlx(pool.clone())));
         }
-        ("client", "lease-deadpool") => {
+        ("client", variant @ ("deadpool" | "lease-deadpool")) => {
             let config: tokio_postgres::Config = pg_config().parse()?;
             let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
             let pool = deadpool_postgres::Pool::builder(manager)
                 .max_size(n)
                 .build()?;
             // Open every connection before the clock starts.
-            let warm: Vec<_> = futures_join(n, || pool.get()).await?;
+            let mut warm = Vec::with_capacity(n);
+            for _ in 0..n {
+                warm.push(pool.get().await?);
+            }
             drop(warm);
-            all.extend((0..n).map(|_| Cycler::LeaseDeadpool(pool.clone())));
+            let lease = variant == "lease-deadpool";
+            all.extend((0..n).map(|_| {
+                if lease {
+                    Cycler::LeaseDeadpool(pool.clone())
+                } else {
+                    Cycler::Deadpool(pool.clone())
+                }
+            }));
         }
         (command, variant) => return Err(format!("unknown variant {command} {variant}").into()),
     }
     Ok(all)
-}
-
-/// Run `make` n times concurrently and collect the results.
-async fn futures_join<F, Fut, T, E>(n: usize, make: F) -> Result<Vec<T>, AnyError>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
-    E: Into<AnyError>,
-{
-    let mut out = Vec::with_capacity(n);
-    let pending: Vec<Fut> = (0..n).map(|_| make()).collect();
-    for future in pending {
-        out.push(future.await.map_err(Into::into)?);
-    }
-    Ok(out)
 }
 
 async fn cycles(args: &Args) -> Result<(), AnyError> {
@@ -357,6 +373,10 @@ async fn hot_key(args: &Args) -> Result<(), AnyError> {
     let last: Arc<Mutex<Option<LastRelease>>> = Arc::new(Mutex::new(None));
     let latencies: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
     let grants = Arc::new(AtomicU64::new(0));
+    let timeouts = Arc::new(AtomicU64::new(0));
+    let waits: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
+    let per_client: Arc<Vec<AtomicU64>> =
+        Arc::new((0..args.clients).map(|_| AtomicU64::new(0)).collect());
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -367,16 +387,22 @@ async fn hot_key(args: &Args) -> Result<(), AnyError> {
             grants.clone(),
             stop.clone(),
         );
+        let (timeouts, waits, per_client) = (timeouts.clone(), waits.clone(), per_client.clone());
         tasks.push(tokio::spawn(async move {
             let holder = format!("bench-{me}");
             while !stop.load(Ordering::Relaxed) {
+                let asked_at = Instant::now();
                 let row = client.query_one(&acquire, &[&KEY, &holder]).await?;
                 let granted_at = Instant::now();
                 let token: Option<i64> = if pg_fence { row.get(0) } else { Some(0) };
                 let Some(token) = token else {
+                    timeouts.fetch_add(1, Ordering::Relaxed);
                     continue; // waited 10 s without a grant: try again
                 };
                 grants.fetch_add(1, Ordering::Relaxed);
+                per_client[me].fetch_add(1, Ordering::Relaxed);
+                let waited = granted_at.duration_since(asked_at).as_micros() as u64;
+                waits.lock().expect("not poisoned").push(waited);
                 {
                     let mut last = last.lock().expect("not poisoned");
                     if let Some(previous) = last.take() {
@@ -413,14 +439,23 @@ async fn hot_key(args: &Args) -> Result<(), AnyError> {
     let elapsed = started.elapsed().as_secs_f64();
     let mut samples = std::mem::take(&mut *latencies.lock().expect("not poisoned"));
     samples.sort_unstable();
-    let pct = |p: f64| -> u64 {
-        if samples.is_empty() {
-            return 0;
-        }
-        let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
-        samples[rank.clamp(1, samples.len()) - 1]
-    };
+    let pct = |p: f64| -> u64 { percentile(&samples, p) };
     let grants = grants.load(Ordering::Relaxed);
+    let mut waits = std::mem::take(&mut *waits.lock().expect("not poisoned"));
+    waits.sort_unstable();
+    let shares: Vec<u64> = per_client
+        .iter()
+        .map(|n| n.load(Ordering::Relaxed))
+        .collect();
+    println!(
+        "variant={} wait_p50_us={} wait_p99_us={} timeouts={} fewest_grants={} most_grants={}",
+        args.variant,
+        percentile(&waits, 50.0),
+        percentile(&waits, 99.0),
+        timeouts.load(Ordering::Relaxed),
+        shares.iter().min().copied().unwrap_or(0),
+        shares.iter().max().copied().unwrap_or(0),
+    );
     println!(
         "variant={} clients={} seconds={:.1} grants={} grants_per_s={:.0} handoffs={} handoffs_per_s={:.0} p50_us={} p90_us={} p99_us={} max_us={}",
         args.variant,
@@ -440,6 +475,15 @@ async fn hot_key(args: &Args) -> Result<(), AnyError> {
         std::fs::write(path, text)?;
     }
     Ok(())
+}
+
+/// Nearest-rank percentile `p` (0-100) of sorted samples; 0 if there are none.
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 // ---------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 //! PostgreSQL's lock manager rather than on the lease row.
 //!
 //! A fenced write takes the key's lock in share mode before it reads the
-//! lease; `lock_acquire` try-takes it exclusively before it grants a new
-//! lease. Both are transaction-scoped, so once a write has passed its check
+//! lease, and so do renew, release, force-release and a holder's re-acquire
+//! before they update the lease row; `lock_acquire` try-takes it exclusively
+//! before it grants a new lease. Both are transaction-scoped, so once a write has passed its check
 //! no newer lease on that key can be granted until the writing transaction
 //! ends, and a write that comes after a grant waits for the granting
 //! transaction to commit and then sees the new lease. Unlike a `FOR KEY

@@ -12,7 +12,8 @@
 //! Before granting, acquire try-locks the key exclusively (keylock.rs) until
 //! its transaction ends: another grant in flight holds that lock, so two
 //! acquires can never both grant (G2), and so does a fenced write in flight,
-//! in share mode (G3). A key whose row is free and untouched is then granted
+//! in share mode (G3), and a renew or release writing the row, also in share
+//! mode. A key whose row is free and untouched is then granted
 //! with one update (the fast path). A row that another transaction has
 //! locked or updated since (a release in flight), and every row under
 //! REPEATABLE READ or SERIALIZABLE, is locked `FOR UPDATE SKIP LOCKED`
@@ -688,12 +689,16 @@ fn attempt(
 /// locked or updated since it was written (`xmax = 0`): no subtransaction and
 /// no row lock. The key lock is enough. Every path that can make a lease row
 /// live again (a grant) takes it exclusively first, and everything else that
-/// writes the row (renew, release, force, a holder's re-acquire) matches only
-/// a live lease. So holding the key lock, nobody else can change this row, and
-/// the grant's update (which itself matches only a row that is not live)
-/// neither waits for a row lock nor races with another grant. If it matches
-/// nothing (granted to someone else between the peek and the key lock), the
-/// key lock is released at once and the caller looks again.
+/// writes the row (renew, release, force, a holder's re-acquire) takes it in
+/// share mode before its update and matches only a live lease. So holding the
+/// key lock, nobody else can change this row: a renew that judged the lease
+/// live just before it expired has either committed (and the grant's update,
+/// which matches only a row that is not live, sees the renewal and matches
+/// nothing) or still holds its share lock (and we never got ours). The update
+/// therefore neither waits for a row lock, nor keeps one, nor races another
+/// grant. If it matches nothing, the key lock is released at once and the
+/// caller looks again; that attempt has spent a token and its transaction
+/// commits durably, which only a race with a grant or renewal costs.
 fn take_free_row(
     client: &mut SpiClient<'_>,
     plans: &Plans,
@@ -702,14 +707,7 @@ fn take_free_row(
     ttl: Interval,
     role: pg_sys::Oid,
 ) -> Result<Attempt, FenceError> {
-    if let Some(busy) = claim_key(key) {
-        return Ok(busy);
-    }
-    let outcome = grant(client, &plans.grant_update, key, holder, ttl, role)?;
-    if !matches!(outcome, Attempt::Granted(_)) {
-        keylock::release_exclusive(key);
-    }
-    Ok(outcome)
+    grant_under_key_lock(client, &plans.grant_update, key, holder, ttl, role)
 }
 
 /// Run one grant attempt in an internal subtransaction, committed only if it
@@ -807,6 +805,7 @@ fn extend_own_lease(
     if owner != role && !is_fence_admin(role) {
         return Err(not_owner("re-acquire", key, token, owner, role));
     }
+    keylock::share(key);
     let rows = client.update(
         &plans.extend,
         Some(1),
@@ -827,12 +826,27 @@ fn claim_new_key(
     ttl: Interval,
     role: pg_sys::Oid,
 ) -> Result<Attempt, FenceError> {
-    // Another first acquire of this key may be inserting it right now.
+    // The key lock also keeps out another first acquire inserting it right
+    // now; an insert that conflicts anyway found it created (and committed)
+    // by someone else since we looked.
+    grant_under_key_lock(client, &plans.grant_insert, key, holder, ttl, role)
+}
+
+/// The grant of the paths without a subtransaction: take the key lock (busy
+/// if a grant or a fenced write holds it), then grant; if the statement
+/// matched nothing, give the key lock back at once.
+fn grant_under_key_lock(
+    client: &mut SpiClient<'_>,
+    statement: &OwnedPreparedStatement,
+    key: &str,
+    holder: &str,
+    ttl: Interval,
+    role: pg_sys::Oid,
+) -> Result<Attempt, FenceError> {
     if let Some(busy) = claim_key(key) {
         return Ok(busy);
     }
-    // Nothing inserted: created (and committed) by someone else since we looked.
-    let outcome = grant(client, &plans.grant_insert, key, holder, ttl, role)?;
+    let outcome = grant(client, statement, key, holder, ttl, role)?;
     if !matches!(outcome, Attempt::Granted(_)) {
         keylock::release_exclusive(key);
     }
@@ -1007,6 +1021,7 @@ pub fn renew(
     }
     let role = caller_role();
     let admin = is_fence_admin(role);
+    keylock::share(key);
     with_spi(|client, plans| {
         let rows = may_commit_asynchronously(|| {
             client.update(
@@ -1038,6 +1053,7 @@ pub fn release(lock_key: Option<&str>, token: Option<i64>) -> Result<bool, Fence
     let token = required(F, "token", token)?;
     let role = caller_role();
     let admin = is_fence_admin(role);
+    keylock::share(key);
     with_spi(|client, plans| {
         let rows = may_commit_asynchronously(|| {
             client.update(
@@ -1063,6 +1079,7 @@ pub fn force_release(lock_key: Option<&str>) -> Result<bool, FenceError> {
     let key = check_key(F, lock_key)?;
     let role = caller_role();
     let admin = is_fence_admin(role);
+    keylock::share(key);
     with_spi(|client, plans| {
         let rows = client.update(
             &plans.force_release,

@@ -47,6 +47,7 @@ pub fn lease_row(
     with_holder: bool,
 ) -> Result<Option<LeaseRow>, FenceError> {
     let internal = |what: &str| FenceError::internal(format!("reading fence.leases: {what}"));
+    let key_datum = key.into_datum().ok_or_else(|| internal("NULL key"))?;
     unsafe {
         let namespace = pg_sys::get_namespace_oid(c"fence".as_ptr(), false);
         let table_oid = pg_sys::get_relname_relid(c"leases".as_ptr(), namespace);
@@ -67,6 +68,8 @@ pub fn lease_row(
             column(c"holder"),
         ];
         if attributes.iter().any(|&attnum| attnum <= 0) {
+            pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+            pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
             return Err(internal(
                 "a column (token, expires_at, released_at, owner_role, holder) is missing",
             ));
@@ -83,7 +86,7 @@ pub fn lease_row(
             1,
             pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
             pg_sys::Oid::from(pg_sys::F_TEXTEQ),
-            key.into_datum().ok_or_else(|| internal("NULL key"))?,
+            key_datum,
         );
         let scan = pg_sys::index_beginscan(table, index, snapshot, 1, 0);
         pg_sys::index_rescan(scan, &mut scan_key, 1, std::ptr::null_mut(), 0);
@@ -99,11 +102,21 @@ pub fn lease_row(
             };
             let expires = value(expires_at).map_or(i64::MIN, |at| at.value() as i64);
             let live = value(released_at).is_none() && expires > pg_sys::GetCurrentTimestamp();
+            // xmax and the hint bits live in the shared page: read them under
+            // the buffer's content lock, as heapam does.
             let mut should_free = false;
             let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
+            let buffer = (*(slot as *mut pg_sys::BufferHeapTupleTableSlot)).buffer;
+            let locked = !should_free && buffer != pg_sys::InvalidBuffer as pg_sys::Buffer;
+            if locked {
+                pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_SHARE as i32);
+            }
             let header = (*tuple).t_data;
             let untouched = (*header).t_choice.t_heap.t_xmax == pg_sys::InvalidTransactionId
                 || (*header).t_infomask & pg_sys::HEAP_XMAX_INVALID as u16 != 0;
+            if locked {
+                pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_UNLOCK as i32);
+            }
             let holder = match (with_holder, value(holder_at)) {
                 (true, Some(datum)) => String::from_datum(datum, false),
                 _ => None,

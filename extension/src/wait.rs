@@ -7,8 +7,8 @@
 //! key sets the latch of one backend advertising that hash, right after it
 //! commits, so a waiter retries within about a millisecond of a release.
 //! Only one: a release frees one grant, and waking every waiter had them all
-//! race for it, which on a hot key cost more than the grant (the scan starts
-//! at a varying place, so no waiter is always first). A waiter whose wait
+//! race for it, which on a hot key cost more than the grant (the one woken
+//! is drawn at random among the waiters not already woken). A waiter whose wait
 //! runs out just after it was woken passes the wake-up on to another. An
 //! expiry needs no signal: the waiter knows `expires_at` and sleeps until
 //! then. A hash collision, a woken waiter that is cancelled, or a missed
@@ -118,9 +118,12 @@ pub fn pass_on_wakeup(event: u32) {
 }
 
 /// Set the latch of one backend (not this one) whose advertised wait event is
-/// `event`, scanning from a varying start. Reading another backend's
-/// `wait_event_info` without a lock is what `pg_stat_activity` does; setting
-/// another backend's latch is what condition variables do.
+/// `event` and whose latch is not set already (that one will run anyway),
+/// chosen uniformly among them in one pass (reservoir sampling), so the
+/// empty process slots between backends do not favour any of them. Reading
+/// another backend's `wait_event_info` and latch flag without a lock is what
+/// `pg_stat_activity` does; setting another backend's latch is what
+/// condition variables do.
 unsafe fn wake_one_waiting_on(event: u32) {
     unsafe {
         let header = pg_sys::ProcGlobal;
@@ -129,20 +132,31 @@ unsafe fn wake_one_waiting_on(event: u32) {
         }
         let procs = (*header).allProcs;
         let count = (*header).allProcCount as usize;
-        if count == 0 {
-            return;
-        }
-        let start = (pg_sys::GetCurrentTimestamp() as u64 % count as u64) as usize;
-        for step in 0..count {
-            let proc_ = procs.add((start + step) % count);
+        let mut random =
+            (pg_sys::GetCurrentTimestamp() as u64) ^ ((pg_sys::MyProcPid as u64) << 32) | 1;
+        let mut chosen: Option<*mut pg_sys::PGPROC> = None;
+        let mut matches = 0u64;
+        for i in 0..count {
+            let proc_ = procs.add(i);
             if proc_ == pg_sys::MyProc {
                 continue;
             }
             let advertised = std::ptr::read_volatile(std::ptr::addr_of!((*proc_).wait_event_info));
-            if advertised == event {
-                pg_sys::SetLatch(std::ptr::addr_of_mut!((*proc_).procLatch));
-                return;
+            let latch_set = std::ptr::read_volatile(std::ptr::addr_of!((*proc_).procLatch.is_set));
+            if advertised != event || latch_set != 0 {
+                continue;
             }
+            matches += 1;
+            // xorshift64: the k-th match replaces the choice with probability 1/k.
+            random ^= random << 13;
+            random ^= random >> 7;
+            random ^= random << 17;
+            if random.is_multiple_of(matches) {
+                chosen = Some(proc_);
+            }
+        }
+        if let Some(proc_) = chosen {
+            pg_sys::SetLatch(std::ptr::addr_of_mut!((*proc_).procLatch));
         }
     }
 }
