@@ -88,7 +88,7 @@ rotate_rounds() {
             tps=$(run "$variant")
             [ -n "$tps" ] || { echo "run failed for $variant" >&2; exit 1; }
             TPS[$variant]="${TPS[$variant]:-} $tps"
-            printf '   round %s  %-16s %10.0f /s\n' "$round" "$variant" "$tps"
+            printf '   round %s  %-22s %10.0f /s\n' "$round" "$variant" "$tps"
         done
     done
     for variant in "${variants[@]}"; do MED[$variant]=$(echo "${TPS[$variant]}" | median); done
