@@ -117,8 +117,8 @@ row's live token.
 ${rows}
 Aim: pg_fence / plain ≥ 0.92. With durable commits the WAL flush dominates every
 transaction; with \`synchronous_commit = off\` the rows show the check's CPU cost.
-pg_fence's check takes a lock-manager lock on the key and runs one kept plan (a
-primary-key probe); it writes no WAL. The PL/pgSQL trigger locks the lease row
+pg_fence's check takes a lock-manager lock on the key and probes the lease table's
+primary key directly (no SPI, no executor); it writes no WAL. The PL/pgSQL trigger locks the lease row
 \`FOR KEY SHARE\`, which writes a WAL record and dirties the lease page in every
 transaction: that is what pg_fence's first version did, measured at 0.87x (durable)
 and 0.75x (async) of plain, the same as PL/pgSQL, before it moved to the key lock.

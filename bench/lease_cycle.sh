@@ -61,16 +61,10 @@ END $$;
 INSERT INTO bench_recipe_locks
 SELECT 'cycle:' || g, 'seed', nextval('bench_recipe_token_seq'), now() - interval '1 hour'
   FROM generate_series(1, :keys) AS g;
-INSERT INTO fence.leases (lock_key, holder, token, ttl, acquired_at, expires_at, released_at, owner_role, application_name)
-SELECT 'cycle:' || g, 'seed', nextval('fence.token_seq'), interval '30 seconds',
-       now() - interval '1 hour', now() - interval '1 hour' + interval '30 seconds',
-       now() - interval '1 hour', 'postgres'::regrole, 'bench seed'
-  FROM generate_series(1, :keys) AS g
-ON CONFLICT (lock_key) DO NOTHING;
 VACUUM ANALYZE bench_recipe_locks;
-VACUUM ANALYZE fence.leases;
-CHECKPOINT;
 SQL
+seed_cycle_keys "$KEYS"
+"${PSQL[@]}" -c CHECKPOINT
 
 cat >"$WORK/pg_fence.sql" <<'PGB'
 \set id random(1, :keys)

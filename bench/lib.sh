@@ -93,3 +93,17 @@ rotate_rounds() {
     done
     for variant in "${variants[@]}"; do MED[$variant]=$(echo "${TPS[$variant]}" | median); done
 }
+
+# seed_cycle_keys N: released leases for cycle:1..cycle:N in fence.leases (the
+# keys the cycle benchmarks use), as a lock service that has run a while has.
+seed_cycle_keys() {
+    "${PSQL[@]}" -v keys="$1" <<'SQL'
+INSERT INTO fence.leases (lock_key, holder, token, ttl, acquired_at, expires_at, released_at, owner_role, application_name)
+SELECT 'cycle:' || g, 'seed', nextval('fence.token_seq'), interval '30 seconds',
+       now() - interval '1 hour', now() - interval '1 hour' + interval '30 seconds',
+       now() - interval '1 hour', 'postgres'::regrole, 'bench seed'
+  FROM generate_series(1, :keys) AS g
+ON CONFLICT (lock_key) DO NOTHING;
+VACUUM ANALYZE fence.leases;
+SQL
+}

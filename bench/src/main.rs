@@ -292,6 +292,7 @@ async fn cycles(args: &Args) -> Result<(), AnyError> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let busy = Arc::new(AtomicU64::new(0));
+    let cpu_before = process_cpu_micros()?;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (i, mut cycler) in all.into_iter().enumerate() {
@@ -315,17 +316,32 @@ async fn cycles(args: &Args) -> Result<(), AnyError> {
         task.await??;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = process_cpu_micros()? - cpu_before;
     let done = done.load(Ordering::Relaxed);
     println!(
-        "variant={} clients={} seconds={:.1} cycles={} busy={} cycles_per_s={:.0}",
+        "variant={} clients={} seconds={:.1} cycles={} busy={} cycles_per_s={:.0} client_cpu_us_per_cycle={:.1}",
         args.variant,
         args.clients,
         elapsed,
         done,
         busy.load(Ordering::Relaxed),
-        done as f64 / elapsed
+        done as f64 / elapsed,
+        cpu as f64 / done.max(1) as f64
     );
     Ok(())
+}
+
+/// CPU time (user + system) this process has used, in microseconds, from
+/// /proc/self/stat (clock ticks of 10 ms: enough over a run of seconds).
+fn process_cpu_micros() -> Result<u64, AnyError> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // The fields after the parenthesised command name; utime and stime are
+    // fields 14 and 15 of the whole line.
+    let rest = stat.rsplit_once(')').ok_or("malformed /proc/self/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).ok_or("no utime")?.parse::<u64>()?
+        + fields.get(12).ok_or("no stime")?.parse::<u64>()?;
+    Ok(ticks * 10_000)
 }
 
 // ---------------------------------------------------------------------------

@@ -33,18 +33,19 @@ pub struct LeaseRow {
     pub live: bool,
     pub expires_at: pg_sys::TimestampTz,
     pub owner_role: pg_sys::Oid,
-    /// Read only when asked for.
+    /// Read only `for_grant`.
     pub holder: Option<String>,
     /// No transaction has locked or updated this version (its xmax is unset
-    /// or known invalid).
+    /// or known invalid). Read only `for_grant`; false otherwise.
     pub untouched: bool,
 }
 
-/// The key's lease row, if it has one.
+/// The key's lease row, if it has one. `for_grant` also reads the holder and
+/// whether the row is untouched, which the fence check does not need.
 pub fn lease_row(
     key: &str,
     snapshot: Snapshot,
-    with_holder: bool,
+    for_grant: bool,
 ) -> Result<Option<LeaseRow>, FenceError> {
     let internal = |what: &str| FenceError::internal(format!("reading fence.leases: {what}"));
     let key_datum = key.into_datum().ok_or_else(|| internal("NULL key"))?;
@@ -104,20 +105,8 @@ pub fn lease_row(
             let live = value(released_at).is_none() && expires > pg_sys::GetCurrentTimestamp();
             // xmax and the hint bits live in the shared page: read them under
             // the buffer's content lock, as heapam does.
-            let mut should_free = false;
-            let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
-            let buffer = (*(slot as *mut pg_sys::BufferHeapTupleTableSlot)).buffer;
-            let locked = !should_free && buffer != pg_sys::InvalidBuffer as pg_sys::Buffer;
-            if locked {
-                pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_SHARE as i32);
-            }
-            let header = (*tuple).t_data;
-            let untouched = (*header).t_choice.t_heap.t_xmax == pg_sys::InvalidTransactionId
-                || (*header).t_infomask & pg_sys::HEAP_XMAX_INVALID as u16 != 0;
-            if locked {
-                pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_UNLOCK as i32);
-            }
-            let holder = match (with_holder, value(holder_at)) {
+            let untouched = for_grant && untouched(slot);
+            let holder = match (for_grant, value(holder_at)) {
                 (true, Some(datum)) => String::from_datum(datum, false),
                 _ => None,
             };
@@ -131,9 +120,6 @@ pub fn lease_row(
                 holder,
                 untouched,
             });
-            if should_free {
-                pg_sys::heap_freetuple(tuple);
-            }
         }
 
         pg_sys::ExecDropSingleTupleTableSlot(slot);
@@ -143,5 +129,31 @@ pub fn lease_row(
         pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
         pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
         Ok(row)
+    }
+}
+
+/// Whether no transaction has locked or updated the row version in `slot`
+/// (a buffer heap slot from the probe): xmax unset, or known invalid. xmax and
+/// the hint bits live in the shared page, so they are read under the buffer's
+/// content lock, as heapam does.
+unsafe fn untouched(slot: *mut pg_sys::TupleTableSlot) -> bool {
+    unsafe {
+        let mut should_free = false;
+        let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
+        let buffer = (*(slot as *mut pg_sys::BufferHeapTupleTableSlot)).buffer;
+        let locked = !should_free && buffer != pg_sys::InvalidBuffer as pg_sys::Buffer;
+        if locked {
+            pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_SHARE as i32);
+        }
+        let header = (*tuple).t_data;
+        let untouched = (*header).t_choice.t_heap.t_xmax == pg_sys::InvalidTransactionId
+            || (*header).t_infomask & pg_sys::HEAP_XMAX_INVALID as u16 != 0;
+        if locked {
+            pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_UNLOCK as i32);
+        }
+        if should_free {
+            pg_sys::heap_freetuple(tuple);
+        }
+        untouched
     }
 }
