@@ -55,6 +55,7 @@ PLOT="$ROOT/bench/hot_key_latency.png"
 if command -v gnuplot >/dev/null; then
     gnuplot <<GP
 set terminal png size 900,520
+set termoption noenhanced
 set output "$PLOT"
 set title "One hot key, $CLIENTS clients: wake-up latency of each handoff (release sent -> next grant)"
 set xlabel "latency (ms, log scale)"

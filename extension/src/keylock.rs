@@ -67,3 +67,12 @@ pub fn release_exclusive(lock_key: &str) {
     let tag = tag(lock_key);
     unsafe { pg_sys::LockRelease(&tag, pg_sys::ExclusiveLock as i32, false) };
 }
+
+/// Release one hold of the key's share lock taken by [`share`] in this same
+/// function call: for a renew or release whose update matched nothing, so a
+/// no-op on a lease that is no longer live does not hold off a new grant
+/// until its transaction ends.
+pub fn release_share(lock_key: &str) {
+    let tag = tag(lock_key);
+    unsafe { pg_sys::LockRelease(&tag, pg_sys::ShareLock as i32, false) };
+}

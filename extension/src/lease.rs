@@ -812,6 +812,9 @@ fn extend_own_lease(
         &[key.into(), ttl.into(), holder.into(), token.into()],
     )?;
     // None matched: it expired or was released since we looked.
+    if rows.is_empty() {
+        keylock::release_share(key);
+    }
     grant_outcome(rows, key, holder, token)
 }
 
@@ -1039,6 +1042,7 @@ pub fn renew(
         if !rows.is_empty() {
             return Ok(rows.first().get(1)?);
         }
+        keylock::release_share(key);
         match live_owner(client, plans, key, Some(token))? {
             Some((owner, _)) => Err(not_owner("renew", key, token, owner, role)),
             None => Ok(None),
@@ -1066,6 +1070,7 @@ pub fn release(lock_key: Option<&str>, token: Option<i64>) -> Result<bool, Fence
             wait::wake_after_commit(key);
             return Ok(true);
         }
+        keylock::release_share(key);
         match live_owner(client, plans, key, Some(token))? {
             Some((owner, _)) => Err(not_owner("release", key, token, owner, role)),
             None => Ok(false),
@@ -1090,6 +1095,7 @@ pub fn force_release(lock_key: Option<&str>) -> Result<bool, FenceError> {
             wait::wake_after_commit(key);
             return Ok(true);
         }
+        keylock::release_share(key);
         match live_owner(client, plans, key, None)? {
             Some((owner, token)) => Err(not_owner("force-release", key, token, owner, role)),
             None => Ok(false),
