@@ -20,7 +20,7 @@ trap 'restore_checkpoints; rm -rf "$WORK"' EXIT
 quiet_checkpoints
 
 echo "== client: $CLIENTS clients, keys over $KEYS, ${DURATION}s x $ROUNDS rounds per variant"
-seed_cycle_keys "$KEYS"
+seed_keys cycle 1 "$KEYS"
 VARIANTS=(lease-sqlx sqlx lease-deadpool deadpool tokio-postgres)
 # One run: prints cycles/s, and keeps the client's CPU per cycle in $WORK/cpu.VARIANT.
 run() {

@@ -65,9 +65,7 @@ done
 run() {  # mode variant -> tps
     local options=""
     [ "$1" = async ] && options="-c synchronous_commit=off"
-    PGOPTIONS="$options" pgbench -n -M prepared -c "$CLIENTS" -j 2 -T "$DURATION" -D base="$BASE" \
-        -f "$WORK/$2.sql" "${CONN[@]}" pg_fence 2>&1 |
-        sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p'
+    PGOPTIONS="$options" pgbench_tps -c "$CLIENTS" -T "$DURATION" -D base="$BASE" -f "$WORK/$2.sql"
 }
 
 echo "   warm-up (discarded)"

@@ -63,7 +63,7 @@ SELECT 'cycle:' || g, 'seed', nextval('bench_recipe_token_seq'), now() - interva
   FROM generate_series(1, :keys) AS g;
 VACUUM ANALYZE bench_recipe_locks;
 SQL
-seed_cycle_keys "$KEYS"
+seed_keys cycle 1 "$KEYS"
 "${PSQL[@]}" -c CHECKPOINT
 
 cat >"$WORK/pg_fence.sql" <<'PGB'
@@ -99,9 +99,7 @@ run() {
     local clients=${2:-$CLIENTS}
     case $1 in
     pg_fence | recipe | recipe_async_release | advisory)
-        pgbench -n -M prepared -c "$clients" -j 2 -T "$DURATION" -D keys="$KEYS" \
-            -f "$WORK/$1.sql" "${CONN[@]}" pg_fence 2>&1 |
-            sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p'
+        pgbench_tps -c "$clients" -T "$DURATION" -D keys="$KEYS" -f "$WORK/$1.sql"
         ;;
     rust_pg_fence)
         "$BENCH_BIN" cycle tokio-postgres --clients "$clients" --seconds "$DURATION" --keys "$KEYS" | field cycles_per_s

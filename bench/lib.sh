@@ -77,14 +77,12 @@ restore_checkpoints() {
 # rotate_rounds VARIANT...: run each variant $ROUNDS times through the
 # script's run() (which prints one rate), rotating the order from round to
 # round. Fills TPS[variant] with the rates and MED[variant] with their median.
-# With CHECKPOINT_EACH=1, each run starts from a CHECKPOINT.
 rotate_rounds() {
     declare -gA TPS MED
     local variants=("$@") round shift_by variant tps
     for round in $(seq "$ROUNDS"); do
         shift_by=$(((round - 1) % ${#variants[@]}))
         for variant in "${variants[@]:$shift_by}" "${variants[@]:0:$shift_by}"; do
-            [ "${CHECKPOINT_EACH:-0}" = 1 ] && "${PSQL[@]}" -c CHECKPOINT
             tps=$(run "$variant")
             [ -n "$tps" ] || { echo "run failed for $variant" >&2; exit 1; }
             TPS[$variant]="${TPS[$variant]:-} $tps"
@@ -94,16 +92,24 @@ rotate_rounds() {
     for variant in "${variants[@]}"; do MED[$variant]=$(echo "${TPS[$variant]}" | median); done
 }
 
-# seed_cycle_keys N: released leases for cycle:1..cycle:N in fence.leases (the
-# keys the cycle benchmarks use), as a lock service that has run a while has.
-seed_cycle_keys() {
-    "${PSQL[@]}" -v keys="$1" <<'SQL'
+# seed_keys PREFIX FIRST LAST: released leases for PREFIX:FIRST..PREFIX:LAST in
+# fence.leases (keys already there are left alone), as a lock service that
+# has run a while has them; then VACUUM ANALYZE.
+seed_keys() {
+    "${PSQL[@]}" -v prefix="$1:" -v first="$2" -v last="$3" <<'SQL'
 INSERT INTO fence.leases (lock_key, holder, token, ttl, acquired_at, expires_at, released_at, owner_role, application_name)
-SELECT 'cycle:' || g, 'seed', nextval('fence.token_seq'), interval '30 seconds',
+SELECT :'prefix' || g, 'seed', nextval('fence.token_seq'), interval '30 seconds',
        now() - interval '1 hour', now() - interval '1 hour' + interval '30 seconds',
        now() - interval '1 hour', 'postgres'::regrole, 'bench seed'
-  FROM generate_series(1, :keys) AS g
+  FROM generate_series(:first, :last) AS g
 ON CONFLICT (lock_key) DO NOTHING;
 VACUUM ANALYZE fence.leases;
 SQL
+}
+
+# pgbench_tps [pgbench options]: one pgbench run on the bench database; prints
+# its tps (without connection time).
+pgbench_tps() {
+    pgbench -n -M prepared -j 2 "$@" "${CONN[@]}" pg_fence 2>&1 |
+        sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p'
 }

@@ -23,16 +23,9 @@ CHURN=${BENCH_CHURN_SECONDS:-600}
 . "$ROOT/bench/lib.sh"
 
 echo "== scale: $SMALL vs $LARGE lease rows, $CLIENTS clients, ${DURATION}s x $ROUNDS rounds; churn ${CHURN}s"
-seed() {  # first last: add released keys scale:first..scale:last
-    "${PSQL[@]}" -v first="$1" -v last="$2" <<'SQL'
-INSERT INTO fence.leases (lock_key, holder, token, ttl, acquired_at, expires_at, released_at, owner_role, application_name)
-SELECT 'scale:' || g, 'seed', nextval('fence.token_seq'), interval '30 seconds',
-       now() - interval '1 hour', now() - interval '1 hour' + interval '30 seconds',
-       now() - interval '1 hour', 'postgres'::regrole, 'bench seed'
-  FROM generate_series(:first, :last) AS g;
-VACUUM ANALYZE fence.leases;
-CHECKPOINT;
-SQL
+seed() {  # first last: add released keys scale:first..scale:last, then a checkpoint
+    seed_keys scale "$1" "$2"
+    "${PSQL[@]}" -c CHECKPOINT
 }
 size_mb() { "${PSQL[@]}" -At -c "SELECT round(pg_total_relation_size('fence.leases') / 1048576.0, 1)"; }
 rows() { "${PSQL[@]}" -At -c "SELECT count(*) FROM fence.leases"; }
@@ -43,9 +36,7 @@ SELECT coalesce((fence.lock_acquire('scale:' || :id, '30 seconds')).token, 0) AS
 SELECT fence.lock_release('scale:' || :id, :token);
 PGB
 run() {  # keys [seconds] -> cycles per second
-    pgbench -n -M prepared -c "$CLIENTS" -j 2 -T "${2:-$DURATION}" -D keys="$1" \
-        -f "$WORK/cycle.sql" "${CONN[@]}" pg_fence 2>&1 |
-        sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p'
+    pgbench_tps -c "$CLIENTS" -T "${2:-$DURATION}" -D keys="$1" -f "$WORK/cycle.sql"
 }
 rounds() {  # label keys -> median cycles/s over the rounds
     local all=""

@@ -54,8 +54,10 @@ pub enum Error {
         /// The server's message.
         message: String,
     },
-    /// No answer from the server: the connection or the pool failed. The
-    /// call may or may not have taken effect.
+    /// Not a server error: the connection or the pool failed (no answer, so
+    /// the call may or may not have taken effect), or, more rarely, a value
+    /// could not be encoded or decoded by the driver. Both count as
+    /// ambiguous, so a lease acquire retries them as the same holder.
     #[error("connection: {0}")]
     Connection(String),
 }

@@ -34,7 +34,9 @@
 //! Leases are not tied to a connection: every call borrows a pooled
 //! connection for one statement, so they work behind PgBouncer in
 //! transaction mode, unlike session-level advisory locks ([`advisory`],
-//! whose docs say why and what their cancel safety is).
+//! whose docs say why and what their cancel safety is). Both drivers use
+//! named prepared statements there, which need PgBouncer 1.21+ with
+//! `max_prepared_statements` set (or statement caching off in the driver).
 #![warn(missing_docs)]
 
 pub mod advisory;

@@ -221,7 +221,7 @@ impl FenceError {
         let file = match location.file().rsplit('/').next() {
             Some("fence.rs") => c"fence.rs",
             Some("lease.rs") => c"lease.rs",
-            Some("settings.rs") => c"settings.rs",
+            Some("operations.rs") => c"operations.rs",
             _ => c"pg_fence",
         };
         let code = make_sqlstate(self.sqlstate().as_bytes().try_into().expect("5 bytes"));

@@ -4,9 +4,11 @@
 //! A fenced write takes the key's lock in share mode before it reads the
 //! lease, and so do renew, release, force-release and a holder's re-acquire
 //! before they update the lease row; `lock_acquire` try-takes it exclusively
-//! before it grants a new lease. Both are transaction-scoped, so once a write has passed its check
-//! no newer lease on that key can be granted until the writing transaction
-//! ends, and a write that comes after a grant waits for the granting
+//! before it grants a new lease. The locks last until the transaction ends
+//! (a grant attempt inside an internal subtransaction, until that ends),
+//! except that a grant or renew/release whose statement matched nothing gives
+//! its hold back at once. So once a write has passed its check no newer lease
+//! on that key can be granted until the writing transaction ends, and a write that comes after a grant waits for the granting
 //! transaction to commit and then sees the new lease. Unlike a `FOR KEY
 //! SHARE` row lock this writes no WAL and dirties no page, which is what a
 //! check that runs on every protected row must not do.

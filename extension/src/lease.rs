@@ -12,8 +12,8 @@
 //! Before granting, acquire try-locks the key exclusively (keylock.rs) until
 //! its transaction ends: another grant in flight holds that lock, so two
 //! acquires can never both grant (G2), and so does a fenced write in flight,
-//! in share mode (G3), and a renew or release writing the row, also in share
-//! mode. A key whose row is free and untouched is then granted
+//! in share mode (G3), and a renew, release, force-release or holder's
+//! re-acquire writing the row, also in share mode. A key whose row is free and untouched is then granted
 //! with one update (the fast path). A row that another transaction has
 //! locked or updated since (a release in flight), and every row under
 //! REPEATABLE READ or SERIALIZABLE, is locked `FOR UPDATE SKIP LOCKED`
@@ -298,7 +298,7 @@ impl Plans {
         Ok(Plans {
             lock_row: prep(
                 format!(
-                    "SELECT l.holder, l.token, l.owner_role, ({LIVE}) AS live, l.expires_at \
+                    "SELECT l.holder, ({LIVE}) AS live, l.expires_at \
                        FROM fence.leases AS l WHERE l.lock_key = $1 FOR UPDATE SKIP LOCKED"
                 ),
                 &[TEXTOID],
@@ -622,7 +622,6 @@ pub fn acquire(
                 let left_ms = (deadline.saturating_sub(now_micros()) + 999) / 1000;
                 if left_ms <= 0 {
                     if wait_micros > 0 {
-                        wait::stop_advertising();
                         wait::pass_on_wakeup(event);
                     }
                     break None;
@@ -650,7 +649,10 @@ fn attempt(
     // visible; so does the probe.)
     unsafe { pg_sys::CommandCounterIncrement() };
     let Some(row) = probe::lease_row(key, probe::Snapshot::Statement, true)? else {
-        return claim_new_key(client, plans, key, holder, ttl, role);
+        // No row yet: create it. The key lock also keeps out another first
+        // acquire inserting it right now; an insert that conflicts anyway
+        // found it created (and committed) by someone else since we looked.
+        return grant_under_key_lock(client, &plans.grant_insert, key, holder, ttl, role);
     };
     let live = row.live;
     if live && row.holder.as_deref() == Some(holder) {
@@ -677,37 +679,12 @@ fn attempt(
         ));
     }
     if row.untouched {
-        return take_free_row(client, plans, key, holder, ttl, role);
+        return grant_under_key_lock(client, &plans.grant_update, key, holder, ttl, role);
     }
     // Free, but some transaction has locked or updated the row version we
     // saw (a release in flight, an aborted grant): lock it, skipping it if
     // it is still locked, and decide again on what we locked.
     in_subtransaction(|| take_locked_row(client, plans, key, holder, ttl, role))
-}
-
-/// The fast path, for a row that is not live and that no transaction has
-/// locked or updated since it was written (`xmax = 0`): no subtransaction and
-/// no row lock. The key lock is enough. Every path that can make a lease row
-/// live again (a grant) takes it exclusively first, and everything else that
-/// writes the row (renew, release, force, a holder's re-acquire) takes it in
-/// share mode before its update and matches only a live lease. So holding the
-/// key lock, nobody else can change this row: a renew that judged the lease
-/// live just before it expired has either committed (and the grant's update,
-/// which matches only a row that is not live, sees the renewal and matches
-/// nothing) or still holds its share lock (and we never got ours). The update
-/// therefore neither waits for a row lock, nor keeps one, nor races another
-/// grant. If it matches nothing, the key lock is released at once and the
-/// caller looks again; that attempt has spent a token and its transaction
-/// commits durably, which only a race with a grant or renewal costs.
-fn take_free_row(
-    client: &mut SpiClient<'_>,
-    plans: &Plans,
-    key: &str,
-    holder: &str,
-    ttl: Interval,
-    role: pg_sys::Oid,
-) -> Result<Attempt, FenceError> {
-    grant_under_key_lock(client, &plans.grant_update, key, holder, ttl, role)
 }
 
 /// Run one grant attempt in an internal subtransaction, committed only if it
@@ -766,16 +743,18 @@ fn take_locked_row(
     }
     let rows = client.update(&plans.lock_row, Some(1), &[key.into()])?;
     if rows.is_empty() {
-        // Another transaction has the row locked: an acquire in flight or a
-        // fenced write. Nobody signals when a row lock ends, so retry soon.
+        // Another transaction has the row locked. It holds no key lock (we
+        // have it), so it is an aborted grant's leftover being cleaned up or
+        // someone locking the table by hand. Nobody signals when a row lock
+        // ends, so retry soon.
         return Ok(Attempt::Busy {
             retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
         });
     }
     let row = rows.first();
     let current_holder: Option<String> = row.get(1)?;
-    let live: bool = row.get(4)?.unwrap_or(false);
-    let expires_at: Option<TimestampWithTimeZone> = row.get(5)?;
+    let live: bool = row.get(2)?.unwrap_or(false);
+    let expires_at: Option<TimestampWithTimeZone> = row.get(3)?;
     if live {
         // Taken since we looked; if by this holder, the next attempt extends it.
         return Ok(if current_holder.as_deref() == Some(holder) {
@@ -790,7 +769,7 @@ fn take_locked_row(
 
 /// G6: the holder retrying (say after a lost reply) gets its live lease back,
 /// same token, `expires_at = now + ttl`. A plain update, like renew: it must
-/// not wait for, or be turned away by, fenced writes share-locking the row.
+/// not wait for, or be turned away by, fenced writes: both share-lock the key.
 #[allow(clippy::too_many_arguments)]
 fn extend_own_lease(
     client: &mut SpiClient<'_>,
@@ -818,26 +797,23 @@ fn extend_own_lease(
     grant_outcome(rows, key, holder, token)
 }
 
-/// The key has no row yet: create it, unless another transaction is doing so.
-/// Like [`take_free_row`], this needs no subtransaction: the key lock keeps
-/// other grants out, and the insert writes only if it grants.
-fn claim_new_key(
-    client: &mut SpiClient<'_>,
-    plans: &Plans,
-    key: &str,
-    holder: &str,
-    ttl: Interval,
-    role: pg_sys::Oid,
-) -> Result<Attempt, FenceError> {
-    // The key lock also keeps out another first acquire inserting it right
-    // now; an insert that conflicts anyway found it created (and committed)
-    // by someone else since we looked.
-    grant_under_key_lock(client, &plans.grant_insert, key, holder, ttl, role)
-}
-
-/// The grant of the paths without a subtransaction: take the key lock (busy
-/// if a grant or a fenced write holds it), then grant; if the statement
-/// matched nothing, give the key lock back at once.
+/// The grant of the paths without a subtransaction, for a key with no row
+/// yet (`grant_insert`) or a row that is not live and that no transaction has
+/// locked or updated since it was written (`grant_update`, the fast path):
+/// take the key lock (busy if a grant or a fenced write holds it), then
+/// grant; if the statement matched nothing, give the key lock back at once.
+///
+/// No row lock is needed. Every path that can make a lease row live again (a
+/// grant) takes the key lock exclusively first, and everything else that
+/// writes the row (renew, release, force, a holder's re-acquire) takes it in
+/// share mode before its update and matches only a live lease. So holding the
+/// key lock, nobody else can change this row: a renew that judged the lease
+/// live just before it expired has either committed (and the grant's update,
+/// which matches only a row that is not live, sees the renewal and matches
+/// nothing) or still holds its share lock (and we never got ours). The update
+/// therefore neither waits for a row lock, nor keeps one, nor races another
+/// grant. A grant that matches nothing has spent a token and its transaction
+/// commits durably, which only a race with a grant or renewal costs.
 fn grant_under_key_lock(
     client: &mut SpiClient<'_>,
     statement: &OwnedPreparedStatement,

@@ -24,8 +24,9 @@ use pgrx::pg_sys;
 
 /// Longest sleep between two attempts while the key looks held.
 pub const RECHECK_INTERVAL_MS: i64 = 50;
-/// Sleep while the lease row is locked by another transaction (an acquire in
-/// flight, or a fenced write in progress): nobody signals when a row lock ends.
+/// Sleep while the key's lock is held by another transaction (a grant in
+/// flight, a fenced write, an uncommitted renew or release) or its row is
+/// locked: nobody signals when those end.
 pub const LOCKED_ROW_RETRY_MS: i64 = 2;
 
 thread_local! {

@@ -180,3 +180,16 @@ pub fn side_cluster(action: &str, base: &str, port: u16) {
         .expect("run scripts/cluster.sh");
     assert!(status.success(), "cluster.sh {action} failed for {base}");
 }
+
+/// A side cluster from scratch (destroyed first, then started) with a fresh
+/// pg_fence; returns a superuser connection to it.
+pub async fn fresh_side_cluster(base: &str, port: u16) -> Client {
+    side_cluster("destroy", base, port);
+    side_cluster("start", base, port);
+    let client = connect_to(port, "postgres").await;
+    client
+        .batch_execute("DROP EXTENSION IF EXISTS pg_fence; CREATE EXTENSION pg_fence")
+        .await
+        .unwrap();
+    client
+}

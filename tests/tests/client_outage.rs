@@ -31,13 +31,7 @@ async fn hold<B: Backend>(backend: &B, key: &str) -> (Lease<B>, Instant) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_server_is_reported_at_the_local_deadline_before_the_server_expiry() {
-    cluster("destroy");
-    cluster("start");
-    let setup = connect_to(PORT, "postgres").await;
-    setup
-        .batch_execute("DROP EXTENSION IF EXISTS pg_fence; CREATE EXTENSION pg_fence")
-        .await
-        .unwrap();
+    let setup = fresh_side_cluster("pg_fence_outage", PORT).await;
 
     let mut config = deadpool_postgres::Config::new();
     config.host = Some("127.0.0.1".into());

@@ -27,13 +27,7 @@ struct Seen {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tokens_survive_an_immediate_shutdown_with_synchronous_commit_off() {
-    cluster("destroy");
-    cluster("start");
-    let setup = connect_to(PORT, "postgres").await;
-    setup
-        .batch_execute("DROP EXTENSION IF EXISTS pg_fence; CREATE EXTENSION pg_fence")
-        .await
-        .unwrap();
+    let setup = fresh_side_cluster("pg_fence_crash", PORT).await;
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     let mut workers = Vec::new();

@@ -2,7 +2,7 @@
 
 use deadpool_postgres::{GenericClient, Object, Pool};
 
-use super::{AdvisoryKey, Wait, LOCK_NOT_AVAILABLE};
+use super::{AdvisoryKey, Wait};
 use crate::backend::deadpool::error;
 use crate::{sql, Error};
 
@@ -83,22 +83,28 @@ pub async fn lock_session(
                 .query_one(sql::ADVISORY_PREPARE_WAIT, &[&wait.lock_timeout()])
                 .await
                 .map_err(error)?;
-            match client.query_one(sql::ADVISORY_LOCK, &[&key.0]).await {
+            match client
+                .query_one(sql::ADVISORY_LOCK, &[&key.0])
+                .await
+                .map_err(error)
+            {
                 Ok(_) => true,
-                Err(e) if e.code().map(|c| c.code()) == Some(LOCK_NOT_AVAILABLE) => false,
-                Err(e) => return Err(error(e)),
+                Err(Error::LockNotAvailable { .. }) => {
+                    // Holding nothing: reset the wait settings before the
+                    // connection goes back to the pool.
+                    client
+                        .batch_execute(sql::ADVISORY_RESET_WAIT)
+                        .await
+                        .map_err(error)?;
+                    false
+                }
+                Err(other) => return Err(other),
             }
         }
     };
     if granted {
         Ok(Some(pending))
     } else {
-        // Holding nothing: reset the wait settings, and the connection may go
-        // back to the pool.
-        client
-            .batch_execute(sql::ADVISORY_RESET_WAIT)
-            .await
-            .map_err(error)?;
         drop(pending.connection.take());
         Ok(None)
     }
@@ -128,11 +134,6 @@ pub async fn lock_xact(
                 .map_err(error)?;
             Ok(true)
         }
-        Wait::Up(_) => Err(Error::Database {
-            sqlstate: "0A000".into(),
-            message:
-                "lock_xact does not support Wait::Up: a lock timeout would abort the transaction"
-                    .into(),
-        }),
+        Wait::Up(_) => Err(super::xact_wait_up_unsupported()),
     }
 }

@@ -73,8 +73,15 @@ impl Wait {
     }
 }
 
-/// SQLSTATE of a lock wait that ran into `lock_timeout`.
-pub(crate) const LOCK_NOT_AVAILABLE: &str = "55P03";
+/// `lock_xact` with `Wait::Up`: refused before anything is sent, because a
+/// lock timeout would abort the caller's transaction.
+pub(crate) fn xact_wait_up_unsupported() -> crate::Error {
+    crate::Error::Database {
+        sqlstate: "0A000".into(),
+        message: "lock_xact does not support Wait::Up: a lock timeout would abort the transaction"
+            .into(),
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -3,7 +3,7 @@
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
 
-use super::{AdvisoryKey, Wait, LOCK_NOT_AVAILABLE};
+use super::{AdvisoryKey, Wait};
 use crate::backend::sqlx::error;
 use crate::{sql, Error};
 
@@ -88,15 +88,18 @@ async fn lock_on(
     execute_with(connection, sql::ADVISORY_PREPARE_WAIT, wait.lock_timeout())
         .await
         .map_err(error)?;
-    match execute_with(connection, sql::ADVISORY_LOCK, key.0).await {
+    match execute_with(connection, sql::ADVISORY_LOCK, key.0)
+        .await
+        .map_err(error)
+    {
         Ok(()) => Ok(true),
-        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+        Err(Error::LockNotAvailable { .. }) => {
             execute_raw(connection, sql::ADVISORY_RESET_WAIT)
                 .await
                 .map_err(error)?;
             Ok(false)
         }
-        Err(e) => Err(error(e)),
+        Err(other) => Err(other),
     }
 }
 
@@ -121,12 +124,7 @@ pub async fn lock_xact(
                 .map_err(error)?;
             Ok(true)
         }
-        Wait::Up(_) => Err(Error::Database {
-            sqlstate: "0A000".into(),
-            message:
-                "lock_xact does not support Wait::Up: a lock timeout would abort the transaction"
-                    .into(),
-        }),
+        Wait::Up(_) => Err(super::xact_wait_up_unsupported()),
     }
 }
 

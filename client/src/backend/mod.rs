@@ -27,7 +27,8 @@ pub struct Grant {
 /// Implemented for `sqlx::PgPool` (feature `sqlx`) and
 /// `deadpool_postgres::Pool` (feature `deadpool-postgres`). Every call takes a
 /// connection from the pool for one statement and gives it back: leases are
-/// not tied to a session, so this works behind PgBouncer in transaction mode.
+/// not tied to a session, so this works behind PgBouncer in transaction mode
+/// (1.21+ with `max_prepared_statements`, for the drivers' prepared statements).
 pub trait Backend: Clone + Send + Sync + 'static {
     /// `fence.lock_acquire`: `None` when the key stayed busy for `wait`.
     fn acquire(

@@ -1,16 +1,12 @@
 //! Run-once over deadpool-postgres.
 
-use std::future::Future;
-use std::pin::Pin;
-
 use deadpool_postgres::{Pool, Transaction};
 
 use super::Once;
 use crate::backend::deadpool::error;
 use crate::{sql, Error};
 
-/// The work of a run-once call: gets the transaction to do it in.
-pub type Work<'t, T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send + 't>>;
+pub use super::Work;
 
 /// Run `work` once per `op_key` (per database role): in one transaction with
 /// its run-once record. If the work fails, nothing is committed and a later

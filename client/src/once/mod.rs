@@ -10,6 +10,12 @@
 //! done *in that transaction* is covered; effects outside the database
 //! (emails, HTTP calls) need the receiver's own idempotency.
 
+use std::future::Future;
+use std::pin::Pin;
+
+/// The work of a run-once call: a future borrowing the transaction.
+pub type Work<'t, T> = Pin<Box<dyn Future<Output = Result<T, crate::Error>> + Send + 't>>;
+
 #[cfg(feature = "deadpool-postgres")]
 pub mod deadpool;
 #[cfg(feature = "sqlx")]

@@ -22,7 +22,7 @@ pub async fn lock_row(
 }
 
 /// Claim up to `limit` rows matching `filter` (your SQL, e.g.
-/// `state = 'ready'`), oldest key first, skipping rows other workers hold:
+/// `state = 'ready'`), lowest key first, skipping rows other workers hold:
 /// each row goes to exactly one of several concurrent claimers.
 pub async fn claim(
     client: &impl GenericClient,

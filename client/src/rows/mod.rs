@@ -4,7 +4,7 @@
 //!
 //! All of them run inside the caller's transaction: row locks last until it
 //! commits or rolls back. Table and column names are quoted identifiers (so
-//! `"Jobs"` and `jobs` differ); a `filter` or `assignment` is SQL you write
+//! `Jobs` and `jobs` name different tables); a `filter` or `assignment` is SQL you write
 //! (never build it from untrusted input; bind values as `$3`, see each
 //! function).
 //!
