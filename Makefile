@@ -12,9 +12,12 @@ CLUSTER      := scripts/cluster.sh
 setup:
 	@scripts/setup.sh
 
-## install: build the extension and install it into the system PostgreSQL 15.
+## install: build the extension and install it into the system PostgreSQL 15,
+## with the frozen install script of 0.1.0 (cargo-pgrx installs the current
+## version's script and the upgrade scripts, sql/pg_fence--A--B.sql).
 install: setup
 	cargo pgrx install -p pg_fence --pg-config $(PG_CONFIG)
+	install -m 644 sql/pg_fence--0.1.0.sql "$$($(PG_CONFIG) --sharedir)/extension/"
 
 ## cluster: start the throwaway cluster (target/pg_fence, port $(PGFENCE_PORT)).
 cluster: install

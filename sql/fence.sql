@@ -14,7 +14,7 @@
 -- session_replication_role = replica too.
 
 -- Drop whichever of the two fence triggers a table has (quietly).
-CREATE FUNCTION fence._drop_fence_triggers(tbl regclass) RETURNS void
+CREATE OR REPLACE FUNCTION fence._drop_fence_triggers(tbl regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
@@ -24,6 +24,7 @@ BEGIN
     FOR trigger_name IN
         SELECT t.tgname FROM pg_trigger AS t
          WHERE t.tgrelid = tbl AND t.tgname IN ('zz_fence_guard', 'zz_fence_no_truncate')
+           AND t.tgparentid = 0
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, tbl);
     END LOOP;
@@ -31,8 +32,13 @@ END
 $fn$;
 
 -- The checks protect() and unprotect() share: a table (22004, 42809), owned
--- by the caller or a role the caller belongs to (42501).
-CREATE FUNCTION fence._require_table_owner(function_name text, tbl regclass) RETURNS void
+-- by the caller or a role the caller belongs to, and a caller in fence_admin
+-- (42501). Choosing the key a table is fenced under is choosing whose lease
+-- its writes hold up: a plain role that owns a table must not fence it under
+-- somebody else's key, read the live token from fence.locks, and then hold
+-- the key's share lock in a transaction it keeps open, so that nobody can
+-- acquire the key once the victim's lease ends.
+CREATE OR REPLACE FUNCTION fence._require_table_owner(function_name text, tbl regclass) RETURNS void
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
@@ -50,10 +56,139 @@ BEGIN
         RAISE EXCEPTION '%: role "%" must own table "%"', function_name, current_user, tbl
             USING ERRCODE = '42501';
     END IF;
+    IF NOT pg_has_role(current_user, 'fence_admin', 'USAGE') THEN
+        RAISE EXCEPTION '%: role "%" must be a member of fence_admin to fence or unfence a table',
+            function_name, current_user
+            USING ERRCODE = '42501',
+                  HINT = 'The key a table is fenced under decides whose leases hold up its writes; a member of fence_admin chooses it.';
+    END IF;
 END
 $fn$;
 
-CREATE FUNCTION fence.protect(
+-- A column the fence check can trust (G3: keys computed from the row as
+-- written, in a form no session setting changes): present (42703), of an
+-- accepted type (42804), and not a generated column (0A000): a STORED
+-- generated column is computed after BEFORE triggers, so the check would
+-- see the old value. protect() checks its arguments with it, and the DDL
+-- event trigger re-checks fenced tables after every ALTER TABLE, so a key
+-- column cannot be re-typed, renamed, dropped or generated behind the fence.
+CREATE OR REPLACE FUNCTION fence._require_trusted_column(function_name text, tbl regclass, col name, role text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    att record;
+BEGIN
+    SELECT a.atttypid::regtype AS typ, a.attgenerated INTO att FROM pg_attribute AS a
+     WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '%: table "%" has no column "%" (%_column)', function_name, tbl, col, role
+            USING ERRCODE = '42703';
+    END IF;
+    IF att.attgenerated <> '' THEN
+        RAISE EXCEPTION '%: % column "%" of table "%" is a generated column', function_name, role, col, tbl
+            USING ERRCODE = '0A000',
+                  DETAIL = 'Generated columns are computed after BEFORE triggers, so the fence would check the old value.';
+    END IF;
+    IF role = 'token' AND att.typ <> 'bigint'::regtype THEN
+        RAISE EXCEPTION '%: token column "%" of table "%" must be of type bigint, not %',
+            function_name, col, tbl, att.typ USING ERRCODE = '42804';
+    END IF;
+    -- The row's key is key_prefix || the column's text form, which must
+    -- not depend on session settings (DateStyle, TimeZone, extra_float_digits...):
+    -- two sessions would otherwise fence the same row under different keys.
+    IF role = 'key' AND att.typ NOT IN ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype, 'name'::regtype,
+                                        'int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'uuid'::regtype) THEN
+        RAISE EXCEPTION '%: key column "%" of table "%" is of type %', function_name, col, tbl, att.typ
+            USING ERRCODE = '42804',
+                  HINT = 'Key columns must be text, varchar, char, name, smallint, integer, bigint or uuid.';
+    END IF;
+END
+$fn$;
+
+-- The fence of a table, as its zz_fence_guard trigger's arguments hold it:
+-- (kind 'key' or 'column', lock key or key column, key prefix, token column).
+CREATE OR REPLACE FUNCTION fence._fence_config(tbl regclass) RETURNS text[]
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT string_to_array(encode(t.tgargs, 'escape'), '\000')
+      FROM pg_trigger AS t
+     WHERE t.tgrelid = tbl AND t.tgname = 'zz_fence_guard' AND t.tgparentid = 0
+       AND t.tgfoid = 'fence.fence_guard()'::regprocedure
+$fn$;
+
+-- Check that a fenced table's columns can still be trusted (see above).
+CREATE OR REPLACE FUNCTION fence._check_fence_columns(function_name text, tbl regclass) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    config text[] := fence._fence_config(tbl);
+BEGIN
+    IF config[1] = 'column' THEN
+        PERFORM fence._require_trusted_column(function_name, tbl, config[2]::name, 'key');
+    END IF;
+    IF config[4] <> '' THEN
+        PERFORM fence._require_trusted_column(function_name, tbl, config[4]::name, 'token');
+    END IF;
+END
+$fn$;
+
+-- Every table a write can reach through a fenced table carries its fence.
+-- PostgreSQL clones row triggers to partitions itself, but not statement
+-- triggers (TRUNCATE of a partition), and no trigger at all to inheritance
+-- children (UPDATE parent writes their rows). So each fence trigger of
+-- `tbl` that PostgreSQL does not clone is cloned here, to every descendant
+-- at any depth, as PostgreSQL clones a partition's row triggers
+-- (fence._clone_fence_trigger, in reach.rs): linked to the parent's trigger,
+-- dropped with it, not droppable on its own, and not written by pg_dump,
+-- which re-creates the parent's trigger and so, through the DDL event
+-- trigger below, the clones. A descendant that has a fence of its own is
+-- refused: its writes through the parent would be checked under the wrong
+-- fence.
+CREATE OR REPLACE FUNCTION fence._fence_descendants(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    parent_trigger record;
+    child record;
+BEGIN
+    FOR parent_trigger IN
+        SELECT t.oid, t.tgname, (t.tgtype & 1) <> 0 AS row_level
+          FROM pg_trigger AS t
+         WHERE t.tgrelid = tbl AND t.tgparentid = 0
+           AND t.tgname IN ('zz_fence_guard', 'zz_fence_no_truncate')
+           AND t.tgfoid IN ('fence.fence_guard()'::regprocedure, 'fence.fence_no_truncate()'::regprocedure)
+    LOOP
+        FOR child IN
+            WITH RECURSIVE below(relid) AS (
+                SELECT i.inhrelid FROM pg_inherits AS i WHERE i.inhparent = tbl
+                UNION
+                SELECT i.inhrelid FROM pg_inherits AS i JOIN below AS b ON i.inhparent = b.relid
+            )
+            SELECT b.relid::regclass AS relid, c.relispartition,
+                   (SELECT t.tgparentid FROM pg_trigger AS t
+                     WHERE t.tgrelid = b.relid AND t.tgname = parent_trigger.tgname) AS existing_parent
+              FROM below AS b JOIN pg_class AS c ON c.oid = b.relid
+        LOOP
+            CONTINUE WHEN parent_trigger.row_level AND child.relispartition;  -- PostgreSQL's own clone
+            CONTINUE WHEN child.existing_parent = parent_trigger.oid;
+            IF child.existing_parent IS NOT NULL THEN
+                RAISE EXCEPTION 'table "%" is fenced on its own and cannot be reached through fenced table "%"',
+                    child.relid, tbl
+                    USING ERRCODE = '55000',
+                          HINT = format('Call fence.unprotect(%L) first: it is then fenced as part of %s.', child.relid::text, tbl);
+            END IF;
+            PERFORM fence._clone_fence_trigger(parent_trigger.oid, child.relid);
+        END LOOP;
+    END LOOP;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION fence.protect(
     tbl          regclass,
     lock_key     text DEFAULT NULL,
     key_column   name DEFAULT NULL,
@@ -63,8 +198,6 @@ CREATE FUNCTION fence.protect(
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-DECLARE
-    column_type oid;
 BEGIN
     PERFORM fence._require_table_owner('protect', tbl);
     IF key_prefix IS NULL THEN
@@ -78,33 +211,16 @@ BEGIN
         RAISE EXCEPTION 'protect: invalid "lock_key": must be 1 to 1024 bytes' USING ERRCODE = '22023';
     END IF;
     IF key_column IS NOT NULL THEN
-        SELECT a.atttypid INTO column_type FROM pg_attribute AS a
-         WHERE a.attrelid = tbl AND a.attname = key_column AND a.attnum > 0 AND NOT a.attisdropped;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'protect: table "%" has no column "%" (key_column)', tbl, key_column
-                USING ERRCODE = '42703';
-        END IF;
-        -- The row's key is key_prefix || the column's text form, which must
-        -- not depend on session settings (DateStyle, TimeZone, extra_float_digits...):
-        -- two sessions would otherwise fence the same row under different keys.
-        IF column_type NOT IN ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype, 'name'::regtype,
-                               'int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'uuid'::regtype) THEN
-            RAISE EXCEPTION 'protect: key column "%" of table "%" is of type %', key_column, tbl, column_type::regtype
-                USING ERRCODE = '42804',
-                      HINT = 'Key columns must be text, varchar, char, name, smallint, integer, bigint or uuid.';
-        END IF;
+        PERFORM fence._require_trusted_column('protect', tbl, key_column, 'key');
     END IF;
     IF token_column IS NOT NULL THEN
-        SELECT a.atttypid INTO column_type FROM pg_attribute AS a
-         WHERE a.attrelid = tbl AND a.attname = token_column AND a.attnum > 0 AND NOT a.attisdropped;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'protect: table "%" has no column "%" (token_column)', tbl, token_column
-                USING ERRCODE = '42703';
-        END IF;
-        IF column_type <> 'bigint'::regtype THEN
-            RAISE EXCEPTION 'protect: token column "%" of table "%" must be of type bigint, not %',
-                token_column, tbl, column_type::regtype USING ERRCODE = '42804';
-        END IF;
+        PERFORM fence._require_trusted_column('protect', tbl, token_column, 'token');
+    END IF;
+    IF EXISTS (SELECT FROM pg_trigger AS t
+                WHERE t.tgrelid = tbl AND t.tgname = 'zz_fence_guard' AND t.tgparentid <> 0) THEN
+        RAISE EXCEPTION 'protect: table "%" is fenced as part of the table it inherits from', tbl
+            USING ERRCODE = '55000',
+                  HINT = 'Its writes are checked under its parent''s fence; change that one with fence.protect() on the parent.';
     END IF;
 
     PERFORM fence._drop_fence_triggers(tbl);
@@ -121,18 +237,25 @@ BEGIN
         'FOR EACH STATEMENT EXECUTE FUNCTION fence.fence_no_truncate()', tbl);
     EXECUTE format(
         'ALTER TABLE %s ENABLE ALWAYS TRIGGER zz_fence_guard, ENABLE ALWAYS TRIGGER zz_fence_no_truncate', tbl);
+    PERFORM fence._fence_descendants(tbl);
 END
 $fn$;
 
 COMMENT ON FUNCTION fence.protect(regclass, text, name, text, name) IS
     'Fence a table: writes must carry the token of the live lease on lock_key, or on key_prefix || key_column per row (SQLSTATE FN001 otherwise).';
 
-CREATE FUNCTION fence.unprotect(tbl regclass) RETURNS void
+CREATE OR REPLACE FUNCTION fence.unprotect(tbl regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
     PERFORM fence._require_table_owner('unprotect', tbl);
+    IF EXISTS (SELECT FROM pg_trigger AS t
+                WHERE t.tgrelid = tbl AND t.tgname = 'zz_fence_guard' AND t.tgparentid <> 0) THEN
+        RAISE EXCEPTION 'unprotect: table "%" is fenced as part of the table it inherits from', tbl
+            USING ERRCODE = '55000',
+                  HINT = 'Call fence.unprotect() on that table, or detach this one from it.';
+    END IF;
     IF NOT EXISTS (SELECT FROM pg_trigger AS t WHERE t.tgrelid = tbl AND t.tgname = 'zz_fence_guard') THEN
         RAISE NOTICE 'table "%" is not protected', tbl;
     END IF;
@@ -140,9 +263,11 @@ BEGIN
 END
 $fn$;
 
--- Fenced tables and how, read from the triggers themselves. "enforced" is
--- false if someone disabled the trigger (a table owner can).
-CREATE VIEW fence.protected_tables AS
+-- Fenced tables and how, read from the triggers themselves: the tables
+-- fence.protect() was called on (their partitions and inheritance children
+-- carry clones of the fence, not listed). "enforced" is false if someone
+-- disabled the trigger (a table owner can).
+CREATE OR REPLACE VIEW fence.protected_tables AS
 SELECT t.tgrelid::pg_catalog.regclass                        AS tbl,
        CASE args.a[1] WHEN 'key' THEN args.a[2] END           AS lock_key,
        CASE args.a[1] WHEN 'column' THEN args.a[2]::name END  AS key_column,
@@ -154,6 +279,69 @@ SELECT t.tgrelid::pg_catalog.regclass                        AS tbl,
         SELECT pg_catalog.string_to_array(pg_catalog.encode(t.tgargs, 'escape'), '\000') AS a
        ) AS args
  WHERE t.tgname = 'zz_fence_guard'
+   AND t.tgparentid = 0
    AND t.tgfoid = 'fence.fence_guard()'::pg_catalog.regprocedure;
 
 GRANT SELECT ON fence.protected_tables TO PUBLIC;
+
+-- After every CREATE TABLE and ALTER TABLE: for each fenced table the
+-- command touched, or that a touched table inherits from, check that its
+-- key and token columns can still be trusted (the DDL is refused otherwise)
+-- and give new partitions and inheritance children its fence. Event
+-- triggers do not fire in single-user mode; the fence check re-checks the
+-- columns on every write, so a table changed there fails closed.
+CREATE OR REPLACE FUNCTION fence._on_ddl_command_end() RETURNS event_trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    fenced regclass;
+BEGIN
+    FOR fenced IN
+        WITH RECURSIVE touched(relid) AS (
+            SELECT c.objid FROM pg_event_trigger_ddl_commands() AS c
+             WHERE c.classid = 'pg_class'::regclass
+            UNION
+            SELECT i.inhparent FROM pg_inherits AS i JOIN touched AS t ON i.inhrelid = t.relid
+        )
+        SELECT DISTINCT t.tgrelid::regclass
+          FROM touched JOIN pg_trigger AS t ON t.tgrelid = touched.relid
+         WHERE t.tgname = 'zz_fence_guard' AND t.tgparentid = 0
+           AND t.tgfoid = 'fence.fence_guard()'::regprocedure
+    LOOP
+        PERFORM fence._check_fence_columns('ALTER TABLE of fenced table', fenced);
+        PERFORM fence._fence_descendants(fenced);
+    END LOOP;
+END
+$fn$;
+
+CREATE EVENT TRIGGER fence_ddl_command_end ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION fence._on_ddl_command_end();
+
+-- Who holds a key's lock right now (keylock.rs), so that an admin can see,
+-- and end, the session that keeps a key from being acquired: a grant in
+-- flight holds it exclusively ('grant'); a fenced write, a renew or a
+-- release holds it in share mode until its transaction ends ('write'). A
+-- prepared transaction holds it until COMMIT/ROLLBACK PREPARED: pid is NULL
+-- and state names its gid. End a session with pg_terminate_backend(pid).
+-- Keys are found through their lease rows (every held key has one).
+CREATE OR REPLACE VIEW fence.blockers AS
+SELECT lk.pid,
+       COALESCE(a.usename, p.owner)                                     AS role,
+       l.lock_key,
+       CASE lk.mode WHEN 'ExclusiveLock' THEN 'grant' ELSE 'write' END  AS what,
+       COALESCE(a.xact_start, p.prepared)                               AS xact_start,
+       CASE WHEN lk.pid IS NULL THEN 'prepared ' || p.gid ELSE a.state END AS state
+  FROM pg_catalog.pg_locks AS lk
+  JOIN fence.leases AS l ON fence._key_lock_objid(l.lock_key) = lk.objid
+  LEFT JOIN pg_catalog.pg_stat_activity AS a ON a.pid = lk.pid
+  LEFT JOIN pg_catalog.pg_prepared_xacts AS p
+         ON lk.pid IS NULL AND lk.virtualtransaction = '-1/' || p.transaction::text
+ WHERE lk.locktype = 'advisory'
+   AND lk.granted
+   AND lk.database = (SELECT d.oid FROM pg_catalog.pg_database AS d WHERE d.datname = pg_catalog.current_database())
+   AND lk.classid = 1178947139  -- 'FENC'
+   AND lk.objsubid = 3;
+
+GRANT SELECT ON fence.blockers TO PUBLIC;

@@ -38,7 +38,10 @@ CREATE TABLE fence.leases (
     acquired_at      timestamptz NOT NULL,
     expires_at       timestamptz NOT NULL,
     released_at      timestamptz,           -- NULL until released or forced
-    owner_role       oid NOT NULL,          -- the role that acquired it (G4)
+    -- The role that acquired it (G4). regrole, not oid: pg_dump writes it
+    -- as the role's name and a restore reads it back as that role's OID in
+    -- the new cluster, so restored leases keep their owners.
+    owner_role       regrole NOT NULL,
     application_name text,
     -- No CHECK on the key's length: only the lease functions write here, and
     -- they refuse an empty key or one over 1024 bytes (22023) before any
@@ -62,7 +65,7 @@ SELECT l.lock_key,
        l.token,
        l.acquired_at,
        l.expires_at,
-       l.owner_role::pg_catalog.regrole AS owner_role,
+       l.owner_role,
        l.application_name
   FROM fence.leases AS l
  WHERE l.released_at IS NULL
@@ -79,7 +82,7 @@ GRANT SELECT ON fence.leases, fence.locks TO PUBLIC;
 -- work committed. fence.claim_operation() inserts it inside the caller's
 -- transaction, so the record and the work commit, or vanish, together.
 CREATE TABLE fence.operations (
-    owner_role  oid NOT NULL,
+    owner_role  regrole NOT NULL,           -- regrole for pg_dump, as in fence.leases
     op_key      text COLLATE "C" NOT NULL,
     claimed_at  timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     CONSTRAINT operations_pkey PRIMARY KEY (owner_role, op_key),

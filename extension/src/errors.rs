@@ -49,6 +49,15 @@ pub enum FenceError {
     ProtectedColumnMissing { table: String, column: String },
     /// `42804`: the token column is not bigint.
     TokenColumnType { table: String, column: String },
+    /// `42804` (a key column of a type whose text form depends on session
+    /// settings) or `0A000` (a STORED generated key or token column, computed
+    /// after the check): a fence whose column the check cannot trust.
+    UntrustedColumn {
+        table: String,
+        column: String,
+        role: &'static str,
+        generated: bool,
+    },
     /// `22023`: `fence.token` is set to something that is not a bigint.
     InvalidFenceToken { value: String },
     /// `42501`: a lease function called inside a security-restricted operation.
@@ -94,6 +103,12 @@ impl FenceError {
             FenceError::TruncateRefused { .. } => "42501",
             FenceError::ProtectedColumnMissing { .. } => "42703",
             FenceError::TokenColumnType { .. } => "42804",
+            FenceError::UntrustedColumn {
+                generated: false, ..
+            } => "42804",
+            FenceError::UntrustedColumn {
+                generated: true, ..
+            } => "0A000",
             FenceError::InvalidFenceToken { .. } => "22023",
             FenceError::SecurityRestricted { .. } => "42501",
             FenceError::TriggerMisuse { .. } => "39P01",
@@ -168,6 +183,24 @@ impl FenceError {
                     "token column \"{column}\" of fenced table \"{table}\" must be of type bigint"
                 )
             }
+            FenceError::UntrustedColumn {
+                table,
+                column,
+                role,
+                generated: true,
+            } => format!(
+                "{role} column \"{column}\" of fenced table \"{table}\" is a generated column, \
+                 computed after the fence's check: refusing the write"
+            ),
+            FenceError::UntrustedColumn {
+                table,
+                column,
+                role,
+                generated: false,
+            } => format!(
+                "{role} column \"{column}\" of fenced table \"{table}\" is of a type whose text \
+                 form depends on session settings: refusing the write"
+            ),
             FenceError::InvalidFenceToken { value } => {
                 format!("fence.token must be a bigint, not \"{value}\"")
             }
@@ -191,17 +224,21 @@ impl FenceError {
                  snapshot never sees the key being released.",
             ),
             FenceError::StaleToken { why: crate::fence::Stale::NoToken, .. } => Some(
-                "Set the table's token column, or SET LOCAL fence.token = '<token>' in the writing transaction.",
+                "Write the token in the table's token column (an UPDATE must assign it itself), or SET LOCAL fence.token = '<token>' in the writing transaction.",
             ),
             FenceError::StaleToken { .. } => {
-                Some("Only the holder of the key's live lease may write; take the lease again and retry with its token.")
+                Some("A fenced write must present the token of the key's live lease at the moment of the write: take the lease again and retry with its token.")
             }
             FenceError::TruncateRefused { .. } => {
                 Some("Only members of fence_admin may truncate a fenced table; or call fence.unprotect() first.")
             }
-            FenceError::ProtectedColumnMissing { .. } | FenceError::TokenColumnType { .. } => {
-                Some("Run fence.protect() again with the table's current columns.")
-            }
+            FenceError::ProtectedColumnMissing { .. }
+            | FenceError::TokenColumnType { .. }
+            | FenceError::UntrustedColumn { .. } => Some(
+                "Run fence.protect() again with columns it accepts: key columns of type text, \
+                 varchar, char, name, smallint, integer, bigint or uuid, a bigint token column, \
+                 neither of them generated.",
+            ),
             _ => None,
         }
     }

@@ -159,8 +159,9 @@ fn check_row(trigger: &PgTrigger<'_>) -> Result<(), FenceError> {
     match config.table_key {
         Some(key) => keys.push(key.to_owned()),
         None => {
+            let number = key_attribute(descriptor, config.key_column, &table)?;
             for row in [new_row, old_row].into_iter().flatten() {
-                let Some(value) = column_text(row, descriptor, config.key_column, &table)? else {
+                let Some(value) = text_at(row, descriptor, number) else {
                     let shown = format!("{}<NULL>", config.key_prefix);
                     return Err(refuse(
                         shown,
@@ -178,21 +179,31 @@ fn check_row(trigger: &PgTrigger<'_>) -> Result<(), FenceError> {
         }
     }
 
-    // The token: the new row's token column, else SET LOCAL fence.token.
-    // For an UPDATE with a token column, also the old row's, which the new
+    // The token the statement itself presents (G3): the token column when
+    // this INSERT writes it or this UPDATE assigns it, else SET LOCAL
+    // fence.token. An UPDATE that leaves the column out (an ORM's partial
+    // update, a foreign key's cascade, MERGE) presents none: the old row's
+    // token is whatever the last writer carried, not proof of this one.
+    // For an UPDATE that assigns it, the old row's token too, which the new
     // one must not go below.
-    let (token, previous) = match (config.token_column, new_row) {
+    let presented_column = match (config.token_column, new_row) {
         (Some(column), Some(new_row)) => {
-            let token = column_bigint(new_row, descriptor, column, &table)?;
-            let previous = match old_row {
-                Some(old_row) => {
-                    column_bigint(old_row, descriptor, column, &table)?.map(|from| (column, from))
-                }
-                None => None,
-            };
+            let number = token_attribute(descriptor, column, &table)?;
+            let assigned =
+                operation == pg_sys::TRIGGER_EVENT_INSERT || updates_column(data, number);
+            assigned.then_some((column, number, new_row))
+        }
+        _ => None,
+    };
+    let (token, previous) = match presented_column {
+        Some((column, number, new_row)) => {
+            let token = bigint_at(new_row, descriptor, number);
+            let previous = old_row
+                .and_then(|old_row| bigint_at(old_row, descriptor, number))
+                .map(|from| (column, from));
             (token, previous)
         }
-        _ => (settings::fence_token()?, None),
+        None => (settings::fence_token()?, None),
     };
     let Some(token) = token else {
         return Err(refuse(keys.swap_remove(0), None, Stale::NoToken));
@@ -233,49 +244,118 @@ fn attribute_number(
     Ok(number)
 }
 
-/// A column's value as text (its type's output function), or None for NULL.
-fn column_text(
-    row: *mut pg_sys::HeapTupleData,
+/// The catalog entry of column `number` (1-based, as SPI_fnumber gives it).
+fn attribute(descriptor: pg_sys::TupleDesc, number: i32) -> &'static pg_sys::FormData_pg_attribute {
+    // SAFETY: SPI_fnumber returned `number` for this descriptor, so it is in
+    // 1..=natts; the descriptor outlives the trigger call that reads it.
+    unsafe { &(*descriptor).attrs.as_slice((*descriptor).natts as usize)[(number - 1) as usize] }
+}
+
+/// Key column types whose text form no session setting changes (DateStyle,
+/// TimeZone, extra_float_digits, lc_monetary...): two sessions must compute
+/// one key for one row. fence.protect() and the DDL check refuse others;
+/// the trigger checks again, so a column re-typed behind their back (event
+/// triggers off, single-user mode) fails closed.
+pub const KEY_COLUMN_TYPES: [pg_sys::Oid; 8] = [
+    pg_sys::TEXTOID,
+    pg_sys::VARCHAROID,
+    pg_sys::BPCHAROID,
+    pg_sys::NAMEOID,
+    pg_sys::INT2OID,
+    pg_sys::INT4OID,
+    pg_sys::INT8OID,
+    pg_sys::UUIDOID,
+];
+
+/// The key column's number, after checking that the trigger can trust it: a
+/// type with a settings-free text form, and not a STORED generated column
+/// (computed after BEFORE triggers, so the check would see the old key).
+fn key_attribute(
     descriptor: pg_sys::TupleDesc,
     column: &str,
     table: &dyn Fn() -> String,
-) -> Result<Option<String>, FenceError> {
+) -> Result<i32, FenceError> {
     let number = attribute_number(descriptor, column, table)?;
+    let attribute = attribute(descriptor, number);
+    if attribute.attgenerated != 0 || !KEY_COLUMN_TYPES.contains(&attribute.atttypid) {
+        return Err(FenceError::UntrustedColumn {
+            table: table(),
+            column: column.to_owned(),
+            role: "key",
+            generated: attribute.attgenerated != 0,
+        });
+    }
+    Ok(number)
+}
+
+/// The token column's number: bigint, and not generated.
+fn token_attribute(
+    descriptor: pg_sys::TupleDesc,
+    column: &str,
+    table: &dyn Fn() -> String,
+) -> Result<i32, FenceError> {
+    let number = attribute_number(descriptor, column, table)?;
+    let attribute = attribute(descriptor, number);
+    if attribute.atttypid != pg_sys::INT8OID {
+        return Err(FenceError::TokenColumnType {
+            table: table(),
+            column: column.to_owned(),
+        });
+    }
+    if attribute.attgenerated != 0 {
+        return Err(FenceError::UntrustedColumn {
+            table: table(),
+            column: column.to_owned(),
+            role: "token",
+            generated: true,
+        });
+    }
+    Ok(number)
+}
+
+/// Whether this UPDATE statement assigns column `number` (PostgreSQL 13+
+/// tells row triggers which columns the statement's SET list names; for a
+/// partition or an inheritance child they are mapped to its own numbers).
+fn updates_column(data: &pg_sys::TriggerData, number: i32) -> bool {
+    // SAFETY: tg_updatedcols is NULL or a Bitmapset the executor keeps alive
+    // for the duration of the trigger call; bms_is_member accepts NULL.
     unsafe {
-        let text: *mut c_char = pg_sys::SPI_getvalue(row, descriptor, number);
-        if text.is_null() {
-            return Ok(None);
-        }
-        let value = CStr::from_ptr(text).to_string_lossy().into_owned();
-        pg_sys::pfree(text.cast());
-        Ok(Some(value))
+        pg_sys::bms_is_member(
+            number - pg_sys::FirstLowInvalidHeapAttributeNumber,
+            data.tg_updatedcols,
+        )
     }
 }
 
-fn column_bigint(
+/// A column's value as text (its type's output function), or None for NULL.
+fn text_at(
     row: *mut pg_sys::HeapTupleData,
     descriptor: pg_sys::TupleDesc,
-    column: &str,
-    table: &dyn Fn() -> String,
-) -> Result<Option<i64>, FenceError> {
-    let number = attribute_number(descriptor, column, table)?;
+    number: i32,
+) -> Option<String> {
+    // SAFETY: `row` is the trigger's tuple for this descriptor and `number`
+    // a valid attribute of it; SPI_getvalue pallocs the text, freed here.
     unsafe {
-        let attribute =
-            (*descriptor).attrs.as_slice((*descriptor).natts as usize)[(number - 1) as usize];
-        if attribute.atttypid != pg_sys::INT8OID {
-            return Err(FenceError::TokenColumnType {
-                table: table(),
-                column: column.to_owned(),
-            });
+        let text: *mut c_char = pg_sys::SPI_getvalue(row, descriptor, number);
+        if text.is_null() {
+            return None;
         }
-        let mut is_null = false;
-        let datum = pg_sys::SPI_getbinval(row, descriptor, number, &mut is_null);
-        Ok(if is_null {
-            None
-        } else {
-            Some(datum.value() as i64)
-        })
+        let value = CStr::from_ptr(text).to_string_lossy().into_owned();
+        pg_sys::pfree(text.cast());
+        Some(value)
     }
+}
+
+/// A bigint column's value (checked by [`token_attribute`]), or None for NULL.
+fn bigint_at(
+    row: *mut pg_sys::HeapTupleData,
+    descriptor: pg_sys::TupleDesc,
+    number: i32,
+) -> Option<i64> {
+    let mut is_null = false;
+    // SAFETY: as for text_at; the column is bigint, passed by value.
+    let datum = unsafe { pg_sys::SPI_getbinval(row, descriptor, number, &mut is_null) };
+    (!is_null).then(|| datum.value() as i64)
 }
 
 /// Is `token` the token of the live lease on `key`? Share-locks the key until

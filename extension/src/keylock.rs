@@ -15,7 +15,7 @@
 //!
 //! The lock is an advisory lock in class [`KEY_LOCK_CLASS`] (`'FENC'`) on a
 //! 32-bit hash of the key: visible in `pg_locks` as
-//! `locktype = 'advisory', classid = 1178946115, objsubid = 3`, a tag the
+//! `locktype = 'advisory', classid = 1178947139, objsubid = 3`, a tag the
 //! SQL advisory lock functions cannot produce. Two keys with the same hash
 //! only make an acquire on one of them report busy while the other is being
 //! written. Each distinct key a transaction writes under takes one slot of
@@ -26,13 +26,26 @@ use pgrx::pg_sys;
 /// Advisory lock class: `'FENC'` as a big-endian u32.
 pub const KEY_LOCK_CLASS: u32 = 0x4645_4E43;
 
-fn tag(lock_key: &str) -> pg_sys::LOCKTAG {
-    // FNV-1a, 32 bits: stable across versions and platforms, unlike hashtext.
+/// The key's 32-bit hash, the lock tag's `objid` (FNV-1a: stable across
+/// versions and platforms, unlike hashtext).
+fn hash(lock_key: &str) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;
     for byte in lock_key.bytes() {
         hash ^= u32::from(byte);
         hash = hash.wrapping_mul(0x0100_0193);
     }
+    hash
+}
+
+/// The `pg_locks.objid` of the key's lock, for the `fence.blockers` view
+/// (sql/fence.sql), which finds who holds a key up.
+#[pgrx::pg_extern(immutable, strict, parallel_safe)]
+fn _key_lock_objid(lock_key: &str) -> pg_sys::Oid {
+    pg_sys::Oid::from(hash(lock_key))
+}
+
+fn tag(lock_key: &str) -> pg_sys::LOCKTAG {
+    let hash = hash(lock_key);
     // SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, class, hash, 3). The SQL
     // advisory lock functions only ever use 1 or 2 in the last field, so no
     // role can take (and hold hostage) a key's lock with pg_advisory_lock.

@@ -196,14 +196,26 @@ pub fn interval_micros(interval: &Interval) -> i128 {
         + i128::from(interval.micros())
 }
 
-fn check_ttl(function: &'static str, ttl: &Interval) -> Result<(), FenceError> {
-    let micros = interval_micros(ttl);
+/// A ttl as the exact duration it is used as (G5): a number of
+/// microseconds, with a day counted as 24 hours and no months part, so that
+/// `expires_at = now + ttl` is the same instant whatever the session's
+/// TimeZone and across a DST change. An interval with a months part is
+/// refused: a month has no fixed length, and counting it as 30 days (as the
+/// max check would) while the expiry used the calendar let
+/// `'1000 months -29999 days'` pass as one day and last 437.
+fn exact_ttl(function: &'static str, ttl: &Interval) -> Result<Interval, FenceError> {
     let max_seconds = settings::max_ttl_seconds();
     let invalid = |problem: String| FenceError::InvalidArgument {
         function,
         argument: "ttl",
         problem,
     };
+    if ttl.months() != 0 {
+        return Err(invalid(
+            "has a months part, and a month has no fixed length: give it in days, hours, minutes or seconds".into(),
+        ));
+    }
+    let micros = interval_micros(ttl);
     if micros <= 0 {
         return Err(invalid("must be greater than zero".into()));
     }
@@ -212,7 +224,8 @@ fn check_ttl(function: &'static str, ttl: &Interval) -> Result<(), FenceError> {
             "is over the maximum of {max_seconds} seconds (fence.max_ttl)"
         )));
     }
-    Ok(())
+    // At most i32::MAX seconds, so it fits.
+    Ok(Interval::new(0, 0, micros as i64).map_err(|_| invalid("is out of range".into()))?)
 }
 
 fn check_holder(holder: Option<&str>) -> Result<String, FenceError> {
@@ -356,7 +369,7 @@ impl Plans {
             )?,
             live_owner: prep(
                 format!(
-                    "SELECT l.owner_role, l.token FROM fence.leases AS l \
+                    "SELECT l.owner_role::oid, l.token FROM fence.leases AS l \
                       WHERE l.lock_key = $1 AND ($2::bigint IS NULL OR l.token = $2) AND {LIVE}"
                 ),
                 &[TEXTOID, INT8OID],
@@ -589,8 +602,7 @@ pub fn acquire(
     const F: &str = "lock_acquire";
     refuse_security_restricted(F)?;
     let key = check_key(F, lock_key)?;
-    let ttl = required(F, "ttl", ttl)?;
-    check_ttl(F, &ttl)?;
+    let ttl = exact_ttl(F, &required(F, "ttl", ttl)?)?;
     let wait = required(F, "wait", wait)?;
     let wait_micros = interval_micros(&wait);
     if wait_micros < 0 {
@@ -995,9 +1007,7 @@ pub fn renew(
     refuse_security_restricted(F)?;
     let key = check_key(F, lock_key)?;
     let token = required(F, "token", token)?;
-    if let Some(ttl) = &ttl {
-        check_ttl(F, ttl)?;
-    }
+    let ttl = ttl.map(|ttl| exact_ttl(F, &ttl)).transpose()?;
     let role = caller_role();
     let admin = is_fence_admin(role);
     keylock::share(key);

@@ -14,6 +14,7 @@ pub mod keylock;
 pub mod lease;
 pub mod operations;
 pub mod probe;
+pub mod reach;
 pub mod settings;
 pub mod wait;
 
@@ -29,7 +30,25 @@ pgrx::extension_sql_file!("../../sql/fence.sql", name = "fence", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::register();
-    unsafe { pgrx::pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
+    unsafe {
+        pgrx::pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+        pgrx::pg_sys::RegisterResourceReleaseCallback(
+            Some(on_resource_release),
+            std::ptr::null_mut(),
+        );
+    }
+}
+
+/// The one resource-release callback: waking waiters once a committing
+/// transaction has released its locks.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_resource_release(
+    phase: pgrx::pg_sys::ResourceReleasePhase::Type,
+    is_commit: bool,
+    is_top_level: bool,
+    _arg: *mut std::ffi::c_void,
+) {
+    wait::on_resource_release(phase, is_commit, is_top_level);
 }
 
 /// The one transaction callback: waking waiters after a release commits,

@@ -4,8 +4,9 @@
 //! latch. While it waits it advertises the key it wants in its PGPROC's
 //! `wait_event_info` (class `Extension`, the low 24 bits a hash of the key),
 //! which is what `pg_stat_activity` reads too. A transaction that released a
-//! key sets the latch of one backend advertising that hash, right after it
-//! commits, so a waiter retries within about a millisecond of a release.
+//! key sets the latch of one backend of the same database advertising that
+//! hash, right after it commits and has let go of its locks, so a waiter
+//! retries within about a millisecond of a release and finds the key free.
 //! Only one: a release frees one grant, and waking every waiter had them all
 //! race for it, which on a hot key cost more than the grant (the one woken
 //! is drawn at random among the waiters not already woken). A waiter whose wait
@@ -92,19 +93,34 @@ pub fn wake_after_commit(lock_key: &str) {
 
 /// Called by the extension's transaction callback (lib.rs).
 pub fn on_xact_event(event: pg_sys::XactEvent::Type) {
-    match event {
-        pg_sys::XactEvent::XACT_EVENT_COMMIT => {
-            let events = PENDING_WAKEUPS.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
-            for event in events {
-                unsafe { wake_one_waiting_on(event) };
-            }
+    if let pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PREPARE = event {
+        // Nothing was released (or it is up to COMMIT PREPARED, which the
+        // waiters' recheck interval covers). PrepareTransaction calls this
+        // before it releases its resource owners, so nothing is woken.
+        PENDING_WAKEUPS.with(|pending| pending.borrow_mut().clear());
+    }
+}
+
+/// Called by the extension's resource-release callback (lib.rs) for every
+/// resource owner released. The waiters are woken only once the top-level
+/// transaction has committed *and* released its locks: woken at
+/// XACT_EVENT_COMMIT, a waiter found the key lock the release took still
+/// held and slept again.
+pub fn on_resource_release(
+    phase: pg_sys::ResourceReleasePhase::Type,
+    is_commit: bool,
+    is_top_level: bool,
+) {
+    if !is_top_level || phase != pg_sys::ResourceReleasePhase::RESOURCE_RELEASE_AFTER_LOCKS {
+        return;
+    }
+    let events = PENDING_WAKEUPS.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
+    if is_commit {
+        for event in events {
+            // SAFETY: called in a backend attached to shared memory, outside
+            // any critical section, as the commit path is here.
+            unsafe { wake_one_waiting_on(event) };
         }
-        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
-            // Nothing was released (or it is up to COMMIT PREPARED, which the
-            // waiters' recheck interval covers).
-            PENDING_WAKEUPS.with(|pending| pending.borrow_mut().clear());
-        }
-        _ => {}
     }
 }
 
@@ -118,8 +134,8 @@ pub fn pass_on_wakeup(event: u32) {
     }
 }
 
-/// Set the latch of one backend (not this one) whose advertised wait event is
-/// `event` and whose latch is not set already (that one will run anyway),
+/// Set the latch of one backend (not this one) of this database whose
+/// advertised wait event is `event` and whose latch is not set already (that one will run anyway),
 /// chosen uniformly among them in one pass (reservoir sampling), so the
 /// empty process slots between backends do not favour any of them. Reading
 /// another backend's `wait_event_info` and latch flag without a lock is what
@@ -144,7 +160,10 @@ unsafe fn wake_one_waiting_on(event: u32) {
             }
             let advertised = std::ptr::read_volatile(std::ptr::addr_of!((*proc_).wait_event_info));
             let latch_set = std::ptr::read_volatile(std::ptr::addr_of!((*proc_).procLatch.is_set));
-            if advertised != event || latch_set != 0 {
+            // Keys are per database: the same name in another database (one
+            // per tenant) is another key.
+            let database = std::ptr::read_volatile(std::ptr::addr_of!((*proc_).databaseId));
+            if advertised != event || latch_set != 0 || database != pg_sys::MyDatabaseId {
                 continue;
             }
             matches += 1;

@@ -1,0 +1,422 @@
+-- pg_fence 0.1.0 -> 0.2.0 (SQL API 0.2). Run by ALTER EXTENSION pg_fence UPDATE,
+-- with live leases, run-once records and fenced tables in place.
+\echo Use "ALTER EXTENSION pg_fence UPDATE TO '0.2.0'" to load this file. \quit
+
+-- Roles by name in dumps (G4). owner_role was an oid: a pg_dump restored
+-- into another cluster (roles re-created by name, with other OIDs) orphaned
+-- run-once records, so the work ran twice, and handed restored leases to
+-- whichever role got the OID. As regrole it is dumped as the role's name and
+-- read back as that role's OID. oid -> regrole is binary-coercible: no
+-- rewrite. The view reads the column, so it goes and comes back.
+DROP VIEW fence.locks;
+ALTER TABLE fence.leases ALTER COLUMN owner_role TYPE regrole;
+ALTER TABLE fence.operations ALTER COLUMN owner_role TYPE regrole;
+CREATE VIEW fence.locks AS
+SELECT l.lock_key,
+       l.holder,
+       l.token,
+       l.acquired_at,
+       l.expires_at,
+       l.owner_role,
+       l.application_name
+  FROM fence.leases AS l
+ WHERE l.released_at IS NULL
+   AND l.expires_at > pg_catalog.clock_timestamp();
+GRANT SELECT ON fence.locks TO PUBLIC;
+
+-- A ttl is an exact duration (G5): 0.2 stores it as microseconds only, so
+-- that renew's `clock_timestamp() + ttl` is calendar-free. Leases granted by
+-- 0.1 may hold days (or months): the same length, counted as 0.1's max check
+-- counted it.
+UPDATE fence.leases
+   SET ttl = pg_catalog.make_interval(secs => pg_catalog.date_part('epoch', ttl))
+ WHERE pg_catalog.date_part('day', ttl) <> 0 OR pg_catalog.date_part('month', ttl) <> 0
+    OR pg_catalog.date_part('year', ttl) <> 0;
+
+-- New C functions (reach.rs, keylock.rs).
+CREATE FUNCTION fence."_clone_fence_trigger"(
+	"parent_trigger" oid,
+	"child" oid
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_clone_fence_trigger_wrapper';
+
+CREATE FUNCTION fence."_key_lock_objid"(
+	"lock_key" TEXT
+) RETURNS oid
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_key_lock_objid_wrapper';
+
+-- sql/fence.sql as of 0.2.0: protect() needs fence_admin and trusted
+-- columns, fences reach partitions and inheritance children, the DDL event
+-- trigger, fence.blockers.
+-- Fencing (G3): fence.protect() installs the Rust trigger functions
+-- fence.fence_guard (BEFORE INSERT OR UPDATE OR DELETE, FOR EACH ROW) and
+-- fence.fence_no_truncate (BEFORE TRUNCATE) on a table; fence.unprotect()
+-- removes them. The configuration lives in the triggers' arguments, which
+-- the row check reads without any catalog lookup.
+--
+-- Both are SECURITY INVOKER: only a table's owner (or a member of the owning
+-- role) may protect or unprotect it, which is checked first so the error is
+-- ours (42501), not the one CREATE TRIGGER would give half-way.
+--
+-- The trigger is named zz_fence_guard so that it fires after other BEFORE
+-- ROW triggers (they fire in name order) and checks the row as it will be
+-- written. Both triggers are ENABLE ALWAYS: they fire under
+-- session_replication_role = replica too.
+
+-- Drop whichever of the two fence triggers a table has (quietly).
+CREATE OR REPLACE FUNCTION fence._drop_fence_triggers(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    trigger_name name;
+BEGIN
+    FOR trigger_name IN
+        SELECT t.tgname FROM pg_trigger AS t
+         WHERE t.tgrelid = tbl AND t.tgname IN ('zz_fence_guard', 'zz_fence_no_truncate')
+           AND t.tgparentid = 0
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, tbl);
+    END LOOP;
+END
+$fn$;
+
+-- The checks protect() and unprotect() share: a table (22004, 42809), owned
+-- by the caller or a role the caller belongs to, and a caller in fence_admin
+-- (42501). Choosing the key a table is fenced under is choosing whose lease
+-- its writes hold up: a plain role that owns a table must not fence it under
+-- somebody else's key, read the live token from fence.locks, and then hold
+-- the key's share lock in a transaction it keeps open, so that nobody can
+-- acquire the key once the victim's lease ends.
+CREATE OR REPLACE FUNCTION fence._require_table_owner(function_name text, tbl regclass) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    rel record;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION '%: argument "tbl" must not be NULL', function_name USING ERRCODE = '22004';
+    END IF;
+    SELECT c.relkind, c.relowner INTO rel FROM pg_class AS c WHERE c.oid = tbl;
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '%: "%" is not a table', function_name, tbl USING ERRCODE = '42809';
+    END IF;
+    IF NOT pg_has_role(current_user, rel.relowner, 'USAGE') THEN
+        RAISE EXCEPTION '%: role "%" must own table "%"', function_name, current_user, tbl
+            USING ERRCODE = '42501';
+    END IF;
+    IF NOT pg_has_role(current_user, 'fence_admin', 'USAGE') THEN
+        RAISE EXCEPTION '%: role "%" must be a member of fence_admin to fence or unfence a table',
+            function_name, current_user
+            USING ERRCODE = '42501',
+                  HINT = 'The key a table is fenced under decides whose leases hold up its writes; a member of fence_admin chooses it.';
+    END IF;
+END
+$fn$;
+
+-- A column the fence check can trust (G3: keys computed from the row as
+-- written, in a form no session setting changes): present (42703), of an
+-- accepted type (42804), and not a generated column (0A000): a STORED
+-- generated column is computed after BEFORE triggers, so the check would
+-- see the old value. protect() checks its arguments with it, and the DDL
+-- event trigger re-checks fenced tables after every ALTER TABLE, so a key
+-- column cannot be re-typed, renamed, dropped or generated behind the fence.
+CREATE OR REPLACE FUNCTION fence._require_trusted_column(function_name text, tbl regclass, col name, role text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    att record;
+BEGIN
+    SELECT a.atttypid::regtype AS typ, a.attgenerated INTO att FROM pg_attribute AS a
+     WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '%: table "%" has no column "%" (%_column)', function_name, tbl, col, role
+            USING ERRCODE = '42703';
+    END IF;
+    IF att.attgenerated <> '' THEN
+        RAISE EXCEPTION '%: % column "%" of table "%" is a generated column', function_name, role, col, tbl
+            USING ERRCODE = '0A000',
+                  DETAIL = 'Generated columns are computed after BEFORE triggers, so the fence would check the old value.';
+    END IF;
+    IF role = 'token' AND att.typ <> 'bigint'::regtype THEN
+        RAISE EXCEPTION '%: token column "%" of table "%" must be of type bigint, not %',
+            function_name, col, tbl, att.typ USING ERRCODE = '42804';
+    END IF;
+    -- The row's key is key_prefix || the column's text form, which must
+    -- not depend on session settings (DateStyle, TimeZone, extra_float_digits...):
+    -- two sessions would otherwise fence the same row under different keys.
+    IF role = 'key' AND att.typ NOT IN ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype, 'name'::regtype,
+                                        'int2'::regtype, 'int4'::regtype, 'int8'::regtype, 'uuid'::regtype) THEN
+        RAISE EXCEPTION '%: key column "%" of table "%" is of type %', function_name, col, tbl, att.typ
+            USING ERRCODE = '42804',
+                  HINT = 'Key columns must be text, varchar, char, name, smallint, integer, bigint or uuid.';
+    END IF;
+END
+$fn$;
+
+-- The fence of a table, as its zz_fence_guard trigger's arguments hold it:
+-- (kind 'key' or 'column', lock key or key column, key prefix, token column).
+CREATE OR REPLACE FUNCTION fence._fence_config(tbl regclass) RETURNS text[]
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT string_to_array(encode(t.tgargs, 'escape'), '\000')
+      FROM pg_trigger AS t
+     WHERE t.tgrelid = tbl AND t.tgname = 'zz_fence_guard' AND t.tgparentid = 0
+       AND t.tgfoid = 'fence.fence_guard()'::regprocedure
+$fn$;
+
+-- Check that a fenced table's columns can still be trusted (see above).
+CREATE OR REPLACE FUNCTION fence._check_fence_columns(function_name text, tbl regclass) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    config text[] := fence._fence_config(tbl);
+BEGIN
+    IF config[1] = 'column' THEN
+        PERFORM fence._require_trusted_column(function_name, tbl, config[2]::name, 'key');
+    END IF;
+    IF config[4] <> '' THEN
+        PERFORM fence._require_trusted_column(function_name, tbl, config[4]::name, 'token');
+    END IF;
+END
+$fn$;
+
+-- Every table a write can reach through a fenced table carries its fence.
+-- PostgreSQL clones row triggers to partitions itself, but not statement
+-- triggers (TRUNCATE of a partition), and no trigger at all to inheritance
+-- children (UPDATE parent writes their rows). So each fence trigger of
+-- `tbl` that PostgreSQL does not clone is cloned here, to every descendant
+-- at any depth, as PostgreSQL clones a partition's row triggers
+-- (fence._clone_fence_trigger, in reach.rs): linked to the parent's trigger,
+-- dropped with it, not droppable on its own, and not written by pg_dump,
+-- which re-creates the parent's trigger and so, through the DDL event
+-- trigger below, the clones. A descendant that has a fence of its own is
+-- refused: its writes through the parent would be checked under the wrong
+-- fence.
+CREATE OR REPLACE FUNCTION fence._fence_descendants(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    parent_trigger record;
+    child record;
+BEGIN
+    FOR parent_trigger IN
+        SELECT t.oid, t.tgname, (t.tgtype & 1) <> 0 AS row_level
+          FROM pg_trigger AS t
+         WHERE t.tgrelid = tbl AND t.tgparentid = 0
+           AND t.tgname IN ('zz_fence_guard', 'zz_fence_no_truncate')
+           AND t.tgfoid IN ('fence.fence_guard()'::regprocedure, 'fence.fence_no_truncate()'::regprocedure)
+    LOOP
+        FOR child IN
+            WITH RECURSIVE below(relid) AS (
+                SELECT i.inhrelid FROM pg_inherits AS i WHERE i.inhparent = tbl
+                UNION
+                SELECT i.inhrelid FROM pg_inherits AS i JOIN below AS b ON i.inhparent = b.relid
+            )
+            SELECT b.relid::regclass AS relid, c.relispartition,
+                   (SELECT t.tgparentid FROM pg_trigger AS t
+                     WHERE t.tgrelid = b.relid AND t.tgname = parent_trigger.tgname) AS existing_parent
+              FROM below AS b JOIN pg_class AS c ON c.oid = b.relid
+        LOOP
+            CONTINUE WHEN parent_trigger.row_level AND child.relispartition;  -- PostgreSQL's own clone
+            CONTINUE WHEN child.existing_parent = parent_trigger.oid;
+            IF child.existing_parent IS NOT NULL THEN
+                RAISE EXCEPTION 'table "%" is fenced on its own and cannot be reached through fenced table "%"',
+                    child.relid, tbl
+                    USING ERRCODE = '55000',
+                          HINT = format('Call fence.unprotect(%L) first: it is then fenced as part of %s.', child.relid::text, tbl);
+            END IF;
+            PERFORM fence._clone_fence_trigger(parent_trigger.oid, child.relid);
+        END LOOP;
+    END LOOP;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION fence.protect(
+    tbl          regclass,
+    lock_key     text DEFAULT NULL,
+    key_column   name DEFAULT NULL,
+    key_prefix   text DEFAULT '',
+    token_column name DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM fence._require_table_owner('protect', tbl);
+    IF key_prefix IS NULL THEN
+        RAISE EXCEPTION 'protect: argument "key_prefix" must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    IF (lock_key IS NULL) = (key_column IS NULL) THEN
+        RAISE EXCEPTION 'protect: give exactly one of "lock_key" (one key for the whole table) or "key_column" (one key per row)'
+            USING ERRCODE = '22023';
+    END IF;
+    IF lock_key IS NOT NULL AND (lock_key = '' OR octet_length(lock_key) > 1024) THEN
+        RAISE EXCEPTION 'protect: invalid "lock_key": must be 1 to 1024 bytes' USING ERRCODE = '22023';
+    END IF;
+    IF key_column IS NOT NULL THEN
+        PERFORM fence._require_trusted_column('protect', tbl, key_column, 'key');
+    END IF;
+    IF token_column IS NOT NULL THEN
+        PERFORM fence._require_trusted_column('protect', tbl, token_column, 'token');
+    END IF;
+    IF EXISTS (SELECT FROM pg_trigger AS t
+                WHERE t.tgrelid = tbl AND t.tgname = 'zz_fence_guard' AND t.tgparentid <> 0) THEN
+        RAISE EXCEPTION 'protect: table "%" is fenced as part of the table it inherits from', tbl
+            USING ERRCODE = '55000',
+                  HINT = 'Its writes are checked under its parent''s fence; change that one with fence.protect() on the parent.';
+    END IF;
+
+    PERFORM fence._drop_fence_triggers(tbl);
+    EXECUTE format(
+        'CREATE TRIGGER zz_fence_guard BEFORE INSERT OR UPDATE OR DELETE ON %s '
+        'FOR EACH ROW EXECUTE FUNCTION fence.fence_guard(%L, %L, %L, %L)',
+        tbl,
+        CASE WHEN lock_key IS NOT NULL THEN 'key' ELSE 'column' END,
+        coalesce(lock_key, key_column::text),
+        key_prefix,
+        coalesce(token_column::text, ''));
+    EXECUTE format(
+        'CREATE TRIGGER zz_fence_no_truncate BEFORE TRUNCATE ON %s '
+        'FOR EACH STATEMENT EXECUTE FUNCTION fence.fence_no_truncate()', tbl);
+    EXECUTE format(
+        'ALTER TABLE %s ENABLE ALWAYS TRIGGER zz_fence_guard, ENABLE ALWAYS TRIGGER zz_fence_no_truncate', tbl);
+    PERFORM fence._fence_descendants(tbl);
+END
+$fn$;
+
+COMMENT ON FUNCTION fence.protect(regclass, text, name, text, name) IS
+    'Fence a table: writes must carry the token of the live lease on lock_key, or on key_prefix || key_column per row (SQLSTATE FN001 otherwise).';
+
+CREATE OR REPLACE FUNCTION fence.unprotect(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    PERFORM fence._require_table_owner('unprotect', tbl);
+    IF EXISTS (SELECT FROM pg_trigger AS t
+                WHERE t.tgrelid = tbl AND t.tgname = 'zz_fence_guard' AND t.tgparentid <> 0) THEN
+        RAISE EXCEPTION 'unprotect: table "%" is fenced as part of the table it inherits from', tbl
+            USING ERRCODE = '55000',
+                  HINT = 'Call fence.unprotect() on that table, or detach this one from it.';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_trigger AS t WHERE t.tgrelid = tbl AND t.tgname = 'zz_fence_guard') THEN
+        RAISE NOTICE 'table "%" is not protected', tbl;
+    END IF;
+    PERFORM fence._drop_fence_triggers(tbl);
+END
+$fn$;
+
+-- Fenced tables and how, read from the triggers themselves: the tables
+-- fence.protect() was called on (their partitions and inheritance children
+-- carry clones of the fence, not listed). "enforced" is false if someone
+-- disabled the trigger (a table owner can).
+CREATE OR REPLACE VIEW fence.protected_tables AS
+SELECT t.tgrelid::pg_catalog.regclass                        AS tbl,
+       CASE args.a[1] WHEN 'key' THEN args.a[2] END           AS lock_key,
+       CASE args.a[1] WHEN 'column' THEN args.a[2]::name END  AS key_column,
+       CASE args.a[1] WHEN 'column' THEN args.a[3] END        AS key_prefix,
+       NULLIF(args.a[4], '')::name                            AS token_column,
+       t.tgenabled = 'A'                                      AS enforced
+  FROM pg_catalog.pg_trigger AS t
+ CROSS JOIN LATERAL (
+        SELECT pg_catalog.string_to_array(pg_catalog.encode(t.tgargs, 'escape'), '\000') AS a
+       ) AS args
+ WHERE t.tgname = 'zz_fence_guard'
+   AND t.tgparentid = 0
+   AND t.tgfoid = 'fence.fence_guard()'::pg_catalog.regprocedure;
+
+GRANT SELECT ON fence.protected_tables TO PUBLIC;
+
+-- After every CREATE TABLE and ALTER TABLE: for each fenced table the
+-- command touched, or that a touched table inherits from, check that its
+-- key and token columns can still be trusted (the DDL is refused otherwise)
+-- and give new partitions and inheritance children its fence. Event
+-- triggers do not fire in single-user mode; the fence check re-checks the
+-- columns on every write, so a table changed there fails closed.
+CREATE OR REPLACE FUNCTION fence._on_ddl_command_end() RETURNS event_trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    fenced regclass;
+BEGIN
+    FOR fenced IN
+        WITH RECURSIVE touched(relid) AS (
+            SELECT c.objid FROM pg_event_trigger_ddl_commands() AS c
+             WHERE c.classid = 'pg_class'::regclass
+            UNION
+            SELECT i.inhparent FROM pg_inherits AS i JOIN touched AS t ON i.inhrelid = t.relid
+        )
+        SELECT DISTINCT t.tgrelid::regclass
+          FROM touched JOIN pg_trigger AS t ON t.tgrelid = touched.relid
+         WHERE t.tgname = 'zz_fence_guard' AND t.tgparentid = 0
+           AND t.tgfoid = 'fence.fence_guard()'::regprocedure
+    LOOP
+        PERFORM fence._check_fence_columns('ALTER TABLE of fenced table', fenced);
+        PERFORM fence._fence_descendants(fenced);
+    END LOOP;
+END
+$fn$;
+
+CREATE EVENT TRIGGER fence_ddl_command_end ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION fence._on_ddl_command_end();
+
+-- Who holds a key's lock right now (keylock.rs), so that an admin can see,
+-- and end, the session that keeps a key from being acquired: a grant in
+-- flight holds it exclusively ('grant'); a fenced write, a renew or a
+-- release holds it in share mode until its transaction ends ('write'). A
+-- prepared transaction holds it until COMMIT/ROLLBACK PREPARED: pid is NULL
+-- and state names its gid. End a session with pg_terminate_backend(pid).
+-- Keys are found through their lease rows (every held key has one).
+CREATE OR REPLACE VIEW fence.blockers AS
+SELECT lk.pid,
+       COALESCE(a.usename, p.owner)                                     AS role,
+       l.lock_key,
+       CASE lk.mode WHEN 'ExclusiveLock' THEN 'grant' ELSE 'write' END  AS what,
+       COALESCE(a.xact_start, p.prepared)                               AS xact_start,
+       CASE WHEN lk.pid IS NULL THEN 'prepared ' || p.gid ELSE a.state END AS state
+  FROM pg_catalog.pg_locks AS lk
+  JOIN fence.leases AS l ON fence._key_lock_objid(l.lock_key) = lk.objid
+  LEFT JOIN pg_catalog.pg_stat_activity AS a ON a.pid = lk.pid
+  LEFT JOIN pg_catalog.pg_prepared_xacts AS p
+         ON lk.pid IS NULL AND lk.virtualtransaction = '-1/' || p.transaction::text
+ WHERE lk.locktype = 'advisory'
+   AND lk.granted
+   AND lk.database = (SELECT d.oid FROM pg_catalog.pg_database AS d WHERE d.datname = pg_catalog.current_database())
+   AND lk.classid = 1178947139  -- 'FENC'
+   AND lk.objsubid = 3;
+
+GRANT SELECT ON fence.blockers TO PUBLIC;
+
+-- Tables fenced under 0.1 get their partitions' TRUNCATE check and their
+-- inheritance children's fence now. A child fenced on its own is left as it
+-- is, with a warning, rather than failing the upgrade.
+DO $do$
+DECLARE
+    fenced regclass;
+BEGIN
+    FOR fenced IN
+        SELECT t.tgrelid::regclass FROM pg_catalog.pg_trigger AS t
+         WHERE t.tgname = 'zz_fence_guard' AND t.tgparentid = 0
+           AND t.tgfoid = 'fence.fence_guard()'::pg_catalog.regprocedure
+    LOOP
+        BEGIN
+            PERFORM fence._fence_descendants(fenced);
+        EXCEPTION WHEN object_not_in_prerequisite_state THEN
+            RAISE WARNING 'pg_fence upgrade: %', SQLERRM USING HINT = 'Fix it by hand: see the README, "Upgrading".';
+        END;
+    END LOOP;
+END
+$do$;
