@@ -18,8 +18,13 @@ pub fn port() -> u16 {
 
 /// A session as `user` on the cluster at `port`.
 pub async fn connect_to(port: u16, user: &str) -> Client {
+    connect_to_database(port, user, "pg_fence").await
+}
+
+/// A session as `user` on database `dbname` of the cluster at `port`.
+pub async fn connect_to_database(port: u16, user: &str, dbname: &str) -> Client {
     let config = format!(
-        "host=127.0.0.1 port={port} user={user} dbname=pg_fence application_name=pg_fence_tests"
+        "host=127.0.0.1 port={port} user={user} dbname={dbname} application_name=pg_fence_tests"
     );
     let (client, connection) = tokio_postgres::connect(&config, NoTls)
         .await
@@ -192,4 +197,17 @@ pub async fn fresh_side_cluster(base: &str, port: u16) -> Client {
         .await
         .unwrap();
     client
+}
+
+/// A new, empty database on the shared test cluster (dropped first if an
+/// earlier run left it), and a superuser session on it.
+pub async fn fresh_database(name: &str) -> Client {
+    let admin = connect().await;
+    for statement in [
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        admin.simple_query(&statement).await.unwrap();
+    }
+    connect_to_database(port(), "postgres", name).await
 }
