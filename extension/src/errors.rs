@@ -64,6 +64,10 @@ pub enum FenceError {
     SecurityRestricted { function: &'static str },
     /// `39P01`: fence_guard attached other than FOR EACH ROW on INSERT/UPDATE/DELETE.
     TriggerMisuse { table: String },
+    /// `57014`: the wait for the synchronous standby to have a new token's
+    /// WAL was cancelled (cancel, `statement_timeout`), so the token is not
+    /// handed out.
+    TokenNotReplicated,
     /// `XX000`: a broken invariant inside pg_fence (a bug, never bad input).
     Internal { context: String },
 }
@@ -112,6 +116,7 @@ impl FenceError {
             FenceError::InvalidFenceToken { .. } => "22023",
             FenceError::SecurityRestricted { .. } => "42501",
             FenceError::TriggerMisuse { .. } => "39P01",
+            FenceError::TokenNotReplicated => "57014",
             FenceError::Internal { .. } => "XX000",
         }
     }
@@ -210,6 +215,7 @@ impl FenceError {
             FenceError::TriggerMisuse { table } => format!(
                 "fence.fence_guard on table \"{table}\" must fire FOR EACH ROW on INSERT, UPDATE or DELETE: use fence.protect()"
             ),
+            FenceError::TokenNotReplicated => "lock_acquire cancelled while waiting for the synchronous standby to confirm the new token: no lease was granted".to_owned(),
             FenceError::Internal { context } => format!("pg_fence internal error: {context}"),
         }
     }

@@ -471,12 +471,22 @@ fn not_owner(
 
 /// Issue the next fencing token (G1).
 ///
-/// `nextval` WAL-logs the sequence only every 32 values and leaves flushing
-/// to the commit; if this transaction then aborts, or commits asynchronously,
-/// a crash could rewind the sequence and hand a token out twice. So when
-/// `nextval` wrote WAL we flush it now (once per 32 tokens), and the granting
-/// transaction is made to commit durably.
+/// `nextval` WAL-logs the sequence only every 32 values (the record says
+/// "up to 32 ahead are used") and leaves flushing to the commit; if the
+/// transaction then aborts, or commits asynchronously, a crash or the
+/// promotion of a standby that lacks the record could rewind the sequence
+/// and hand a token out twice. So before a token leaves this function, the
+/// record that covers it, the sequence page's LSN, must be flushed here and
+/// on the synchronous standbys. That is not only the record this call may
+/// have written: a call that wrote one and then failed (a cancelled wait)
+/// leaves 31 values covered by a record nobody waited for. Both checks
+/// return at once when the record is already there, which is all but once
+/// per 32 tokens. The granting transaction is made to commit durably too.
 fn issue_token() -> Result<i64, FenceError> {
+    // SAFETY: a plain function call into the sequence code, then a pin and
+    // share lock of the sequence's one page to read its LSN, released
+    // before anything can raise an error; the relation is opened and
+    // closed here, its lock kept until the transaction ends (as nextval does).
     unsafe {
         let namespace = pg_sys::get_namespace_oid(c"fence".as_ptr(), false);
         let sequence = pg_sys::get_relname_relid(c"token_seq".as_ptr(), namespace);
@@ -485,17 +495,53 @@ fn issue_token() -> Result<i64, FenceError> {
                 "sequence fence.token_seq is missing".into(),
             ));
         }
-        let logged_before = pg_sys::XactLastRecEnd;
         let token =
             pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[sequence.into_datum()])
                 .ok_or_else(|| FenceError::internal("nextval returned NULL".into()))?;
-        let logged_after = pg_sys::XactLastRecEnd;
-        if logged_after != logged_before {
-            pg_sys::XLogFlush(logged_after);
-        }
         commit_durably();
+        let relation = pg_sys::relation_open(sequence, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let buffer = pg_sys::ReadBuffer(relation, 0);
+        pg_sys::LockBuffer(buffer, pg_sys::BUFFER_LOCK_SHARE as i32);
+        let header = pg_sys::BufferGetPage(buffer).cast::<pg_sys::PageHeaderData>();
+        let covering =
+            (u64::from((*header).pd_lsn.xlogid) << 32) | u64::from((*header).pd_lsn.xrecoff);
+        pg_sys::UnlockReleaseBuffer(buffer);
+        pg_sys::relation_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::XLogFlush(covering);
+        wait_for_synchronous_standby(covering)?;
         Ok(token)
     }
+}
+
+/// Wait until the synchronous standbys have flushed WAL up to `lsn`, as a
+/// commit does (nothing to wait for without `synchronous_standby_names`).
+/// A wait cut short by a cancel or `statement_timeout` returns with a
+/// WARNING in PostgreSQL; here it is an error instead, so that the token
+/// never reaches a client that a promoted standby would not know of.
+fn wait_for_synchronous_standby(lsn: pg_sys::XLogRecPtr) -> Result<(), FenceError> {
+    // SAFETY: reads of this backend's settings and of WalSndCtl, which the
+    // postmaster sets up before any backend runs; lsn[] is read without
+    // SyncRepLock (an 8-byte aligned read: at worst an older value, which
+    // errs towards refusing).
+    unsafe {
+        let names = pg_sys::SyncRepStandbyNames;
+        if names.is_null() || *names == 0 || pg_sys::WalSndCtl.is_null() {
+            return Ok(());
+        }
+        let flushed = || {
+            std::ptr::read_volatile(std::ptr::addr_of!(
+                (*pg_sys::WalSndCtl).lsn[pg_sys::SYNC_REP_WAIT_FLUSH as usize]
+            ))
+        };
+        if flushed() >= lsn {
+            return Ok(());
+        }
+        pg_sys::SyncRepWaitForLSN(lsn, false);
+        if flushed() < lsn {
+            return Err(FenceError::TokenNotReplicated);
+        }
+    }
+    Ok(())
 }
 
 /// Make the current transaction's commit durable whatever the caller's

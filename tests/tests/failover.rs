@@ -1,0 +1,233 @@
+//! G1 across the promotion of a synchronous standby: a primary and a
+//! synchronous standby (throwaway clusters, like the crash test's), grants
+//! and rolled-back grants under load with some sessions at
+//! `synchronous_commit = off`, then the standby stops, more rolled-back
+//! grants, an immediate stop of the primary, and the standby's promotion.
+//! Every acknowledged grant is live with its token on the new primary, and
+//! no token a client saw is issued again. Slow (two clusters, a base
+//! backup): it runs in its own tier, after the others.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pg_fence_tests::*;
+
+const PRIMARY_PORT: u16 = 28820;
+const STANDBY_PORT: u16 = 28821;
+const PRIMARY: &str = "pg_fence_primary";
+const STANDBY: &str = "pg_fence_standby";
+
+fn target() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target")
+}
+
+/// Run a PostgreSQL server binary as the `postgres` OS user when we are root.
+fn as_postgres(tool: &str, args: &[&str]) {
+    let binary = format!("/usr/lib/postgresql/15/bin/{tool}");
+    let status = if is_root() {
+        Command::new("runuser")
+            .args(["-u", "postgres", "--", &binary])
+            .args(args)
+            .status()
+    } else {
+        Command::new(&binary).args(args).status()
+    }
+    .unwrap();
+    assert!(status.success(), "{tool} {args:?} failed");
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+#[derive(Default)]
+struct Seen {
+    tokens: Vec<i64>,
+    acknowledged: Vec<(String, i64)>,
+}
+
+async fn wait_until(db: &Client, sql: &str) {
+    for _ in 0..300 {
+        let done: bool = db.query_one(sql, &[]).await.unwrap().get(0);
+        if done {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for: {sql}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_token_is_issued_twice_across_the_promotion_of_a_synchronous_standby() {
+    side_cluster("destroy", STANDBY, STANDBY_PORT);
+    let primary = fresh_side_cluster(PRIMARY, PRIMARY_PORT).await;
+
+    // The standby: a base backup of the primary, on its own port.
+    let standby_base = target().join(STANDBY);
+    std::fs::create_dir_all(&standby_base).unwrap();
+    if is_root() {
+        Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&standby_base)
+            .status()
+            .unwrap();
+    }
+    let standby_data = format!("{}/data", standby_base.display());
+    as_postgres(
+        "pg_basebackup",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &PRIMARY_PORT.to_string(),
+            "-U",
+            "postgres",
+            "-D",
+            &standby_data,
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+        ],
+    );
+    let conf = format!("{standby_data}/postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str(&format!(
+        "port = {STANDBY_PORT}\ncluster_name = 'standby1'\nunix_socket_directories = '{}/run'\n",
+        standby_base.display()
+    ));
+    std::fs::write(&conf, text).unwrap();
+    std::fs::create_dir_all(standby_base.join("run")).unwrap();
+    if is_root() {
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&standby_base)
+            .status()
+            .unwrap();
+    }
+    side_cluster("start", STANDBY, STANDBY_PORT);
+    for statement in [
+        "ALTER SYSTEM SET synchronous_standby_names = 'standby1'",
+        "SELECT pg_reload_conf()",
+    ] {
+        primary.simple_query(statement).await.unwrap();
+    }
+    wait_until(
+        &primary,
+        "SELECT EXISTS (SELECT FROM pg_stat_replication WHERE application_name = 'standby1' AND sync_state = 'sync')",
+    )
+    .await;
+
+    // Load: grants that commit (two workers at synchronous_commit = off) and
+    // grants in transactions that roll back.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut workers = Vec::new();
+    for worker in 0..4 {
+        let seen = seen.clone();
+        workers.push(tokio::spawn(async move {
+            let db = connect_to(PRIMARY_PORT, "postgres").await;
+            if worker % 2 == 0 {
+                db.batch_execute("SET synchronous_commit = off")
+                    .await
+                    .unwrap();
+            }
+            for i in 0..60 {
+                let key = format!("failover:{worker}:{i}");
+                if worker == 3 {
+                    db.batch_execute("BEGIN").await.unwrap();
+                    let token = acquire(&db, &key, "1 hour", None, "0").await.unwrap();
+                    db.batch_execute("ROLLBACK").await.unwrap();
+                    seen.lock().unwrap().tokens.extend(token);
+                } else {
+                    let token = acquire(&db, &key, "1 hour", None, "0")
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let mut seen = seen.lock().unwrap();
+                    seen.tokens.push(token);
+                    seen.acknowledged.push((key, token));
+                }
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+
+    // A standby refuses grants, saying why.
+    let on_standby = connect_to(STANDBY_PORT, "postgres").await;
+    let (state, message) =
+        expect_error(&on_standby, "SELECT fence.lock_acquire('failover:standby')").await;
+    assert_eq!(state, "25006", "{message}");
+    drop(on_standby);
+
+    // The standby goes away. Grants in transactions that roll back never
+    // wait at commit; each must still not hand out a token the standby
+    // has not got: it waits for it, and a cancelled wait is an error.
+    side_cluster("stop", STANDBY, STANDBY_PORT);
+    let db = connect_to(PRIMARY_PORT, "postgres").await;
+    db.batch_execute("SET statement_timeout = '200ms'")
+        .await
+        .unwrap();
+    let mut refused = 0;
+    for i in 0..40 {
+        db.batch_execute("BEGIN").await.unwrap();
+        match acquire(&db, &format!("failover:alone:{i}"), "1 hour", None, "0").await {
+            Ok(token) => seen.lock().unwrap().tokens.extend(token),
+            Err(error) => {
+                assert_eq!(sqlstate(&error).as_deref(), Some("57014"), "{error}");
+                refused += 1;
+            }
+        }
+        db.batch_execute("ROLLBACK").await.unwrap();
+    }
+    assert!(refused > 0, "no grant needed the standby in 40 tokens");
+    drop(db);
+    drop(primary);
+
+    // The primary dies; the standby is promoted.
+    side_cluster("crash", PRIMARY, PRIMARY_PORT);
+    side_cluster("start", STANDBY, STANDBY_PORT);
+    as_postgres("pg_ctl", &["-D", &standby_data, "-w", "promote"]);
+    let promoted = connect_to(STANDBY_PORT, "postgres").await;
+    wait_until(&promoted, "SELECT NOT pg_is_in_recovery()").await;
+
+    let (tokens, acknowledged) = {
+        let seen = seen.lock().unwrap();
+        (seen.tokens.clone(), seen.acknowledged.clone())
+    };
+    for (key, token) in &acknowledged {
+        assert_eq!(
+            live_token(&promoted, key).await,
+            Some(*token),
+            "acknowledged grant of {key} lost in the failover"
+        );
+    }
+    let highest_seen = *tokens.iter().max().unwrap();
+    for i in 0..40 {
+        let token = acquire(
+            &promoted,
+            &format!("failover:after:{i}"),
+            "1 hour",
+            None,
+            "0",
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(
+            token > highest_seen,
+            "token {token} issued again after promotion (a client saw up to {highest_seen})"
+        );
+    }
+    drop(promoted);
+    side_cluster("destroy", STANDBY, STANDBY_PORT);
+    side_cluster("destroy", PRIMARY, PRIMARY_PORT);
+}
