@@ -225,7 +225,7 @@ fn exact_ttl(function: &'static str, ttl: &Interval) -> Result<Interval, FenceEr
         )));
     }
     // At most i32::MAX seconds, so it fits.
-    Ok(Interval::new(0, 0, micros as i64).map_err(|_| invalid("is out of range".into()))?)
+    Interval::new(0, 0, micros as i64).map_err(|_| invalid("is out of range".into()))
 }
 
 fn check_holder(holder: Option<&str>) -> Result<String, FenceError> {
