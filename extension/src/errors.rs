@@ -7,6 +7,7 @@
 //! `errstart`/`errfinish` directly, the way pgrx itself does at its guard.
 
 use std::ffi::{c_char, c_int, CString};
+use std::panic::Location;
 
 use pgrx::pg_sys;
 
@@ -249,30 +250,68 @@ impl FenceError {
         }
     }
 
-    /// Report this error to PostgreSQL at level ERROR. Never returns: the
-    /// transaction aborts and control goes back to the executor.
+    /// This error as having happened at the caller's line.
+    #[track_caller]
+    pub fn here(self) -> Failure {
+        Failure {
+            error: self,
+            at: Location::caller(),
+        }
+    }
+}
+
+/// A failure and where it happened: the line that produced it (where the
+/// error was made, or where `?` passed it on from a PostgreSQL or SPI
+/// error), which becomes the error's LOCATION. Every fallible function of
+/// the extension returns it.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub error: FenceError,
+    pub at: &'static Location<'static>,
+}
+
+impl From<FenceError> for Failure {
+    #[track_caller]
+    fn from(error: FenceError) -> Failure {
+        error.here()
+    }
+}
+
+impl From<pgrx::spi::SpiError> for Failure {
+    #[track_caller]
+    fn from(error: pgrx::spi::SpiError) -> Failure {
+        FenceError::from(error).here()
+    }
+}
+
+/// `Err(error)` as having happened at the caller's line.
+#[track_caller]
+pub fn fail<T>(error: FenceError) -> Result<T, Failure> {
+    Err(error.here())
+}
+
+impl Failure {
+    /// Report this failure to PostgreSQL at level ERROR, with its SQLSTATE,
+    /// message, hint and origin. Never returns: the transaction aborts and
+    /// control goes back to the executor.
     ///
     /// Call it only at the top of a `#[pg_extern]`/`#[pg_trigger]` body, with
     /// no live Rust values above it that own heap memory: `errfinish`
     /// longjmps past those frames, exactly as at the end of pgrx's guard.
-    #[track_caller]
     pub fn raise(self) -> ! {
-        // errfinish keeps the file name pointer beyond this call (a re-thrown
-        // error prints it later), so it must be static.
-        let location = std::panic::Location::caller();
-        let line = location.line() as c_int;
-        let file = match location.file().rsplit('/').next() {
-            Some("fence.rs") => c"fence.rs",
-            Some("lease.rs") => c"lease.rs",
-            Some("operations.rs") => c"operations.rs",
-            _ => c"pg_fence",
-        };
-        let code = make_sqlstate(self.sqlstate().as_bytes().try_into().expect("5 bytes"));
+        let line = self.at.line() as c_int;
+        let file = static_file_name(self.at.file());
+        let error = self.error;
+        let code = make_sqlstate(error.sqlstate().as_bytes().try_into().expect("5 bytes"));
         // Move every string into palloc'd memory (freed by the abort) and drop
         // the Rust owners before the longjmp.
-        let message = palloc_cstr(&self.message());
-        let hint = self.hint().map(palloc_cstr);
-        drop(self);
+        let message = palloc_cstr(&error.message());
+        let hint = error.hint().map(palloc_cstr);
+        drop(error);
+        // SAFETY: errstart/errfinish as elog.h's ereport uses them, with palloc'd
+        // strings and a file name that lives for the process; every Rust value
+        // owning heap memory was dropped above, so the longjmp of
+        // errfinish(ERROR) skips no destructor.
         unsafe {
             if errstart(pg_sys::PGERROR as c_int, std::ptr::null()) {
                 errcode(code);
@@ -280,26 +319,51 @@ impl FenceError {
                 if let Some(hint) = hint {
                     errhint(c"%s".as_ptr(), hint);
                 }
-                errfinish(file.as_ptr(), line, c"pg_fence".as_ptr());
+                errfinish(file, line, c"pg_fence".as_ptr());
             }
         }
         unreachable!("errfinish(ERROR) returned")
     }
 }
 
+/// A source file's base name as a C string that lives as long as the
+/// process: errfinish keeps the pointer (a re-thrown error prints it later).
+/// One small allocation per source file, made once.
+fn static_file_name(path: &'static str) -> *const c_char {
+    thread_local! {
+        static NAMES: std::cell::RefCell<Vec<(&'static str, &'static std::ffi::CStr)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    NAMES.with(|names| {
+        let mut names = names.borrow_mut();
+        if let Some((_, name)) = names.iter().find(|(known, _)| *known == path) {
+            return name.as_ptr();
+        }
+        let base = path.rsplit('/').next().unwrap_or(path);
+        let name: &'static std::ffi::CStr = Box::leak(
+            CString::new(base)
+                .unwrap_or_else(|_| c"pg_fence".into())
+                .into_boxed_c_str(),
+        );
+        names.push((path, name));
+        name.as_ptr()
+    })
+}
+
 fn palloc_cstr(text: &str) -> *mut c_char {
     // Our messages never contain NUL; replace defensively rather than panic.
     let owned = CString::new(text.replace('\0', "\\0")).expect("NULs were replaced");
+    // SAFETY: owned is NUL-terminated; pstrdup copies it into the current memory
+    // context.
     unsafe { pg_sys::pstrdup(owned.as_ptr()) }
 }
 
 /// Unwrap a result at the top of an SQL-callable function: the value, or the
-/// error reported with its SQLSTATE.
-#[track_caller]
-pub fn or_raise<T>(result: Result<T, FenceError>) -> T {
+/// failure reported with its SQLSTATE and origin.
+pub fn or_raise<T>(result: Result<T, Failure>) -> T {
     match result {
         Ok(value) => value,
-        Err(error) => error.raise(),
+        Err(failure) => failure.raise(),
     }
 }
 

@@ -23,8 +23,8 @@ use std::ffi::{c_char, CStr};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::errors::FenceError;
-use crate::{keylock, lease, probe, settings};
+use crate::errors::{fail, Failure, FenceError};
+use crate::{keylock, probe, roles, settings};
 
 /// Why a write was refused (SQLSTATE FN001).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,13 +60,15 @@ fn fence_guard<'a>(
 fn fence_no_truncate<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
+    // SAFETY: a backend-local read, no preconditions.
     let role = unsafe { pg_sys::GetUserId() };
-    if !lease::is_fence_admin(role) {
+    if !roles::is_fence_admin(role) {
         let table = table_name(trigger.trigger_data());
         FenceError::TruncateRefused {
             table,
-            role: lease::role_name(role),
+            role: roles::role_name(role),
         }
+        .here()
         .raise();
     }
     Ok(None)
@@ -83,7 +85,9 @@ struct Config<'t> {
     token_column: Option<&'t str>,
 }
 
-fn config<'t>(trigger: &'t pg_sys::Trigger) -> Result<Config<'t>, FenceError> {
+fn config<'t>(trigger: &'t pg_sys::Trigger) -> Result<Config<'t>, Failure> {
+    // SAFETY: PostgreSQL gives a trigger tgnargs NUL-terminated argument strings that
+    // live as long as the trigger call (the relcache entry).
     let args: Vec<&str> = unsafe {
         (0..trigger.tgnargs as usize)
             .map(|i| {
@@ -106,13 +110,15 @@ fn config<'t>(trigger: &'t pg_sys::Trigger) -> Result<Config<'t>, FenceError> {
             key_prefix: prefix,
             token_column: (!token.is_empty()).then_some(*token),
         }),
-        _ => Err(FenceError::internal(format!(
+        _ => fail(FenceError::internal(format!(
             "trigger fence_guard has unexpected arguments {args:?}; re-run fence.protect()"
         ))),
     }
 }
 
 fn table_name(data: &pg_sys::TriggerData) -> String {
+    // SAFETY: tg_relation is the open relation the trigger fires for; get_rel_name
+    // returns NULL or a palloc'd copy.
     unsafe {
         let relation = data.tg_relation;
         let name = pg_sys::get_rel_name((*relation).rd_id);
@@ -123,7 +129,7 @@ fn table_name(data: &pg_sys::TriggerData) -> String {
     }
 }
 
-fn check_row(trigger: &PgTrigger<'_>) -> Result<(), FenceError> {
+fn check_row(trigger: &PgTrigger<'_>) -> Result<(), Failure> {
     let data = trigger.trigger_data();
     let config = config(trigger.trigger())?;
     let operation = data.tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
@@ -133,10 +139,11 @@ fn check_row(trigger: &PgTrigger<'_>) -> Result<(), FenceError> {
     let rows_present = !data.tg_trigtuple.is_null()
         && (operation != pg_sys::TRIGGER_EVENT_UPDATE || !data.tg_newtuple.is_null());
     if !row_level || operation > pg_sys::TRIGGER_EVENT_UPDATE || !rows_present {
-        return Err(FenceError::TriggerMisuse {
+        return fail(FenceError::TriggerMisuse {
             table: table_name(data),
         });
     }
+    // SAFETY: tg_relation is open for the whole trigger call.
     let descriptor = unsafe { (*data.tg_relation).rd_att };
     // INSERT: tg_trigtuple is the new row; UPDATE: old, and tg_newtuple the
     // new one; DELETE: the old row.
@@ -163,7 +170,7 @@ fn check_row(trigger: &PgTrigger<'_>) -> Result<(), FenceError> {
             for row in [new_row, old_row].into_iter().flatten() {
                 let Some(value) = text_at(row, descriptor, number) else {
                     let shown = format!("{}<NULL>", config.key_prefix);
-                    return Err(refuse(
+                    return fail(refuse(
                         shown,
                         None,
                         Stale::NullKey {
@@ -206,16 +213,16 @@ fn check_row(trigger: &PgTrigger<'_>) -> Result<(), FenceError> {
         None => (settings::fence_token()?, None),
     };
     let Some(token) = token else {
-        return Err(refuse(keys.swap_remove(0), None, Stale::NoToken));
+        return fail(refuse(keys.swap_remove(0), None, Stale::NoToken));
     };
     // The live lease first: it is the reason that matters to the writer.
     for key in &keys {
         if let Some(why) = check_lease(key, token)? {
-            return Err(refuse(key.clone(), Some(token), why));
+            return fail(refuse(key.clone(), Some(token), why));
         }
     }
     if let Some((column, from)) = previous.filter(|(_, from)| token < *from) {
-        return Err(refuse(
+        return fail(refuse(
             keys.swap_remove(0),
             Some(token),
             Stale::LowersToken {
@@ -231,12 +238,13 @@ fn attribute_number(
     descriptor: pg_sys::TupleDesc,
     column: &str,
     table: &dyn Fn() -> String,
-) -> Result<i32, FenceError> {
+) -> Result<i32, Failure> {
     let name = std::ffi::CString::new(column)
         .map_err(|_| FenceError::internal("NUL in a column name".into()))?;
+    // SAFETY: a lookup in a valid descriptor with a NUL-terminated name.
     let number = unsafe { pg_sys::SPI_fnumber(descriptor, name.as_ptr()) };
     if number <= 0 {
-        return Err(FenceError::ProtectedColumnMissing {
+        return fail(FenceError::ProtectedColumnMissing {
             table: table(),
             column: column.to_owned(),
         });
@@ -274,11 +282,11 @@ fn key_attribute(
     descriptor: pg_sys::TupleDesc,
     column: &str,
     table: &dyn Fn() -> String,
-) -> Result<i32, FenceError> {
+) -> Result<i32, Failure> {
     let number = attribute_number(descriptor, column, table)?;
     let attribute = attribute(descriptor, number);
     if attribute.attgenerated != 0 || !KEY_COLUMN_TYPES.contains(&attribute.atttypid) {
-        return Err(FenceError::UntrustedColumn {
+        return fail(FenceError::UntrustedColumn {
             table: table(),
             column: column.to_owned(),
             role: "key",
@@ -293,17 +301,17 @@ fn token_attribute(
     descriptor: pg_sys::TupleDesc,
     column: &str,
     table: &dyn Fn() -> String,
-) -> Result<i32, FenceError> {
+) -> Result<i32, Failure> {
     let number = attribute_number(descriptor, column, table)?;
     let attribute = attribute(descriptor, number);
     if attribute.atttypid != pg_sys::INT8OID {
-        return Err(FenceError::TokenColumnType {
+        return fail(FenceError::TokenColumnType {
             table: table(),
             column: column.to_owned(),
         });
     }
     if attribute.attgenerated != 0 {
-        return Err(FenceError::UntrustedColumn {
+        return fail(FenceError::UntrustedColumn {
             table: table(),
             column: column.to_owned(),
             role: "token",
@@ -360,7 +368,7 @@ fn bigint_at(
 
 /// Is `token` the token of the live lease on `key`? Share-locks the key until
 /// this transaction ends (keylock.rs) first, then reads the lease as of now.
-fn check_lease(key: &str, token: i64) -> Result<Option<Stale>, FenceError> {
+fn check_lease(key: &str, token: i64) -> Result<Option<Stale>, Failure> {
     keylock::share(key);
     Ok(match live_token_now(key)? {
         Some(live) if live == token => None,
@@ -374,7 +382,7 @@ fn check_lease(key: &str, token: i64) -> Result<Option<Stale>, FenceError> {
 /// checks use), so under REPEATABLE READ and SERIALIZABLE too the check sees
 /// a lease granted after the transaction's own snapshot was taken. No SPI, no
 /// executor: this runs for every protected row.
-fn live_token_now(key: &str) -> Result<Option<i64>, FenceError> {
+fn live_token_now(key: &str) -> Result<Option<i64>, Failure> {
     let row = probe::lease_row(key, probe::Snapshot::Latest, false)?;
     Ok(row.filter(|row| row.live).map(|row| row.token))
 }

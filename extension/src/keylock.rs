@@ -23,33 +23,26 @@
 
 use pgrx::pg_sys;
 
+use crate::key;
+
 /// Advisory lock class: `'FENC'` as a big-endian u32.
 pub const KEY_LOCK_CLASS: u32 = 0x4645_4E43;
-
-/// The key's 32-bit hash, the lock tag's `objid` (FNV-1a: stable across
-/// versions and platforms, unlike hashtext).
-fn hash(lock_key: &str) -> u32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in lock_key.bytes() {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    hash
-}
 
 /// The `pg_locks.objid` of the key's lock, for the `fence.blockers` view
 /// (sql/fence.sql), which finds who holds a key up.
 #[pgrx::pg_extern(immutable, strict, parallel_safe)]
 fn _key_lock_objid(lock_key: &str) -> pg_sys::Oid {
-    pg_sys::Oid::from(hash(lock_key))
+    pg_sys::Oid::from(key::hash(lock_key))
 }
 
 fn tag(lock_key: &str) -> pg_sys::LOCKTAG {
-    let hash = hash(lock_key);
+    let hash = key::hash(lock_key);
     // SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, class, hash, 3). The SQL
     // advisory lock functions only ever use 1 or 2 in the last field, so no
     // role can take (and hold hostage) a key's lock with pg_advisory_lock.
     pg_sys::LOCKTAG {
+        // SAFETY: MyDatabaseId is set once a backend has connected, before any SQL
+        // runs.
         locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
         locktag_field2: KEY_LOCK_CLASS,
         locktag_field3: hash,
@@ -63,6 +56,8 @@ fn tag(lock_key: &str) -> pg_sys::LOCKTAG {
 /// with deadlock detection) for a granting acquire to finish.
 pub fn share(lock_key: &str) {
     let tag = tag(lock_key);
+    // SAFETY: a valid tag of the user lock method; the lock belongs to the current
+    // resource owner and a wait is cancellable (deadlock detection, interrupts).
     unsafe { pg_sys::LockAcquire(&tag, pg_sys::ShareLock as i32, false, false) };
 }
 
@@ -70,6 +65,7 @@ pub fn share(lock_key: &str) {
 /// false if a fenced write (or another grant) holds it.
 pub fn try_exclusive(lock_key: &str) -> bool {
     let tag = tag(lock_key);
+    // SAFETY: as for share(), without waiting (dontWait).
     let result = unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, true) };
     result != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
 }
@@ -80,6 +76,8 @@ pub fn try_exclusive(lock_key: &str) -> bool {
 /// transaction (a lease it granted before) stays.
 pub fn release_exclusive(lock_key: &str) {
     let tag = tag(lock_key);
+    // SAFETY: releases one hold this resource owner took in try_exclusive (the caller's
+    // contract).
     unsafe { pg_sys::LockRelease(&tag, pg_sys::ExclusiveLock as i32, false) };
 }
 
@@ -89,5 +87,7 @@ pub fn release_exclusive(lock_key: &str) {
 /// until its transaction ends.
 pub fn release_share(lock_key: &str) {
     let tag = tag(lock_key);
+    // SAFETY: releases one hold this resource owner took in share (the caller's
+    // contract).
     unsafe { pg_sys::LockRelease(&tag, pg_sys::ShareLock as i32, false) };
 }

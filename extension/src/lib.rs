@@ -6,16 +6,27 @@
 //! settings in [`settings`]. The guarantees G1–G6 are stated in DESIGN.md and
 //! the README.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 use pgrx::prelude::*;
 
+pub mod acquire;
+pub mod api;
+pub mod args;
+pub mod catalog;
+pub mod durability;
 pub mod errors;
 pub mod fence;
+pub mod key;
 pub mod keylock;
 pub mod lease;
 pub mod operations;
+pub mod plans;
 pub mod probe;
 pub mod reach;
+pub mod roles;
 pub mod settings;
+pub mod subxact;
 pub mod wait;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -30,6 +41,8 @@ pgrx::extension_sql_file!("../../sql/fence.sql", name = "fence", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::register();
+    // SAFETY: _PG_init runs once per backend as the library loads; the callbacks are
+    // functions of this library, which is never unloaded.
     unsafe {
         pgrx::pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
         pgrx::pg_sys::RegisterResourceReleaseCallback(
@@ -58,7 +71,7 @@ unsafe extern "C-unwind" fn on_xact_event(
     event: pgrx::pg_sys::XactEvent::Type,
     _arg: *mut std::ffi::c_void,
 ) {
-    lease::on_xact_event(event);
+    durability::on_xact_event(event);
     wait::on_xact_event(event);
 }
 

@@ -11,27 +11,12 @@
 
 use pgrx::prelude::*;
 
-use crate::errors::{or_raise, FenceError};
-use crate::lease::{caller_role, check_text_key};
+use crate::errors::{Failure, FenceError};
+use crate::key::check_text_key;
+use crate::roles::caller_role;
 
-/// Claim `op_key` for the calling role in the current transaction: true if
-/// this transaction is the one to do the operation, false if it was done.
-#[pg_extern(volatile, security_definer, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
-fn claim_operation(op_key: Option<&str>) -> bool {
-    or_raise(claim(op_key))
-}
-
-/// Forget the calling role's run-once records older than `older_than`
-/// (members of fence_admin: every role's). Returns how many were deleted.
-#[pg_extern(volatile, security_definer, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
-fn forget_operations(older_than: Option<pgrx::datum::Interval>) -> i64 {
-    or_raise(forget(older_than))
-}
-
-fn claim(op_key: Option<&str>) -> Result<bool, FenceError> {
-    crate::lease::refuse_security_restricted("claim_operation")?;
+pub fn claim(op_key: Option<&str>) -> Result<bool, Failure> {
+    crate::roles::refuse_security_restricted("claim_operation")?;
     let key = check_text_key("claim_operation", "op_key", op_key)?;
     let role = caller_role();
     Spi::connect_mut(|client| {
@@ -45,14 +30,14 @@ fn claim(op_key: Option<&str>) -> Result<bool, FenceError> {
     })
 }
 
-fn forget(older_than: Option<pgrx::datum::Interval>) -> Result<i64, FenceError> {
-    crate::lease::refuse_security_restricted("forget_operations")?;
+pub fn forget(older_than: Option<pgrx::datum::Interval>) -> Result<i64, Failure> {
+    crate::roles::refuse_security_restricted("forget_operations")?;
     let older_than = older_than.ok_or(FenceError::NullArgument {
         function: "forget_operations",
         argument: "older_than",
     })?;
     let role = caller_role();
-    let admin = crate::lease::is_fence_admin(role);
+    let admin = crate::roles::is_fence_admin(role);
     Spi::connect_mut(|client| {
         let deleted = client.update(
             "DELETE FROM fence.operations \

@@ -11,7 +11,8 @@ use std::ffi::CStr;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::errors::FenceError;
+use crate::catalog;
+use crate::errors::{fail, Failure, FenceError};
 
 /// Which snapshot the probe reads with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,16 +47,16 @@ pub fn lease_row(
     key: &str,
     snapshot: Snapshot,
     for_grant: bool,
-) -> Result<Option<LeaseRow>, FenceError> {
+) -> Result<Option<LeaseRow>, Failure> {
     let internal = |what: &str| FenceError::internal(format!("reading fence.leases: {what}"));
     let key_datum = key.into_datum().ok_or_else(|| internal("NULL key"))?;
+    let (table_oid, index_oid) = catalog::leases()?;
+    // SAFETY: the relations are opened and closed here under AccessShareLock (kept
+    // until the transaction ends, as the executor keeps them); the snapshot is
+    // registered and unregistered here; the slot and scan are created and dropped here;
+    // attribute numbers were checked against the descriptor; xmax and hint bits are
+    // read under the buffer lock (untouched()).
     unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"fence".as_ptr(), false);
-        let table_oid = pg_sys::get_relname_relid(c"leases".as_ptr(), namespace);
-        let index_oid = pg_sys::get_relname_relid(c"leases_pkey".as_ptr(), namespace);
-        if table_oid == pg_sys::InvalidOid || index_oid == pg_sys::InvalidOid {
-            return Err(internal("the table or its primary key is missing"));
-        }
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
         let table = pg_sys::table_open(table_oid, lock);
         let index = pg_sys::index_open(index_oid, lock);
@@ -71,7 +72,7 @@ pub fn lease_row(
         if attributes.iter().any(|&attnum| attnum <= 0) {
             pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
             pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
-            return Err(internal(
+            return fail(internal(
                 "a column (token, expires_at, released_at, owner_role, holder) is missing",
             ));
         }
@@ -136,7 +137,14 @@ pub fn lease_row(
 /// (a buffer heap slot from the probe): xmax unset, or known invalid. xmax and
 /// the hint bits live in the shared page, so they are read under the buffer's
 /// content lock, as heapam does.
+///
+/// # Safety
+///
+/// `slot` must be the probe's buffer heap slot, holding the tuple it fetched.
 unsafe fn untouched(slot: *mut pg_sys::TupleTableSlot) -> bool {
+    // SAFETY: the caller passes the probe's buffer heap slot holding a fetched tuple;
+    // its buffer stays pinned while the slot holds it, and the header is read under the
+    // share lock.
     unsafe {
         let mut should_free = false;
         let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);

@@ -20,7 +20,7 @@ use std::ffi::CString;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::errors::{or_raise, FenceError};
+use crate::errors::{fail, or_raise, Failure, FenceError};
 
 /// Clone fence trigger `parent_trigger` onto table `child`, a partition or
 /// inheritance descendant of the trigger's table. Internal: called by
@@ -41,7 +41,7 @@ struct TriggerDef {
     args: Vec<String>,
 }
 
-fn trigger_def(trigger: pg_sys::Oid) -> Result<TriggerDef, FenceError> {
+fn trigger_def(trigger: pg_sys::Oid) -> Result<TriggerDef, Failure> {
     let row = Spi::connect(|client| {
         let rows = client.select(
             "SELECT t.tgname::text, t.tgfoid, t.tgtype, t.tgenabled::text, \
@@ -68,7 +68,7 @@ fn trigger_def(trigger: pg_sys::Oid) -> Result<TriggerDef, FenceError> {
     })?;
     let Some((Some(name), Some(function), Some(kind), Some(enabled), args, Some(nargs))) = row
     else {
-        return Err(FenceError::internal(format!(
+        return fail(FenceError::internal(format!(
             "trigger {} is not a pg_fence trigger",
             trigger.to_u32()
         )));
@@ -88,7 +88,7 @@ fn trigger_def(trigger: pg_sys::Oid) -> Result<TriggerDef, FenceError> {
     })
 }
 
-fn clone_trigger(parent_trigger: pg_sys::Oid, child: pg_sys::Oid) -> Result<(), FenceError> {
+fn clone_trigger(parent_trigger: pg_sys::Oid, child: pg_sys::Oid) -> Result<(), Failure> {
     let def = trigger_def(parent_trigger)?;
     let cstring = |text: &str| {
         CString::new(text).map_err(|_| FenceError::internal("NUL in a trigger definition".into()))

@@ -4,7 +4,7 @@ use std::ffi::CString;
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
-use crate::errors::FenceError;
+use crate::errors::{fail, Failure, FenceError};
 
 /// `fence.max_ttl`: the longest ttl a lease may be acquired or renewed with.
 /// Superuser-only, so a role cannot lift its own limit.
@@ -15,7 +15,7 @@ static MAX_TTL: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 static TOKEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// The token `SET LOCAL fence.token` gave this transaction, if any.
-pub fn fence_token() -> Result<Option<i64>, FenceError> {
+pub fn fence_token() -> Result<Option<i64>, Failure> {
     let Some(value) = TOKEN.get() else {
         return Ok(None);
     };
@@ -24,11 +24,12 @@ pub fn fence_token() -> Result<Option<i64>, FenceError> {
     if text.is_empty() {
         return Ok(None);
     }
-    text.parse::<i64>()
-        .map(Some)
-        .map_err(|_| FenceError::InvalidFenceToken {
+    match text.parse::<i64>() {
+        Ok(token) => Ok(Some(token)),
+        Err(_) => fail(FenceError::InvalidFenceToken {
             value: text.to_owned(),
-        })
+        }),
+    }
 }
 
 pub fn max_ttl_seconds() -> i32 {
@@ -54,5 +55,6 @@ pub fn register() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    // SAFETY: called from _PG_init with a static NUL-terminated prefix.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"fence".as_ptr()) };
 }

@@ -7,8 +7,9 @@ use pgrx::prelude::*;
 mod tests {
     use pgrx::prelude::*;
 
+    use crate::args::interval_micros;
     use crate::errors::{make_sqlstate, FenceError};
-    use crate::lease::{check_key, interval_micros};
+    use crate::key::check_key;
 
     #[pg_test]
     fn sqlstates_encode_like_postgres() {
@@ -48,27 +49,26 @@ mod tests {
 
     #[pg_test]
     fn key_checks_name_the_argument() {
-        assert_eq!(check_key("f", Some("a")), Ok("a"));
+        let check_key = |value| check_key("f", value).map_err(|failure| failure.error);
+        assert_eq!(check_key(Some("a")), Ok("a"));
         assert_eq!(
-            check_key("f", None),
+            check_key(None),
             Err(FenceError::NullArgument {
                 function: "f",
                 argument: "lock_key"
             })
         );
         let long = "k".repeat(1025);
-        let error = check_key("f", Some(&long)).unwrap_err();
+        let error = check_key(Some(&long)).unwrap_err();
         assert_eq!(error.sqlstate(), "22023");
         assert!(
             error.message().contains("1025 bytes"),
             "{}",
             error.message()
         );
-        assert_eq!(check_key("f", Some("")).unwrap_err().sqlstate(), "22023");
-        assert_eq!(
-            check_key("f", Some(&"k".repeat(1024))),
-            Ok(&*"k".repeat(1024))
-        );
+        assert_eq!(check_key(Some("")).unwrap_err().sqlstate(), "22023");
+        let longest = "k".repeat(1024);
+        assert_eq!(check_key(Some(&longest)), Ok(longest.as_str()));
     }
 
     #[pg_test]
@@ -189,12 +189,21 @@ mod tests {
     #[pg_test]
     fn fence_token_setting_parses_bigints_only() {
         Spi::run("SET LOCAL fence.token = ' 42 '").unwrap();
-        assert_eq!(crate::settings::fence_token(), Ok(Some(42)));
+        assert_eq!(
+            crate::settings::fence_token().map_err(|failure| failure.error),
+            Ok(Some(42))
+        );
         Spi::run("SET LOCAL fence.token = ''").unwrap();
-        assert_eq!(crate::settings::fence_token(), Ok(None));
+        assert_eq!(
+            crate::settings::fence_token().map_err(|failure| failure.error),
+            Ok(None)
+        );
         Spi::run("SET LOCAL fence.token = 'forty-two'").unwrap();
         assert_eq!(
-            crate::settings::fence_token().unwrap_err().sqlstate(),
+            crate::settings::fence_token()
+                .map_err(|failure| failure.error)
+                .unwrap_err()
+                .sqlstate(),
             "22023"
         );
     }

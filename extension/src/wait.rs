@@ -23,6 +23,8 @@ use std::cell::RefCell;
 
 use pgrx::pg_sys;
 
+use crate::key;
+
 /// Longest sleep between two attempts while the key looks held.
 pub const RECHECK_INTERVAL_MS: i64 = 50;
 /// Sleep while the key's lock is held by another transaction (a grant in
@@ -35,13 +37,10 @@ thread_local! {
     static PENDING_WAKEUPS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The wait event that stands for `lock_key` (FNV-1a, folded to 24 bits).
+/// The wait event that stands for `lock_key`: its hash (key.rs), folded to
+/// 24 bits.
 pub fn wait_event_for(lock_key: &str) -> u32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in lock_key.bytes() {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
+    let hash = key::hash(lock_key);
     pg_sys::PG_WAIT_EXTENSION | ((hash ^ (hash >> 24)) & 0x00FF_FFFF)
 }
 
@@ -49,17 +48,21 @@ pub fn wait_event_for(lock_key: &str) -> u32 {
 /// attempt, so a release that commits between the attempt and the sleep
 /// still finds us (it sets the latch; the sleep then returns at once).
 pub fn advertise(event: u32) {
+    // SAFETY: my_wait_event_info points at this backend's own PGPROC field (or a local
+    // dummy before it has one).
     unsafe { *pg_sys::my_wait_event_info = event };
 }
 
 /// Stop advertising. An error path needs no call: AbortTransaction clears it.
 pub fn stop_advertising() {
+    // SAFETY: as for advertise().
     unsafe { *pg_sys::my_wait_event_info = 0 };
 }
 
 /// Clear this backend's latch before an attempt, so a wake-up that arrives
 /// during the attempt is not lost.
 pub fn reset_latch() {
+    // SAFETY: MyLatch is this backend's own latch.
     unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
 }
 
@@ -67,6 +70,8 @@ pub fn reset_latch() {
 /// cancel, `statement_timeout` and postmaster death.
 pub fn sleep(event: u32, timeout_ms: i64) {
     let timeout = timeout_ms.clamp(1, i64::from(i32::MAX));
+    // SAFETY: waits on this backend's own latch; WaitLatch is interruptible and returns
+    // on postmaster death (WL_EXIT_ON_PM_DEATH exits instead).
     unsafe {
         pg_sys::WaitLatch(
             pg_sys::MyLatch,
@@ -127,6 +132,8 @@ pub fn on_resource_release(
 /// A waiter leaving without the lease: if a release woke it since its last
 /// attempt (its latch is set), wake another waiter of the key in its place.
 pub fn pass_on_wakeup(event: u32) {
+    // SAFETY: MyLatch is this backend's own latch; waking another is
+    // wake_one_waiting_on's contract, met in any backend.
     unsafe {
         if (*pg_sys::MyLatch).is_set != 0 {
             wake_one_waiting_on(event);
@@ -141,7 +148,16 @@ pub fn pass_on_wakeup(event: u32) {
 /// another backend's `wait_event_info` and latch flag without a lock is what
 /// `pg_stat_activity` does; setting another backend's latch is what
 /// condition variables do.
+///
+/// # Safety
+///
+/// Call it in a backend attached to shared memory (`ProcGlobal` set up), not
+/// inside a critical section: SetLatch may signal another process.
 unsafe fn wake_one_waiting_on(event: u32) {
+    // SAFETY: allProcs has allProcCount entries for the postmaster's
+    // lifetime; the fields read are read as pg_stat_activity reads them
+    // (volatile, unlocked: a stale value costs one wake-up), and SetLatch on
+    // another backend's latch is safe whatever state that backend is in.
     unsafe {
         let header = pg_sys::ProcGlobal;
         if header.is_null() {

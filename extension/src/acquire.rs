@@ -1,0 +1,354 @@
+//! `lock_acquire`: the attempt loop and the grant (guarantees G1, G2, G6).
+//!
+//! Before granting, acquire try-locks the key exclusively (keylock.rs) until
+//! its transaction ends: another grant in flight holds that lock, so two
+//! acquires can never both grant (G2), and so does a fenced write in flight,
+//! in share mode (G3), and a renew, release, force-release or holder's
+//! re-acquire writing the row, also in share mode. A key whose row is free and untouched is then granted
+//! with one update (the fast path). A row that another transaction has
+//! locked or updated since (a release in flight), and every row under
+//! REPEATABLE READ or SERIALIZABLE, is locked `FOR UPDATE SKIP LOCKED`
+//! inside an internal subtransaction first: still locked counts as busy.
+//!
+//! A waiting acquire sleeps between attempts inside the server (wait.rs).
+
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::pg_sys;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+
+use crate::args::{check_holder, exact_ttl, interval_micros, required};
+use crate::durability::issue_token;
+use crate::errors::{fail, Failure, FenceError};
+use crate::key::check_key;
+use crate::lease::{granted, Lease};
+use crate::plans::{with_spi, Plans};
+use crate::roles::{caller_role, is_fence_admin, not_owner, refuse_security_restricted};
+use crate::subxact::in_subtransaction;
+use crate::{keylock, probe, wait};
+
+pub enum Attempt {
+    Granted(Lease),
+    /// Held by someone else; try again in at most this many milliseconds.
+    Busy {
+        retry_in_ms: i64,
+    },
+    /// Lost a race to create the key's row; retry at once.
+    Again,
+}
+
+fn now_micros() -> i64 {
+    // SAFETY: a plain read of the backend's clock, no preconditions.
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// Milliseconds until `at` (rounded up, so we wake after it), capped.
+fn millis_until(at: TimestampWithTimeZone, cap: i64) -> i64 {
+    let micros: i64 = at.into_inner().saturating_sub(now_micros());
+    (micros.saturating_add(999) / 1000).clamp(1, cap)
+}
+
+fn uses_transaction_snapshot() -> bool {
+    // SAFETY: reads a backend-local global set by the transaction machinery.
+    unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
+}
+
+pub fn acquire(
+    lock_key: Option<&str>,
+    ttl: Option<Interval>,
+    holder: Option<&str>,
+    wait: Option<Interval>,
+) -> Result<Option<Lease>, Failure> {
+    const F: &str = "lock_acquire";
+    refuse_security_restricted(F)?;
+    let key = check_key(F, lock_key)?;
+    let ttl = exact_ttl(F, &required(F, "ttl", ttl)?)?;
+    let wait = required(F, "wait", wait)?;
+    let wait_micros = interval_micros(&wait);
+    if wait_micros < 0 {
+        return fail(FenceError::InvalidArgument {
+            function: F,
+            argument: "wait",
+            problem: "must not be negative".into(),
+        });
+    }
+    if wait_micros > 0 && uses_transaction_snapshot() {
+        return fail(FenceError::WaitNeedsReadCommitted {
+            lock_key: key.to_owned(),
+        });
+    }
+    let holder = check_holder(holder)?;
+    let role = caller_role();
+    let deadline = now_micros().saturating_add(i64::try_from(wait_micros).unwrap_or(i64::MAX));
+    let event = wait::wait_event_for(key);
+
+    let outcome = loop {
+        if wait_micros > 0 {
+            wait::reset_latch();
+            wait::advertise(event);
+        }
+        match with_spi(|client, plans| attempt(client, plans, key, &holder, ttl, role))? {
+            Attempt::Granted(lease) => break Some(lease),
+            Attempt::Again => continue,
+            Attempt::Busy { retry_in_ms } => {
+                let left_ms = (deadline.saturating_sub(now_micros()) + 999) / 1000;
+                if left_ms <= 0 {
+                    if wait_micros > 0 {
+                        wait::pass_on_wakeup(event);
+                    }
+                    break None;
+                }
+                wait::sleep(event, retry_in_ms.min(left_ms));
+            }
+        }
+    };
+    if wait_micros > 0 {
+        wait::stop_advertising();
+    }
+    Ok(outcome)
+}
+
+fn attempt(
+    client: &mut SpiClient<'_>,
+    plans: &Plans,
+    key: &str,
+    holder: &str,
+    ttl: Interval,
+    role: pg_sys::Oid,
+) -> Result<Attempt, Failure> {
+    // Look first, without locking: a key someone else holds costs no lock.
+    // (A statement would first make this transaction's earlier changes
+    // visible; so does the probe.)
+    // SAFETY: inside a transaction (every pg_extern is), outside any scan.
+    unsafe { pg_sys::CommandCounterIncrement() };
+    let Some(row) = probe::lease_row(key, probe::Snapshot::Statement, true)? else {
+        // No row yet: create it. The key lock also keeps out another first
+        // acquire inserting it right now; an insert that conflicts anyway
+        // found it created (and committed) by someone else since we looked.
+        return grant_under_key_lock(client, &plans.grant_insert, key, holder, ttl, role);
+    };
+    let live = row.live;
+    if live && row.holder.as_deref() == Some(holder) {
+        return extend_own_lease(
+            client,
+            plans,
+            key,
+            holder,
+            row.token,
+            row.owner_role,
+            ttl,
+            role,
+        );
+    }
+    // Under REPEATABLE READ / SERIALIZABLE the peek saw the transaction's
+    // snapshot, perhaps stale: lock instead, which fails with 40001 if the
+    // key changed since, rather than answer "busy" for a key now free.
+    if uses_transaction_snapshot() {
+        return in_subtransaction(|| take_locked_row(client, plans, key, holder, ttl, role));
+    }
+    if live {
+        return Ok(busy_until(
+            TimestampWithTimeZone::try_from(row.expires_at).ok(),
+        ));
+    }
+    if row.untouched {
+        return grant_under_key_lock(client, &plans.grant_update, key, holder, ttl, role);
+    }
+    // Free, but some transaction has locked or updated the row version we
+    // saw (a release in flight, an aborted grant): lock it, skipping it if
+    // it is still locked, and decide again on what we locked.
+    in_subtransaction(|| take_locked_row(client, plans, key, holder, ttl, role))
+}
+fn busy_until(expires_at: Option<TimestampWithTimeZone>) -> Attempt {
+    let retry_in_ms = expires_at.map_or(wait::RECHECK_INTERVAL_MS, |at| {
+        millis_until(at, wait::RECHECK_INTERVAL_MS)
+    });
+    Attempt::Busy { retry_in_ms }
+}
+
+/// Lock the key exclusively for this (sub)transaction, the right to grant a
+/// new lease on it; `Some(Busy)` if a fenced write or another grant holds it.
+fn claim_key(key: &str) -> Option<Attempt> {
+    (!keylock::try_exclusive(key)).then_some(Attempt::Busy {
+        retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
+    })
+}
+
+fn take_locked_row(
+    client: &mut SpiClient<'_>,
+    plans: &Plans,
+    key: &str,
+    holder: &str,
+    ttl: Interval,
+    role: pg_sys::Oid,
+) -> Result<Attempt, Failure> {
+    // G3: a fenced write that checked the old lease still holds the key in
+    // share mode; no new lease until its transaction ends. Tried first, so a
+    // busy key costs no row lock and no transaction id.
+    if let Some(busy) = claim_key(key) {
+        return Ok(busy);
+    }
+    let rows = client.update(&plans.lock_row, Some(1), &[key.into()])?;
+    if rows.is_empty() {
+        // Another transaction has the row locked. It holds no key lock (we
+        // have it), so it is an aborted grant's leftover being cleaned up or
+        // someone locking the table by hand. Nobody signals when a row lock
+        // ends, so retry soon.
+        return Ok(Attempt::Busy {
+            retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
+        });
+    }
+    let row = rows.first();
+    let current_holder: Option<String> = row.get(1)?;
+    let live: bool = row.get(2)?.unwrap_or(false);
+    let expires_at: Option<TimestampWithTimeZone> = row.get(3)?;
+    if live {
+        // Taken since we looked; if by this holder, the next attempt extends it.
+        return Ok(if current_holder.as_deref() == Some(holder) {
+            Attempt::Again
+        } else {
+            busy_until(expires_at)
+        });
+    }
+    // We hold the row lock, so the update matches.
+    grant(client, &plans.grant_update, key, holder, ttl, role)
+}
+
+/// G6: the holder retrying (say after a lost reply) gets its live lease back,
+/// same token, `expires_at = now + ttl`. A plain update, like renew: it must
+/// not wait for, or be turned away by, fenced writes: both share-lock the key.
+#[allow(clippy::too_many_arguments)]
+fn extend_own_lease(
+    client: &mut SpiClient<'_>,
+    plans: &Plans,
+    key: &str,
+    holder: &str,
+    token: i64,
+    owner: pg_sys::Oid,
+    ttl: Interval,
+    role: pg_sys::Oid,
+) -> Result<Attempt, Failure> {
+    if owner != role && !is_fence_admin(role) {
+        return fail(not_owner("re-acquire", key, token, owner, role));
+    }
+    keylock::share(key);
+    let rows = client.update(
+        &plans.extend,
+        Some(1),
+        &[key.into(), ttl.into(), holder.into(), token.into()],
+    )?;
+    // None matched: it expired or was released since we looked.
+    if rows.is_empty() {
+        keylock::release_share(key);
+    }
+    grant_outcome(rows, key, holder, token)
+}
+
+/// The grant of the paths without a subtransaction, for a key with no row
+/// yet (`grant_insert`) or a row that is not live and that no transaction has
+/// locked or updated since it was written (`grant_update`, the fast path):
+/// take the key lock (busy if a grant or a fenced write holds it), then
+/// grant; if the statement matched nothing, give the key lock back at once.
+///
+/// No row lock is needed. Every path that can make a lease row live again (a
+/// grant) takes the key lock exclusively first, and everything else that
+/// writes the row (renew, release, force, a holder's re-acquire) takes it in
+/// share mode before its update and matches only a live lease. So holding the
+/// key lock, nobody else can change this row: a renew that judged the lease
+/// live just before it expired has either committed (and the grant's update,
+/// which matches only a row that is not live, sees the renewal and matches
+/// nothing) or still holds its share lock (and we never got ours). The update
+/// therefore neither waits for a row lock, nor keeps one, nor races another
+/// grant. A grant that matches nothing has spent a token and its transaction
+/// commits durably, which only a race with a grant or renewal costs.
+fn grant_under_key_lock(
+    client: &mut SpiClient<'_>,
+    statement: &OwnedPreparedStatement,
+    key: &str,
+    holder: &str,
+    ttl: Interval,
+    role: pg_sys::Oid,
+) -> Result<Attempt, Failure> {
+    if let Some(busy) = claim_key(key) {
+        return Ok(busy);
+    }
+    let outcome = grant(client, statement, key, holder, ttl, role)?;
+    if !matches!(outcome, Attempt::Granted(_)) {
+        keylock::release_exclusive(key);
+    }
+    Ok(outcome)
+}
+
+/// Issue a token and run a grant statement (`$1` key, `$2` holder, `$3`
+/// token, `$4` ttl, `$5` role, `$6` now, `$7` application_name; returning
+/// `expires_at`). `now` is `clock_timestamp()`, taken after the token.
+fn grant(
+    client: &mut SpiClient<'_>,
+    statement: &OwnedPreparedStatement,
+    key: &str,
+    holder: &str,
+    ttl: Interval,
+    role: pg_sys::Oid,
+) -> Result<Attempt, Failure> {
+    let token = issue_token()?;
+    let now = TimestampWithTimeZone::try_from(now_micros())
+        .map_err(|_| FenceError::internal("clock_timestamp() out of range".into()))?;
+    let rows = client.update(
+        statement,
+        Some(1),
+        &[
+            key.into(),
+            holder.into(),
+            token.into(),
+            ttl.into(),
+            role.into(),
+            now.into(),
+            application_name().into(),
+        ],
+    )?;
+    if rows.is_empty() {
+        return Ok(Attempt::Again);
+    }
+    Ok(Attempt::Granted(granted(
+        key,
+        holder,
+        token,
+        Some(now),
+        rows.first().get(1)?,
+    )?))
+}
+
+/// This session's `application_name`, recorded with a grant.
+fn application_name() -> Option<String> {
+    // SAFETY: application_name is a backend-local GUC variable: NULL or a
+    // NUL-terminated string that lives as long as the setting; copied before anything
+    // can change it.
+    unsafe {
+        let name = pg_sys::application_name;
+        (!name.is_null()).then(|| {
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
+        })
+    }
+}
+
+/// The outcome of a statement that grants (returning `acquired_at`,
+/// `expires_at`): `Again` if it matched no row, else the lease.
+fn grant_outcome(
+    rows: pgrx::spi::SpiTupleTable<'_>,
+    key: &str,
+    holder: &str,
+    token: i64,
+) -> Result<Attempt, Failure> {
+    if rows.is_empty() {
+        return Ok(Attempt::Again);
+    }
+    let row = rows.first();
+    Ok(Attempt::Granted(granted(
+        key,
+        holder,
+        token,
+        row.get(1)?,
+        row.get(2)?,
+    )?))
+}

@@ -1,0 +1,85 @@
+//! The SQL-callable lease functions, in one place so that what runs with the
+//! extension owner's rights (`SECURITY DEFINER`, each with a pinned
+//! `search_path`) can be audited at a glance. Each wrapper hands its
+//! arguments to the logic (acquire.rs, lease.rs, operations.rs) and raises
+//! any error at the top (errors.rs). Triggers are in fence.rs.
+
+use pgrx::datum::{Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+
+use crate::errors::or_raise;
+use crate::lease::Lease;
+use crate::{acquire, lease, operations};
+
+/// Grant a lease on `lock_key`, waiting up to `wait` for it to free. NULL if
+/// not granted in time. The same `holder` re-acquiring its live lease gets the
+/// same token back with `expires_at = now + ttl` (G6).
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn lock_acquire(
+    lock_key: Option<&str>,
+    ttl: default!(Option<Interval>, "'30 seconds'"),
+    holder: default!(Option<&str>, "NULL"),
+    wait: default!(Option<Interval>, "'0'"),
+) -> Option<pgrx::composite_type!('static, "fence.lease")> {
+    or_raise(
+        acquire::acquire(lock_key, ttl, holder, wait)
+            .and_then(|lease| lease.map(Lease::into_composite).transpose()),
+    )
+}
+
+/// Extend the live lease with this token by `ttl` (default: the ttl it was
+/// acquired with) from now. NULL when it is no longer live.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn lock_renew(
+    lock_key: Option<&str>,
+    token: Option<i64>,
+    ttl: default!(Option<Interval>, "NULL"),
+) -> Option<TimestampWithTimeZone> {
+    or_raise(lease::renew(lock_key, token, ttl))
+}
+
+/// End the live lease with this token; false if it was not live.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn lock_release(lock_key: Option<&str>, token: Option<i64>) -> bool {
+    or_raise(lease::release(lock_key, token))
+}
+
+/// End the live lease on the key, whoever holds it: members of fence_admin
+/// (and the role that acquired it). False if none was live.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn lock_force_release(lock_key: Option<&str>) -> bool {
+    or_raise(lease::force_release(lock_key))
+}
+
+/// The live lease on the key, or NULL.
+#[pg_extern(volatile, parallel_unsafe)]
+fn lock_status(lock_key: Option<&str>) -> Option<pgrx::composite_type!('static, "fence.lease")> {
+    or_raise(lease::status(lock_key).and_then(|lease| lease.map(Lease::into_composite).transpose()))
+}
+
+/// The highest token ever issued for the key (live or not); NULL if the key
+/// was never leased. Never decreases.
+#[pg_extern(stable, parallel_unsafe)]
+fn current_token(lock_key: Option<&str>) -> Option<i64> {
+    or_raise(lease::token_of(lock_key))
+}
+
+/// Claim `op_key` for the calling role in the current transaction: true if
+/// this transaction is the one to do the operation, false if it was done.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn claim_operation(op_key: Option<&str>) -> bool {
+    or_raise(operations::claim(op_key))
+}
+
+/// Forget the calling role's run-once records older than `older_than`
+/// (members of fence_admin: every role's). Returns how many were deleted.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn forget_operations(older_than: Option<Interval>) -> i64 {
+    or_raise(operations::forget(older_than))
+}

@@ -1,0 +1,59 @@
+//! Where pg_fence's own catalog objects are: the one place their names are
+//! written. Looked up through the syscache on each call (a hash probe), so
+//! that a DROP and CREATE EXTENSION in the same backend, which gives them
+//! new OIDs, needs no invalidation.
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::errors::{fail, Failure, FenceError};
+
+fn namespace() -> pg_sys::Oid {
+    // SAFETY: a syscache lookup by name; with missing_ok = false a missing
+    // schema raises PostgreSQL's own error.
+    unsafe { pg_sys::get_namespace_oid(c"fence".as_ptr(), false) }
+}
+
+fn relation(name: &CStr) -> Result<pg_sys::Oid, Failure> {
+    // SAFETY: a syscache lookup by name and namespace.
+    let oid = unsafe { pg_sys::get_relname_relid(name.as_ptr(), namespace()) };
+    if oid == pg_sys::InvalidOid {
+        return fail(FenceError::internal(format!(
+            "relation fence.{} is missing",
+            name.to_string_lossy()
+        )));
+    }
+    Ok(oid)
+}
+
+/// `fence.leases`, and its primary key `fence.leases_pkey`.
+pub fn leases() -> Result<(pg_sys::Oid, pg_sys::Oid), Failure> {
+    Ok((relation(c"leases")?, relation(c"leases_pkey")?))
+}
+
+/// `fence.token_seq`, the one global order of tokens (G1).
+pub fn token_sequence() -> Result<pg_sys::Oid, Failure> {
+    relation(c"token_seq")
+}
+
+/// The composite type `fence.lease`.
+pub fn lease_type() -> Result<pg_sys::Oid, Failure> {
+    // SAFETY: a syscache lookup by name and namespace; both datums are
+    // valid for the call (a C string and an oid).
+    let oid = unsafe {
+        pg_sys::GetSysCacheOid(
+            pg_sys::SysCacheIdentifier::TYPENAMENSP as i32,
+            pg_sys::Anum_pg_type_oid as pg_sys::AttrNumber,
+            pg_sys::Datum::from(c"lease".as_ptr()),
+            namespace().into_datum().unwrap_or(pg_sys::Datum::from(0)),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+        )
+    };
+    if oid == pg_sys::InvalidOid {
+        return fail(FenceError::internal("type fence.lease is missing".into()));
+    }
+    Ok(oid)
+}
