@@ -7,7 +7,7 @@ export PGFENCE_PORT
 PSQL         := psql -X -h 127.0.0.1 -p $(PGFENCE_PORT) -U postgres -d pg_fence
 CLUSTER      := scripts/cluster.sh
 
-.PHONY: setup install cluster demo stop psql test test-pgrx test-client test-integration lint bench clean
+.PHONY: setup install cluster demo stop psql test test-pgrx test-regress test-client test-integration lint bench clean
 
 setup:
 	@scripts/setup.sh
@@ -39,7 +39,7 @@ psql:
 	@$(PSQL)
 
 ## test: set up, then every test tier (see README, "Tests").
-test: test-pgrx test-client test-integration lint
+test: test-pgrx test-regress test-client test-integration lint
 	@echo "make test: all tiers passed"
 
 # Tier 1: #[pg_test] functions, inside a backend of a cluster cargo-pgrx manages.
@@ -48,11 +48,26 @@ test-pgrx: setup
 	@mkdir -p target/pgrx-test && if [ "$$(id -u)" -eq 0 ]; then chown postgres target/pgrx-test; fi
 	cargo pgrx test pg15 -p pg_fence $(if $(filter 0,$(shell id -u)),--runas postgres --pgdata $(CURDIR)/target/pgrx-test/data)
 
-# Tier 2: the client crate's own unit tests and doctests (no database).
+# Tier 2: SQL goldens (pg_regress, as pgvector's installcheck): the API's
+# results and errors and the README's story, in a fresh database of the
+# throwaway cluster. Inputs in extension/tests/pg_regress/sql, outputs to
+# compare in expected/; a difference fails with target/regress/regression.diffs.
+PG_REGRESS := $(shell $(PG_CONFIG) --pkglibdir)/pgxs/src/test/regress/pg_regress
+REGRESS    := setup demo leases errors fencing
+test-regress: cluster
+	@psql -X -q -h 127.0.0.1 -p $(PGFENCE_PORT) -U postgres -d postgres \
+		-c 'DROP DATABASE IF EXISTS pg_fence_regress WITH (FORCE)' -c 'CREATE DATABASE pg_fence_regress'
+	@mkdir -p target/regress
+	$(PG_REGRESS) --use-existing --host=127.0.0.1 --port=$(PGFENCE_PORT) --user=postgres \
+		--dbname=pg_fence_regress --inputdir=extension/tests/pg_regress \
+		--outputdir=target/regress $(REGRESS) \
+		|| { cat target/regress/regression.diffs; exit 1; }
+
+# Tier 3: the client crate's own unit tests and doctests (no database).
 test-client: setup
 	cargo test -p pg_fence_client --all-features
 
-# Tier 3: the tests/ crate drives the throwaway cluster from outside, many sessions at once.
+# Tier 4: the tests/ crate drives the throwaway cluster from outside, many sessions at once.
 test-integration: cluster
 	@$(PSQL) -q -c 'SET client_min_messages = warning' -c 'DROP EXTENSION IF EXISTS pg_fence CASCADE' -c 'CREATE EXTENSION pg_fence'
 	cargo test -p pg_fence_tests -- --test-threads 4

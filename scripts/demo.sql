@@ -1,4 +1,5 @@
--- The pg_fence story, in SQL. Run by `make demo`; every result below is real.
+-- The pg_fence story, in SQL. Run by `make demo`; every result below is real,
+-- and `make test` checks it (extension/tests/pg_regress/expected/demo.out).
 \pset footer off
 \set ECHO queries
 
@@ -21,7 +22,7 @@ SELECT lock_key, holder, token, owner_role FROM fence.locks;
 \echo '== from the client) for up to 10 seconds: it is granted the moment A''s lease'
 \echo '== expires by the server''s clock, with a larger token.'
 SELECT lock_key, holder, token,
-       round(extract(epoch FROM clock_timestamp() - statement_timestamp())::numeric, 1) AS waited_seconds
+       round(extract(epoch FROM clock_timestamp() - statement_timestamp())) AS waited_seconds
   FROM fence.lock_acquire('invoice:42', ttl => '30 seconds', holder => 'worker-b', wait => '10 seconds');
 
 \echo '== A wakes up and tries to renew its old lease: NULL, it is no longer live.'
@@ -63,9 +64,8 @@ UPDATE payments SET captured_by = 'worker-b', fence_token = :b_token WHERE id = 
 
 \echo '== Worker A wakes up, still believing it holds the lock, and captures too.'
 \echo '== The database itself refuses the stale write:'
-\set VERBOSITY verbose
 UPDATE payments SET captured_by = 'worker-a', fence_token = :a_token WHERE id = 7;
-\set VERBOSITY default
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 
 \echo '== Captured once, by the lease holder:'
 SELECT id, amount, captured_by, fence_token FROM payments;

@@ -1,10 +1,14 @@
 //! pg_fence: PostgreSQL as the lock service and the referee.
 //!
-//! Leases with fencing tokens live in ordinary tables (`sql/schema.sql`); the
-//! functions that grant, renew and release them are in [`lease`], the
-//! in-server waiting in [`wait`], the error contract in [`errors`] and the
-//! settings in [`settings`]. The guarantees G1–G6 are stated in DESIGN.md and
-//! the README.
+//! Leases with fencing tokens live in ordinary tables (`sql/schema.sql`).
+//! The SQL-callable functions are in [`api`]; granting in [`acquire`];
+//! renew, release and status in [`lease`]; the stale-write trigger in
+//! [`fence`] and its reach to partitions and children in [`reach`]; the key
+//! lock in [`keylock`], waiting in [`wait`], tokens and durability in
+//! [`durability`], the error contract in [`errors`]. `INTERNALS.md` beside
+//! this crate's manifest says which locks are held by whom and for how long,
+//! how a grant is decided, and what an abort leaves behind; the guarantees
+//! G1–G8 are in the README.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
