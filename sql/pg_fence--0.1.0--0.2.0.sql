@@ -8,6 +8,24 @@
 -- whichever role got the OID. As regrole it is dumped as the role's name and
 -- read back as that role's OID. oid -> regrole is binary-coercible: no
 -- rewrite. The view reads the column, so it goes and comes back.
+-- A view of the caller's own over fence.locks would block the DROP: say
+-- which, rather than fail half-way.
+DO $do$
+DECLARE
+    dependents text;
+BEGIN
+    SELECT string_agg(DISTINCT r.ev_class::pg_catalog.regclass::text, ', ') INTO dependents
+      FROM pg_catalog.pg_depend AS d JOIN pg_catalog.pg_rewrite AS r ON r.oid = d.objid
+     WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+       AND d.refobjid = 'fence.locks'::pg_catalog.regclass
+       AND r.ev_class <> 'fence.locks'::pg_catalog.regclass;
+    IF dependents IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_fence 0.2.0 re-creates view fence.locks (owner_role becomes regrole), and views depend on it: %', dependents
+            USING ERRCODE = '2BP01',
+                  HINT = 'Drop them, run ALTER EXTENSION pg_fence UPDATE, then create them again.';
+    END IF;
+END
+$do$;
 DROP VIEW fence.locks;
 ALTER TABLE fence.leases ALTER COLUMN owner_role TYPE regrole;
 ALTER TABLE fence.operations ALTER COLUMN owner_role TYPE regrole;
@@ -33,6 +51,19 @@ UPDATE fence.leases
  WHERE pg_catalog.date_part('day', ttl) <> 0 OR pg_catalog.date_part('month', ttl) <> 0
     OR pg_catalog.date_part('year', ttl) <> 0;
 
+-- The registry of fences (schema.sql): every table fenced under 0.1.
+CREATE TABLE fence.fences (
+    tbl regclass PRIMARY KEY
+);
+SELECT pg_catalog.pg_extension_config_dump('fence.fences', '');
+REVOKE ALL ON fence.fences FROM PUBLIC;
+GRANT SELECT ON fence.fences TO PUBLIC;
+GRANT INSERT, DELETE ON fence.fences TO fence_admin;
+INSERT INTO fence.fences (tbl)
+SELECT DISTINCT t.tgrelid FROM pg_catalog.pg_trigger AS t
+ WHERE t.tgname = 'zz_fence_guard' AND t.tgparentid = 0
+   AND t.tgfoid = 'fence.fence_guard()'::pg_catalog.regprocedure;
+
 -- New C functions (reach.rs, keylock.rs).
 CREATE FUNCTION fence."_clone_fence_trigger"(
 	"parent_trigger" oid,
@@ -41,6 +72,13 @@ CREATE FUNCTION fence."_clone_fence_trigger"(
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_clone_fence_trigger_wrapper';
+
+CREATE FUNCTION fence."_unlink_fence_clone"(
+	"trigger" oid
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_unlink_fence_clone_wrapper';
 
 CREATE FUNCTION fence."_key_lock_objid"(
 	"lock_key" TEXT
@@ -51,7 +89,7 @@ AS 'MODULE_PATHNAME', '_key_lock_objid_wrapper';
 
 -- sql/fence.sql as of 0.2.0: protect() needs fence_admin and trusted
 -- columns, fences reach partitions and inheritance children, the DDL event
--- trigger, fence.blockers.
+-- triggers, fence.blockers.
 -- Fencing (G3): fence.protect() installs the Rust trigger functions
 -- fence.fence_guard (BEFORE INSERT OR UPDATE OR DELETE, FOR EACH ROW) and
 -- fence.fence_no_truncate (BEFORE TRUNCATE) on a table; fence.unprotect()
@@ -201,9 +239,17 @@ $fn$;
 -- which re-creates the parent's trigger and so, through the DDL event
 -- trigger below, the clones. A descendant that has a fence of its own is
 -- refused: its writes through the parent would be checked under the wrong
--- fence.
+-- fence. So is a foreign table (it cannot have a TRUNCATE trigger, and its
+-- rows live elsewhere), and a table that joins with rows already in it,
+-- unless a member of fence_admin attaches it (reach.rs checks both).
+--
+-- SECURITY DEFINER: a plain owner's CREATE TABLE ... PARTITION OF a fenced
+-- table must get the clones, and the trigger functions are not executable
+-- by PUBLIC (a plain role must not attach fence_guard to a table of its
+-- own under somebody else's key). It only copies a fence that a table
+-- already has onto that table's own descendants.
 CREATE OR REPLACE FUNCTION fence._fence_descendants(tbl regclass) RETURNS void
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -211,7 +257,7 @@ DECLARE
     child record;
 BEGIN
     FOR parent_trigger IN
-        SELECT t.oid, t.tgname, (t.tgtype & 1) <> 0 AS row_level
+        SELECT t.oid, t.tgname, (t.tgtype & 1) <> 0 AS row_level, t.tgenabled
           FROM pg_trigger AS t
          WHERE t.tgrelid = tbl AND t.tgparentid = 0
            AND t.tgname IN ('zz_fence_guard', 'zz_fence_no_truncate')
@@ -224,12 +270,25 @@ BEGIN
                 SELECT i.inhrelid FROM pg_inherits AS i JOIN below AS b ON i.inhparent = b.relid
             )
             SELECT b.relid::regclass AS relid, c.relispartition,
-                   (SELECT t.tgparentid FROM pg_trigger AS t
-                     WHERE t.tgrelid = b.relid AND t.tgname = parent_trigger.tgname) AS existing_parent
+                   t.tgparentid AS existing_parent, t.tgenabled AS existing_enabled
               FROM below AS b JOIN pg_class AS c ON c.oid = b.relid
+              LEFT JOIN pg_trigger AS t ON t.tgrelid = b.relid AND t.tgname = parent_trigger.tgname
         LOOP
             CONTINUE WHEN parent_trigger.row_level AND child.relispartition;  -- PostgreSQL's own clone
-            CONTINUE WHEN child.existing_parent = parent_trigger.oid;
+            IF child.existing_parent = parent_trigger.oid THEN
+                -- Our clone, made while the parent's trigger was still in
+                -- its CREATE TRIGGER state: follow the parent's ENABLE
+                -- ALWAYS (or DISABLE), as PostgreSQL's row clones do.
+                IF child.existing_enabled <> parent_trigger.tgenabled THEN
+                    EXECUTE format('ALTER TABLE %s %s TRIGGER %I', child.relid,
+                                   CASE parent_trigger.tgenabled WHEN 'A' THEN 'ENABLE ALWAYS'
+                                                                 WHEN 'R' THEN 'ENABLE REPLICA'
+                                                                 WHEN 'D' THEN 'DISABLE'
+                                                                 ELSE 'ENABLE' END,
+                                   parent_trigger.tgname);
+                END IF;
+                CONTINUE;
+            END IF;
             IF child.existing_parent IS NOT NULL THEN
                 RAISE EXCEPTION 'table "%" is fenced on its own and cannot be reached through fenced table "%"',
                     child.relid, tbl
@@ -291,6 +350,8 @@ BEGIN
         'FOR EACH STATEMENT EXECUTE FUNCTION fence.fence_no_truncate()', tbl);
     EXECUTE format(
         'ALTER TABLE %s ENABLE ALWAYS TRIGGER zz_fence_guard, ENABLE ALWAYS TRIGGER zz_fence_no_truncate', tbl);
+    INSERT INTO fence.fences (tbl) VALUES (tbl) ON CONFLICT DO NOTHING;
+    PERFORM fence._check_trigger_order(tbl);
     PERFORM fence._fence_descendants(tbl);
 END
 $fn$;
@@ -314,6 +375,7 @@ BEGIN
         RAISE NOTICE 'table "%" is not protected', tbl;
     END IF;
     PERFORM fence._drop_fence_triggers(tbl);
+    DELETE FROM fence.fences AS f WHERE f.tbl = unprotect.tbl;
 END
 $fn$;
 
@@ -338,40 +400,146 @@ SELECT t.tgrelid::pg_catalog.regclass                        AS tbl,
 
 GRANT SELECT ON fence.protected_tables TO PUBLIC;
 
--- After every CREATE TABLE and ALTER TABLE: for each fenced table the
--- command touched, or that a touched table inherits from, check that its
--- key and token columns can still be trusted (the DDL is refused otherwise)
--- and give new partitions and inheritance children its fence. Event
--- triggers do not fire in single-user mode; the fence check re-checks the
--- columns on every write, so a table changed there fails closed.
-CREATE OR REPLACE FUNCTION fence._on_ddl_command_end() RETURNS event_trigger
-LANGUAGE plpgsql
+-- Fence clones whose table no longer inherits from the clone's parent
+-- (ALTER TABLE ... NO INHERIT, DETACH PARTITION): unlinked from the parent's
+-- trigger and dropped, as PostgreSQL drops a detached partition's row
+-- trigger clones. Left in place they would keep the table half-fenced under
+-- a fence nobody can see, change or dump.
+CREATE OR REPLACE FUNCTION fence._drop_orphan_fence_clones(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    orphan record;
+BEGIN
+    FOR orphan IN
+        WITH RECURSIVE above(relid) AS (
+            SELECT i.inhparent FROM pg_inherits AS i WHERE i.inhrelid = tbl
+            UNION
+            SELECT i.inhparent FROM pg_inherits AS i JOIN above AS a ON i.inhrelid = a.relid
+        )
+        SELECT t.oid, t.tgname
+          FROM pg_trigger AS t JOIN pg_trigger AS parent ON parent.oid = t.tgparentid
+         WHERE t.tgrelid = tbl
+           AND t.tgfoid IN ('fence.fence_guard()'::regprocedure, 'fence.fence_no_truncate()'::regprocedure)
+           AND parent.tgrelid NOT IN (SELECT relid FROM above)
+    LOOP
+        PERFORM fence._unlink_fence_clone(orphan.oid);
+        EXECUTE format('DROP TRIGGER %I ON %s', orphan.tgname, tbl);
+    END LOOP;
+END
+$fn$;
+
+-- The fence check must see the row as it will be written: no BEFORE ROW
+-- trigger of a fenced table, or of any table its fence reaches, may fire
+-- after it (triggers fire in name order, by byte), or it could change the
+-- key or the token after the check.
+CREATE OR REPLACE FUNCTION fence._check_trigger_order(tbl regclass) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    late record;
+BEGIN
+    SELECT t.tgrelid::regclass AS relid, t.tgname INTO late
+      FROM pg_trigger AS t
+     WHERE t.tgrelid IN (SELECT tbl::oid UNION
+                         SELECT relid FROM pg_partition_tree(tbl)
+                         UNION
+                         SELECT i.inhrelid FROM pg_inherits AS i WHERE i.inhparent = tbl)
+       AND (t.tgtype & 3) = 3                                  -- ROW and BEFORE
+       AND t.tgname::text COLLATE "C" > 'zz_fence_guard'
+       AND t.tgfoid <> 'fence.fence_guard()'::regprocedure
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'trigger "%" on "%" would fire after the fence check of "%" and could change the row after it',
+            late.tgname, late.relid, tbl
+            USING ERRCODE = '55000',
+                  HINT = 'BEFORE ROW triggers of fenced tables must have names that sort before "zz_fence_guard".';
+    END IF;
+END
+$fn$;
+
+-- After every DDL command: for each fenced table the command touched (a
+-- table, or a trigger on one), or that a touched table inherits from,
+-- check that its key and token columns can still be trusted and that no
+-- BEFORE ROW trigger fires after the check (the DDL is refused otherwise),
+-- give new partitions and inheritance children its fence, and drop the
+-- clones of tables that left it. No WHEN TAG filter: partitions and
+-- children also come from CREATE SCHEMA's sub-commands and from
+-- CREATE FOREIGN TABLE. Event triggers do not fire in single-user mode;
+-- the fence check re-checks the columns on every write, so a table changed
+-- there fails closed.
+-- SECURITY DEFINER, to call the clone functions PUBLIC may not.
+CREATE OR REPLACE FUNCTION fence._on_ddl_command_end() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    touched_table regclass;
     fenced regclass;
 BEGIN
-    FOR fenced IN
-        WITH RECURSIVE touched(relid) AS (
-            SELECT c.objid FROM pg_event_trigger_ddl_commands() AS c
+    FOR touched_table IN
+        SELECT DISTINCT r.relid::regclass FROM (
+            SELECT c.objid AS relid FROM pg_event_trigger_ddl_commands() AS c
              WHERE c.classid = 'pg_class'::regclass
             UNION
-            SELECT i.inhparent FROM pg_inherits AS i JOIN touched AS t ON i.inhrelid = t.relid
-        )
-        SELECT DISTINCT t.tgrelid::regclass
-          FROM touched JOIN pg_trigger AS t ON t.tgrelid = touched.relid
-         WHERE t.tgname = 'zz_fence_guard' AND t.tgparentid = 0
-           AND t.tgfoid = 'fence.fence_guard()'::regprocedure
+            SELECT t.tgrelid FROM pg_event_trigger_ddl_commands() AS c
+              JOIN pg_trigger AS t ON t.oid = c.objid
+             WHERE c.classid = 'pg_trigger'::regclass
+        ) AS r JOIN pg_class AS k ON k.oid = r.relid
+         WHERE k.relkind IN ('r', 'p', 'f')
     LOOP
-        PERFORM fence._check_fence_columns('ALTER TABLE of fenced table', fenced);
-        PERFORM fence._fence_descendants(fenced);
+        PERFORM fence._drop_orphan_fence_clones(touched_table);
+        FOR fenced IN
+            WITH RECURSIVE up(relid) AS (
+                SELECT touched_table::oid
+                UNION
+                SELECT i.inhparent FROM pg_inherits AS i JOIN up ON i.inhrelid = up.relid
+            )
+            SELECT t.tgrelid::regclass
+              FROM up JOIN pg_trigger AS t ON t.tgrelid = up.relid
+             WHERE t.tgname = 'zz_fence_guard' AND t.tgparentid = 0
+               AND t.tgfoid = 'fence.fence_guard()'::regprocedure
+        LOOP
+            PERFORM fence._check_fence_columns('ALTER TABLE of fenced table', fenced);
+            PERFORM fence._check_trigger_order(fenced);
+            PERFORM fence._fence_descendants(fenced);
+        END LOOP;
     END LOOP;
 END
 $fn$;
 
 CREATE EVENT TRIGGER fence_ddl_command_end ON ddl_command_end
-    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
     EXECUTE FUNCTION fence._on_ddl_command_end();
+
+-- A dropped table leaves fence.fences with it, so that its OID, reused by
+-- a later table (or by a restore), is not taken for a fenced one.
+CREATE OR REPLACE FUNCTION fence._on_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    DELETE FROM fence.fences AS f
+     WHERE f.tbl::oid IN (SELECT d.objid FROM pg_event_trigger_dropped_objects() AS d
+                           WHERE d.classid = 'pg_class'::regclass);
+END
+$fn$;
+
+CREATE EVENT TRIGGER fence_sql_drop ON sql_drop
+    EXECUTE FUNCTION fence._on_sql_drop();
+
+-- The clone primitives are not for PUBLIC: with them a plain role could
+-- attach a fence to a table of its own. protect() needs fence_admin; the
+-- DDL event trigger goes through _fence_descendants, which runs as the
+-- extension's owner. The trigger functions stay executable by PUBLIC
+-- (PostgreSQL clones a partitioned table's row triggers as the role that
+-- creates a partition); a fence_guard that protect() did not install is
+-- refused by the check itself (fence.fences).
+REVOKE EXECUTE ON FUNCTION fence._clone_fence_trigger(oid, oid), fence._unlink_fence_clone(oid),
+    fence._fence_descendants(regclass), fence._drop_orphan_fence_clones(regclass) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION fence._fence_descendants(regclass), fence._drop_orphan_fence_clones(regclass)
+    TO fence_admin;
 
 -- Who holds a key's lock right now (keylock.rs), so that an admin can see,
 -- and end, the session that keeps a key from being acquired: a grant in
@@ -414,7 +582,7 @@ BEGIN
     LOOP
         BEGIN
             PERFORM fence._fence_descendants(fenced);
-        EXCEPTION WHEN object_not_in_prerequisite_state THEN
+        EXCEPTION WHEN object_not_in_prerequisite_state OR feature_not_supported THEN
             RAISE WARNING 'pg_fence upgrade: %', SQLERRM USING HINT = 'Fix it by hand: see the README, "Upgrading".';
         END;
     END LOOP;

@@ -90,3 +90,20 @@ CREATE TABLE fence.operations (
 );
 SELECT pg_catalog.pg_extension_config_dump('fence.operations', '');
 REVOKE ALL ON fence.operations FROM PUBLIC;
+
+-- The tables fence.protect() fenced (their partitions and inheritance
+-- children carry clones of the fence). The fence check refuses to run for
+-- a fence_guard trigger whose table, or whose clone's root table, is not
+-- here: executing fence_guard cannot be revoked from PUBLIC (PostgreSQL
+-- clones a partitioned table's row triggers as the role creating the
+-- partition), so without this a plain role could attach fence_guard to a
+-- table of its own under somebody else's key, and hold that key's lock.
+-- regclass, so a dump carries the table's name; a dropped table's row goes
+-- with it (the sql_drop event trigger in fence.sql).
+CREATE TABLE fence.fences (
+    tbl regclass PRIMARY KEY
+);
+SELECT pg_catalog.pg_extension_config_dump('fence.fences', '');
+REVOKE ALL ON fence.fences FROM PUBLIC;
+GRANT SELECT ON fence.fences TO PUBLIC;
+GRANT INSERT, DELETE ON fence.fences TO fence_admin;

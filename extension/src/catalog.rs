@@ -57,3 +57,12 @@ pub fn lease_type() -> Result<pg_sys::Oid, Failure> {
     }
     Ok(oid)
 }
+
+/// `fence.fences`, the registry of fenced tables: None in a database still
+/// on the 0.1.0 schema (this library runs with the old SQL objects until
+/// `ALTER EXTENSION pg_fence UPDATE`).
+pub fn fences() -> Option<pg_sys::Oid> {
+    // SAFETY: a syscache lookup by name and namespace.
+    let oid = unsafe { pg_sys::get_relname_relid(c"fences".as_ptr(), namespace()) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}

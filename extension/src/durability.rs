@@ -48,23 +48,40 @@ pub fn issue_token() -> Result<i64, Failure> {
 }
 
 /// Wait until the synchronous standbys have flushed WAL up to `lsn`, as a
-/// commit does (nothing to wait for without `synchronous_standby_names`).
-/// A wait cut short by a cancel or `statement_timeout` returns with a
-/// WARNING in PostgreSQL; here it is an error instead, so that the token
-/// never reaches a client that a promoted standby would not know of.
+/// commit does, and when a commit would: with synchronous replication
+/// requested (`max_wal_senders > 0`, and `synchronous_commit` is at least
+/// `on` here) and synchronous standbys defined (`synchronous_standby_names`,
+/// as the checkpointer has published it). A wait cut short by a cancel or
+/// `statement_timeout` returns with a WARNING in PostgreSQL; here it is an
+/// error instead, so that the token never reaches a client that a promoted
+/// standby would not know of.
 fn wait_for_synchronous_standby(lsn: pg_sys::XLogRecPtr) -> Result<(), Failure> {
     // SAFETY: reads of this backend's settings and of WalSndCtl, which the
-    // postmaster sets up before any backend runs; lsn[] is read without
-    // SyncRepLock (an 8-byte aligned read: at worst an older value, which
-    // errs towards refusing).
+    // postmaster sets up before any backend runs; the fields are read
+    // without SyncRepLock, as SyncRepWaitForLSN's own first check reads
+    // them (an 8-byte aligned lsn: at worst an older value, which errs
+    // towards waiting).
     unsafe {
-        let names = pg_sys::SyncRepStandbyNames;
-        if names.is_null() || *names == 0 || pg_sys::WalSndCtl.is_null() {
+        if pg_sys::max_wal_senders <= 0 || pg_sys::WalSndCtl.is_null() {
+            return Ok(());
+        }
+        let control = pg_sys::WalSndCtl;
+        let status = u32::from(std::ptr::read_volatile(std::ptr::addr_of!(
+            (*control).sync_standbys_status
+        )));
+        let defined = if status & pg_sys::SYNC_STANDBY_INIT != 0 {
+            status & pg_sys::SYNC_STANDBY_DEFINED != 0
+        } else {
+            // Not yet published by the checkpointer: the setting decides.
+            let names = pg_sys::SyncRepStandbyNames;
+            !names.is_null() && *names != 0
+        };
+        if !defined {
             return Ok(());
         }
         let flushed = || {
             std::ptr::read_volatile(std::ptr::addr_of!(
-                (*pg_sys::WalSndCtl).lsn[pg_sys::SYNC_REP_WAIT_FLUSH as usize]
+                (*control).lsn[pg_sys::SYNC_REP_WAIT_FLUSH as usize]
             ))
         };
         if flushed() >= lsn {

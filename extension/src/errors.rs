@@ -65,6 +65,18 @@ pub enum FenceError {
     SecurityRestricted { function: &'static str },
     /// `39P01`: fence_guard attached other than FOR EACH ROW on INSERT/UPDATE/DELETE.
     TriggerMisuse { table: String },
+    /// `42501`: a fence_guard trigger that fence.protect() did not install.
+    FenceNotInstalled { table: String },
+    /// `0A000`: a foreign table as a partition or child of a fenced table.
+    ForeignTableInFence { table: String, fenced: String },
+    /// `42501`: a table with rows joining a fenced table's family (ATTACH
+    /// PARTITION, INHERIT) by a role outside fence_admin: the rows were
+    /// written without the fence.
+    UnfencedRowsJoin {
+        table: String,
+        fenced: String,
+        role: String,
+    },
     /// `57014`: the wait for the synchronous standby to have a new token's
     /// WAL was cancelled (cancel, `statement_timeout`), so the token is not
     /// handed out.
@@ -117,6 +129,9 @@ impl FenceError {
             FenceError::InvalidFenceToken { .. } => "22023",
             FenceError::SecurityRestricted { .. } => "42501",
             FenceError::TriggerMisuse { .. } => "39P01",
+            FenceError::FenceNotInstalled { .. } => "42501",
+            FenceError::ForeignTableInFence { .. } => "0A000",
+            FenceError::UnfencedRowsJoin { .. } => "42501",
             FenceError::TokenNotReplicated => "57014",
             FenceError::Internal { .. } => "XX000",
         }
@@ -216,6 +231,17 @@ impl FenceError {
             FenceError::TriggerMisuse { table } => format!(
                 "fence.fence_guard on table \"{table}\" must fire FOR EACH ROW on INSERT, UPDATE or DELETE: use fence.protect()"
             ),
+            FenceError::FenceNotInstalled { table } => format!(
+                "fence.fence_guard on table \"{table}\" was not installed by fence.protect(): refusing the write"
+            ),
+            FenceError::ForeignTableInFence { table, fenced } => format!(
+                "foreign table \"{table}\" cannot be a partition or child of fenced table \"{fenced}\": \
+                 its rows are not written here, and it cannot refuse TRUNCATE"
+            ),
+            FenceError::UnfencedRowsJoin { table, fenced, role } => format!(
+                "role \"{role}\" may not make \"{table}\" part of fenced table \"{fenced}\": \
+                 its rows were written without the fence"
+            ),
             FenceError::TokenNotReplicated => "lock_acquire cancelled while waiting for the synchronous standby to confirm the new token: no lease was granted".to_owned(),
             FenceError::Internal { context } => format!("pg_fence internal error: {context}"),
         }
@@ -236,6 +262,12 @@ impl FenceError {
             FenceError::StaleToken { .. } => {
                 Some("A fenced write must present the token of the key's live lease at the moment of the write: take the lease again and retry with its token.")
             }
+            FenceError::FenceNotInstalled { .. } => Some(
+                "A member of fence_admin fences tables with fence.protect(); drop this trigger.",
+            ),
+            FenceError::UnfencedRowsJoin { .. } => Some(
+                "A member of fence_admin may attach it (having checked its rows), or attach it empty and write its rows under the fence.",
+            ),
             FenceError::TruncateRefused { .. } => {
                 Some("Only members of fence_admin may truncate a fenced table; or call fence.unprotect() first.")
             }

@@ -24,7 +24,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::errors::{fail, Failure, FenceError};
-use crate::{keylock, probe, roles, settings};
+use crate::{catalog, keylock, probe, roles, settings};
 
 /// Why a write was refused (SQLSTATE FN001).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +143,7 @@ fn check_row(trigger: &PgTrigger<'_>) -> Result<(), Failure> {
             table: table_name(data),
         });
     }
+    installed_by_protect(trigger.trigger().tgoid, &|| table_name(data))?;
     // SAFETY: tg_relation is open for the whole trigger call.
     let descriptor = unsafe { (*data.tg_relation).rd_att };
     // INSERT: tg_trigtuple is the new row; UPDATE: old, and tg_newtuple the
@@ -231,6 +232,43 @@ fn check_row(trigger: &PgTrigger<'_>) -> Result<(), Failure> {
             },
         ));
     }
+    Ok(())
+}
+
+thread_local! {
+    /// fence_guard triggers this backend has found installed by protect().
+    static INSTALLED: std::cell::RefCell<Vec<pg_sys::Oid>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Refuse a fence_guard trigger that fence.protect() did not install: its
+/// table, or the root of the clone chain it belongs to, must be in
+/// fence.fences. Anyone may execute fence_guard (PostgreSQL clones a
+/// partitioned table's row triggers as whoever creates the partition), so a
+/// plain role could otherwise attach it to a table of its own under any
+/// key, and hold that key's lock with a write it keeps open. Looked up once
+/// per trigger per backend; the refusal comes before the key lock.
+fn installed_by_protect(trigger: pg_sys::Oid, table: &dyn Fn() -> String) -> Result<(), Failure> {
+    if INSTALLED.with(|known| known.borrow().contains(&trigger)) {
+        return Ok(());
+    }
+    if catalog::fences().is_none() {
+        // The 0.1.0 schema, not yet upgraded: it had no registry.
+        return Ok(());
+    }
+    let installed = Spi::get_one_with_args::<bool>(
+        "WITH RECURSIVE chain(parent, relid) AS ( \
+             SELECT t.tgparentid, t.tgrelid FROM pg_catalog.pg_trigger AS t WHERE t.oid = $1 \
+             UNION ALL \
+             SELECT t.tgparentid, t.tgrelid FROM pg_catalog.pg_trigger AS t JOIN chain AS c ON t.oid = c.parent) \
+         SELECT EXISTS (SELECT FROM chain AS c JOIN fence.fences AS f ON f.tbl = c.relid \
+                         WHERE c.parent = 0)",
+        &[trigger.into()],
+    )?
+    .unwrap_or(false);
+    if !installed {
+        return fail(FenceError::FenceNotInstalled { table: table() });
+    }
+    INSTALLED.with(|known| known.borrow_mut().push(trigger));
     Ok(())
 }
 

@@ -21,19 +21,118 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::errors::{fail, or_raise, Failure, FenceError};
+use crate::roles;
 
 /// Clone fence trigger `parent_trigger` onto table `child`, a partition or
-/// inheritance descendant of the trigger's table. Internal: called by
-/// `fence._fence_descendants()`, which checks that `child` has no trigger of
-/// that name yet. The caller needs the TRIGGER privilege on `child`, as for
-/// CREATE TRIGGER.
+/// inheritance descendant of the trigger's table. Internal, and not
+/// executable by PUBLIC: called by `fence._fence_descendants()` (which runs
+/// as the extension's owner and checks that `child` has no trigger of that
+/// name yet). Refuses a `child` that is not a descendant, a foreign table,
+/// and a table that already has rows, unless the role acting (after SET
+/// ROLE, whatever SECURITY DEFINER functions are in between) is in
+/// fence_admin: those rows were written without the fence.
 #[pg_extern(volatile, strict, parallel_unsafe)]
 fn _clone_fence_trigger(parent_trigger: pg_sys::Oid, child: pg_sys::Oid) {
     or_raise(clone_trigger(parent_trigger, child))
 }
 
+/// Unlink a fence clone from its parent's trigger (tgparentid and the
+/// partition dependencies go), so that `DROP TRIGGER` may drop it: for a
+/// table that no longer inherits from the clone's parent. Internal, not
+/// executable by PUBLIC: called by `fence._drop_orphan_fence_clones()`.
+#[pg_extern(volatile, strict, parallel_unsafe)]
+fn _unlink_fence_clone(trigger: pg_sys::Oid) {
+    or_raise(unlink_clone(trigger))
+}
+
+fn unlink_clone(trigger: pg_sys::Oid) -> Result<(), Failure> {
+    let table = Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT t.tgrelid FROM pg_catalog.pg_trigger AS t \
+          WHERE t.oid = $1 AND t.tgparentid <> 0 \
+            AND t.tgfoid IN ('fence.fence_guard()'::pg_catalog.regprocedure, \
+                             'fence.fence_no_truncate()'::pg_catalog.regprocedure)",
+        &[trigger.into()],
+    )?;
+    let Some(table) = table else {
+        return fail(FenceError::internal(format!(
+            "trigger {} is not a pg_fence trigger clone",
+            trigger.to_u32()
+        )));
+    };
+    // SAFETY: pg_trigger is opened and closed here with RowExclusiveLock,
+    // as TriggerSetParentTrigger's callers in tablecmds.c hold it; the
+    // trigger and its table exist (checked above, in this transaction).
+    unsafe {
+        let relation = pg_sys::table_open(
+            pg_sys::TriggerRelationId,
+            pg_sys::RowExclusiveLock as pg_sys::LOCKMODE,
+        );
+        pg_sys::TriggerSetParentTrigger(relation, trigger, pg_sys::InvalidOid, table);
+        pg_sys::table_close(relation, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        pg_sys::CommandCounterIncrement();
+    }
+    Ok(())
+}
+
+/// Whether `child` may take the fence of `parent_table`: a descendant of it
+/// (any depth), a table (not a foreign one), and empty or attached by a
+/// member of fence_admin.
+fn check_child(parent_table: pg_sys::Oid, child: pg_sys::Oid) -> Result<(), Failure> {
+    let row = Spi::connect(|client| {
+        let rows = client.select(
+            "WITH RECURSIVE below(relid) AS ( \
+                 SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = $1 \
+                 UNION \
+                 SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i JOIN below AS b ON i.inhparent = b.relid) \
+             SELECT EXISTS (SELECT FROM below WHERE relid = $2), c.relkind::text, $2::pg_catalog.regclass::text, \
+                    $1::pg_catalog.regclass::text \
+               FROM pg_catalog.pg_class AS c WHERE c.oid = $2",
+            Some(1),
+            &[parent_table.into(), child.into()],
+        )?;
+        if rows.is_empty() {
+            return Ok::<_, Failure>(None);
+        }
+        let row = rows.first();
+        Ok(Some((
+            row.get::<bool>(1)?.unwrap_or(false),
+            row.get::<String>(2)?.unwrap_or_default(),
+            row.get::<String>(3)?.unwrap_or_default(),
+            row.get::<String>(4)?.unwrap_or_default(),
+        )))
+    })?;
+    let Some((descends, kind, child_name, parent_name)) = row else {
+        return fail(FenceError::internal(format!(
+            "no table with oid {}",
+            child.to_u32()
+        )));
+    };
+    if !descends {
+        return fail(FenceError::internal(format!(
+            "\"{child_name}\" does not inherit from \"{parent_name}\""
+        )));
+    }
+    if kind == "f" {
+        return fail(FenceError::ForeignTableInFence {
+            table: child_name,
+            fenced: parent_name,
+        });
+    }
+    let has_rows = Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT FROM ONLY {child_name})"))?
+        .unwrap_or(false);
+    if has_rows && !roles::is_fence_admin(roles::caller_role()) {
+        return fail(FenceError::UnfencedRowsJoin {
+            table: child_name,
+            fenced: parent_name,
+            role: roles::role_name(roles::caller_role()),
+        });
+    }
+    Ok(())
+}
+
 /// The parts of a pg_trigger row a clone copies.
 struct TriggerDef {
+    table: pg_sys::Oid,
     name: String,
     function: pg_sys::Oid,
     kind: i16,
@@ -45,7 +144,7 @@ fn trigger_def(trigger: pg_sys::Oid) -> Result<TriggerDef, Failure> {
     let row = Spi::connect(|client| {
         let rows = client.select(
             "SELECT t.tgname::text, t.tgfoid, t.tgtype, t.tgenabled::text, \
-                    t.tgargs, t.tgnargs::int4 \
+                    t.tgargs, t.tgnargs::int4, t.tgrelid \
                FROM pg_catalog.pg_trigger AS t \
               WHERE t.oid = $1 \
                 AND t.tgfoid IN ('fence.fence_guard()'::pg_catalog.regprocedure, \
@@ -64,9 +163,18 @@ fn trigger_def(trigger: pg_sys::Oid) -> Result<TriggerDef, Failure> {
             row.get::<String>(4)?,
             row.get::<Vec<u8>>(5)?,
             row.get::<i32>(6)?,
+            row.get::<pg_sys::Oid>(7)?,
         )))
     })?;
-    let Some((Some(name), Some(function), Some(kind), Some(enabled), args, Some(nargs))) = row
+    let Some((
+        Some(name),
+        Some(function),
+        Some(kind),
+        Some(enabled),
+        args,
+        Some(nargs),
+        Some(table),
+    )) = row
     else {
         return fail(FenceError::internal(format!(
             "trigger {} is not a pg_fence trigger",
@@ -74,6 +182,7 @@ fn trigger_def(trigger: pg_sys::Oid) -> Result<TriggerDef, Failure> {
         )));
     };
     Ok(TriggerDef {
+        table,
         name,
         function,
         kind,
@@ -90,6 +199,7 @@ fn trigger_def(trigger: pg_sys::Oid) -> Result<TriggerDef, Failure> {
 
 fn clone_trigger(parent_trigger: pg_sys::Oid, child: pg_sys::Oid) -> Result<(), Failure> {
     let def = trigger_def(parent_trigger)?;
+    check_child(def.table, child)?;
     let cstring = |text: &str| {
         CString::new(text).map_err(|_| FenceError::internal("NUL in a trigger definition".into()))
     };

@@ -173,10 +173,15 @@ pub async fn deadpool_pool(application_name: &str) -> deadpool_postgres::Pool {
         .unwrap()
 }
 
+/// The repository's top directory.
+pub fn repository_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 /// Run `scripts/cluster.sh <action>` for a throwaway cluster of a test's own
 /// (for tests that crash or stop their server): `target/<base>`, `port`.
 pub fn side_cluster(action: &str, base: &str, port: u16) {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = repository_root();
     let status = std::process::Command::new(root.join("scripts/cluster.sh"))
         .arg(action)
         .env("PGFENCE_PORT", port.to_string())

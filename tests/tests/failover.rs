@@ -20,7 +20,7 @@ const PRIMARY: &str = "pg_fence_primary";
 const STANDBY: &str = "pg_fence_standby";
 
 fn target() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target")
+    repository_root().join("target")
 }
 
 /// Run a PostgreSQL server binary as the `postgres` OS user when we are root.
@@ -228,6 +228,34 @@ async fn no_token_is_issued_twice_across_the_promotion_of_a_synchronous_standby(
         );
     }
     drop(promoted);
+
+    // synchronous_standby_names set where commits would not wait for a
+    // standby (max_wal_senders = 0): neither does lock_acquire, and it does
+    // not call that a cancelled wait.
+    side_cluster("stop", STANDBY, STANDBY_PORT);
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("max_wal_senders = 0\nsynchronous_standby_names = 'nobody'\n");
+    std::fs::write(&conf, text).unwrap();
+    side_cluster("start", STANDBY, STANDBY_PORT);
+    let alone = connect_to(STANDBY_PORT, "postgres").await;
+    alone
+        .batch_execute("SET statement_timeout = '2s'")
+        .await
+        .unwrap();
+    for i in 0..40 {
+        alone.batch_execute("BEGIN").await.unwrap();
+        let token = acquire(
+            &alone,
+            &format!("failover:no-senders:{i}"),
+            "1 hour",
+            None,
+            "0",
+        )
+        .await;
+        alone.batch_execute("ROLLBACK").await.unwrap();
+        assert!(token.unwrap().is_some(), "grant {i} without wal senders");
+    }
+    drop(alone);
     side_cluster("destroy", STANDBY, STANDBY_PORT);
     side_cluster("destroy", PRIMARY, PRIMARY_PORT);
 }

@@ -401,3 +401,301 @@ async fn protect_needs_fence_admin_and_blockers_show_who_holds_a_key() {
         .unwrap();
     assert!(granted.is_some());
 }
+
+// ---------------------------------------------------------------------------
+// Found by the adversarial review of 0.2's first fixes.
+// ---------------------------------------------------------------------------
+
+/// Whether `key` can be acquired at once (nothing holds its lock).
+async fn acquirable(db: &Client, key: &str) -> bool {
+    match acquire(db, key, "1 second", None, "0").await.unwrap() {
+        Some(token) => release(db, key, token).await.unwrap(),
+        None => false,
+    }
+}
+
+#[tokio::test]
+async fn a_fence_attached_by_hand_or_cloned_by_a_plain_role_does_nothing_but_refuse() {
+    let db = connect().await;
+    ensure_test_roles(&db).await;
+    let victim_key = unique_key("handmade");
+    let alice = connect_as("fence_test_alice").await;
+    let token = acquire(&alice, &victim_key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let bob = connect_as("fence_test_bob").await;
+    let table = unique_table("handmade");
+    bob.batch_execute(&format!(
+        "CREATE TABLE {table} (id int);
+         CREATE TRIGGER zz_fence_guard BEFORE INSERT OR UPDATE OR DELETE ON {table}
+             FOR EACH ROW EXECUTE FUNCTION fence.fence_guard('key', '{victim_key}', '', '');"
+    ))
+    .await
+    .unwrap();
+    // Bob's write with the token he read is refused before it takes the key's lock...
+    let (state, message) = expect_error(
+        &bob,
+        &format!("BEGIN; SET LOCAL fence.token = '{token}'; INSERT INTO {table} VALUES (1)"),
+    )
+    .await;
+    assert_eq!(state, "42501", "{message}");
+    bob.batch_execute("ROLLBACK").await.unwrap();
+    // ...so once Alice lets go, anyone can acquire the key.
+    assert!(release(&alice, &victim_key, token).await.unwrap());
+    assert!(acquirable(&db, &victim_key).await);
+    // And the clone primitives are not Bob's to call.
+    for call in [
+        format!("SELECT fence._clone_fence_trigger(1, '{table}'::regclass)"),
+        format!("SELECT fence._fence_descendants('{table}')"),
+        "SELECT fence._unlink_fence_clone(1)".to_owned(),
+    ] {
+        let (state, _) = expect_error(&bob, &call).await;
+        assert_eq!(state, "42501", "{call}");
+    }
+}
+
+#[tokio::test]
+async fn partitions_and_children_made_inside_create_schema_are_fenced() {
+    let db = connect().await;
+    ensure_test_roles(&db).await;
+    let table = unique_table("schemaparted");
+    let schema = unique_table("sub");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id int, k text) PARTITION BY LIST (k);
+         CREATE TABLE {table}_inh (id int, k text);
+         SELECT fence.protect('{table}', lock_key => '{table}');
+         SELECT fence.protect('{table}_inh', lock_key => '{table}_inh');
+         CREATE SCHEMA {schema}
+             CREATE TABLE p_b PARTITION OF public.{table} FOR VALUES IN ('b')
+             CREATE TABLE kid () INHERITS (public.{table}_inh);
+         GRANT USAGE ON SCHEMA {schema} TO fence_test_alice;
+         GRANT ALL ON {schema}.p_b, {schema}.kid TO fence_test_alice;"
+    ))
+    .await
+    .unwrap();
+    let alice = connect_as("fence_test_alice").await;
+    let (state, _) = expect_error(&alice, &format!("TRUNCATE {schema}.p_b")).await;
+    assert_eq!(state, "42501");
+    let (state, _) = expect_error(&db, &format!("INSERT INTO {schema}.kid VALUES (1, 'x')")).await;
+    assert_eq!(state, "FN001");
+}
+
+#[tokio::test]
+async fn foreign_tables_cannot_join_a_fenced_table() {
+    let db = connect().await;
+    let table = unique_table("fdwparent");
+    db.batch_execute(&format!(
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT FROM pg_foreign_data_wrapper WHERE fdwname = 'fence_test_fdw') THEN
+             CREATE FOREIGN DATA WRAPPER fence_test_fdw;
+             CREATE SERVER fence_test_server FOREIGN DATA WRAPPER fence_test_fdw;
+           END IF;
+         END $$;
+         CREATE TABLE {table} (id int, k text) PARTITION BY LIST (k);
+         CREATE TABLE {table}_inh (id int, k text);
+         SELECT fence.protect('{table}', lock_key => '{table}');
+         SELECT fence.protect('{table}_inh', lock_key => '{table}_inh');"
+    ))
+    .await
+    .unwrap();
+    for ddl in [
+        format!("CREATE FOREIGN TABLE {table}_f PARTITION OF {table} FOR VALUES IN ('f') SERVER fence_test_server"),
+        format!("CREATE FOREIGN TABLE {table}_g () INHERITS ({table}_inh) SERVER fence_test_server"),
+    ] {
+        let (state, message) = expect_error(&db, &ddl).await;
+        assert_eq!(state, "0A000", "{ddl}: {message}");
+        assert!(message.contains("foreign table"), "{message}");
+    }
+    // The family is still usable: DDL on the parents works.
+    db.batch_execute(&format!(
+        "CREATE TABLE {table}_a PARTITION OF {table} FOR VALUES IN ('a')"
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_session_level_fence_token_does_not_carry_into_later_transactions() {
+    let db = connect().await;
+    let table = unique_table("sessiontoken");
+    let key = unique_key("sessiontoken");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id int); SELECT fence.protect('{table}', lock_key => '{key}');"
+    ))
+    .await
+    .unwrap();
+    let token = acquire(&db, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    // A SET (not LOCAL) in its own transaction: a later transaction (the
+    // next client of a pooled connection, say) carries no token.
+    db.batch_execute(&format!("SET fence.token = '{token}'"))
+        .await
+        .unwrap();
+    let (state, _) = expect_error(&db, &format!("INSERT INTO {table} VALUES (1)")).await;
+    assert_eq!(state, "FN001");
+    // Set within the writing transaction, it counts.
+    db.batch_execute(&format!(
+        "BEGIN; SET fence.token = '{token}'; INSERT INTO {table} VALUES (2); COMMIT;"
+    ))
+    .await
+    .unwrap();
+    // And in a new session whose library was not loaded when it was set.
+    let fresh = connect().await;
+    fresh
+        .batch_execute(&format!("SET fence.token = '{token}'"))
+        .await
+        .unwrap();
+    let (state, _) = expect_error(&fresh, &format!("INSERT INTO {table} VALUES (3)")).await;
+    assert_eq!(state, "FN001");
+    fresh
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL fence.token = '{token}'; INSERT INTO {table} VALUES (4); COMMIT;"
+        ))
+        .await
+        .unwrap();
+    let other = connect().await;
+    other
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL fence.token = '{token}'; INSERT INTO {table} VALUES (5); COMMIT;"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(count_rows(&db, &table).await, 3);
+}
+
+#[tokio::test]
+async fn a_table_that_leaves_the_family_leaves_the_fence_and_can_be_fenced_again() {
+    let db = connect().await;
+    let table = unique_table("leaving");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (k text, tok bigint);
+         CREATE TABLE {table}_kid () INHERITS ({table});
+         CREATE TABLE {table}_p (id int, k text) PARTITION BY LIST (k);
+         CREATE TABLE {table}_p1 PARTITION OF {table}_p FOR VALUES IN ('1');
+         SELECT fence.protect('{table}', key_column => 'k', token_column => 'tok');
+         SELECT fence.protect('{table}_p', lock_key => '{table}_p');
+         ALTER TABLE {table}_kid NO INHERIT {table};
+         ALTER TABLE {table}_p DETACH PARTITION {table}_p1;"
+    ))
+    .await
+    .unwrap();
+    let triggers: i64 = db
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM pg_trigger WHERE tgrelid IN ('{table}_kid'::regclass, '{table}_p1'::regclass)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 0);
+    // Fenced again on its own, it is listed, and a dump would keep it.
+    db.batch_execute(&format!(
+        "SELECT fence.protect('{table}_kid', key_column => 'k', token_column => 'tok')"
+    ))
+    .await
+    .unwrap();
+    let listed: i64 = db
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM fence.protected_tables WHERE tbl = '{table}_kid'::regclass"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(listed, 1);
+}
+
+#[tokio::test]
+async fn rows_written_without_the_fence_join_it_only_through_fence_admin() {
+    let db = connect().await;
+    ensure_test_roles(&db).await;
+    let table = unique_table("joining");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id int, k text) PARTITION BY LIST (k);
+         CREATE TABLE {table}_inh (id int, k text);
+         ALTER TABLE {table} OWNER TO fence_test_alice;
+         ALTER TABLE {table}_inh OWNER TO fence_test_alice;
+         SELECT fence.protect('{table}', lock_key => '{table}');
+         SELECT fence.protect('{table}_inh', lock_key => '{table}_inh');"
+    ))
+    .await
+    .unwrap();
+    let alice = connect_as("fence_test_alice").await;
+    alice
+        .batch_execute(&format!(
+            "CREATE TABLE {table}_full (id int, k text); INSERT INTO {table}_full VALUES (66, 'd');
+             CREATE TABLE {table}_kid (id int, k text); INSERT INTO {table}_kid VALUES (67, 'e');
+             CREATE TABLE {table}_empty (id int, k text);"
+        ))
+        .await
+        .unwrap();
+    for ddl in [
+        format!("ALTER TABLE {table} ATTACH PARTITION {table}_full FOR VALUES IN ('d')"),
+        format!("ALTER TABLE {table}_kid INHERIT {table}_inh"),
+    ] {
+        let (state, message) = expect_error(&alice, &ddl).await;
+        assert_eq!(state, "42501", "{ddl}: {message}");
+    }
+    alice
+        .batch_execute(&format!(
+            "ALTER TABLE {table} ATTACH PARTITION {table}_empty FOR VALUES IN ('x')"
+        ))
+        .await
+        .unwrap();
+    // A member of fence_admin may, having looked at the rows.
+    db.batch_execute(&format!(
+        "ALTER TABLE {table} ATTACH PARTITION {table}_full FOR VALUES IN ('d')"
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_before_trigger_that_would_fire_after_the_check_is_refused() {
+    let db = connect().await;
+    let table = unique_table("latetrigger");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (k text, tok bigint);
+         CREATE OR REPLACE FUNCTION fence_test_lower_k() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN NEW.k := lower(NEW.k); RETURN NEW; END $$;
+         CREATE TRIGGER zzz_normalize BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION fence_test_lower_k();"
+    ))
+    .await
+    .unwrap();
+    let (state, message) = expect_error(
+        &db,
+        &format!("SELECT fence.protect('{table}', key_column => 'k', token_column => 'tok')"),
+    )
+    .await;
+    assert_eq!(state, "55000", "{message}");
+    db.batch_execute(&format!(
+        "DROP TRIGGER zzz_normalize ON {table};
+         SELECT fence.protect('{table}', key_column => 'k', token_column => 'tok');
+         CREATE TRIGGER a_normalize BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION fence_test_lower_k();"
+    ))
+    .await
+    .unwrap();
+    for name in ["zzz_normalize", "~late"] {
+        let (state, _) = expect_error(
+            &db,
+            &format!(
+                "CREATE TRIGGER \"{name}\" BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION fence_test_lower_k()"
+            ),
+        )
+        .await;
+        assert_eq!(state, "55000", "{name}");
+    }
+    let (state, _) = expect_error(
+        &db,
+        &format!("ALTER TRIGGER a_normalize ON {table} RENAME TO zzzz_normalize"),
+    )
+    .await;
+    assert_eq!(state, "55000");
+}

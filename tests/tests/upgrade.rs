@@ -183,3 +183,26 @@ async fn an_upgrade_from_0_1_keeps_leases_records_and_fences_and_matches_a_fresh
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn an_upgrade_blocked_by_a_view_on_fence_locks_says_which() {
+    let db = fresh_database("pg_fence_upgrade_view").await;
+    db.batch_execute(
+        "CREATE EXTENSION pg_fence VERSION '0.1.0';
+         CREATE VIEW my_monitor AS SELECT lock_key, owner_role FROM fence.locks;",
+    )
+    .await
+    .unwrap();
+    let (state, message) = expect_error(&db, "ALTER EXTENSION pg_fence UPDATE").await;
+    assert_eq!(state, "2BP01", "{message}");
+    assert!(message.contains("my_monitor"), "{message}");
+    db.batch_execute("DROP VIEW my_monitor; ALTER EXTENSION pg_fence UPDATE")
+        .await
+        .unwrap();
+    drop(db);
+    connect()
+        .await
+        .simple_query("DROP DATABASE pg_fence_upgrade_view WITH (FORCE)")
+        .await
+        .unwrap();
+}
