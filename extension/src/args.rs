@@ -106,3 +106,31 @@ fn random_holder() -> String {
         &hex[20..32]
     )
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::interval_micros;
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn intervals_order_like_postgres() {
+        let micros = |text: &str| {
+            let interval: pgrx::datum::Interval =
+                Spi::get_one(&format!("SELECT '{text}'::interval"))
+                    .unwrap()
+                    .unwrap();
+            interval_micros(&interval)
+        };
+        assert_eq!(micros("30 seconds"), 30_000_000);
+        assert_eq!(micros("1 day -1 hour"), 23 * 3_600_000_000);
+        assert_eq!(micros("1 mon"), 30 * 86_400_000_000);
+        assert_eq!(micros("-5 ms"), -5_000);
+        assert_eq!(micros("0"), 0);
+    }
+
+    #[pg_test(error = "lock_acquire: invalid \"ttl\": must be greater than zero")]
+    fn zero_ttl_is_rejected() {
+        Spi::run("SELECT fence.lock_acquire('t:z', '0 seconds')").unwrap();
+    }
+}

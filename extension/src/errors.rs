@@ -408,3 +408,62 @@ unsafe extern "C-unwind" {
     fn errmsg(fmt: *const c_char, ...) -> c_int;
     fn errhint(fmt: *const c_char, ...) -> c_int;
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::{make_sqlstate, FenceError};
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn sqlstates_encode_like_postgres() {
+        assert_eq!(
+            make_sqlstate(b"22023"),
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32
+        );
+        assert_eq!(
+            make_sqlstate(b"22004"),
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED as i32
+        );
+        assert_eq!(
+            make_sqlstate(b"42501"),
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32
+        );
+        assert_eq!(
+            make_sqlstate(b"25000"),
+            PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_STATE as i32
+        );
+    }
+
+    #[pg_test]
+    fn stale_token_messages_name_table_key_and_tokens() {
+        use crate::fence::Stale;
+        let error = FenceError::StaleToken {
+            table: "payments".into(),
+            lock_key: "payment:7".into(),
+            presented: Some(41),
+            why: Stale::WrongToken { live: 42 },
+        };
+        assert_eq!(error.sqlstate(), "FN001");
+        let message = error.message();
+        for part in ["payments", "payment:7", "41", "42"] {
+            assert!(message.contains(part), "{message}");
+        }
+        let none = FenceError::StaleToken {
+            table: "t".into(),
+            lock_key: "k".into(),
+            presented: Some(5),
+            why: Stale::NoLiveLease,
+        };
+        assert!(
+            none.message().contains("no live lease"),
+            "{}",
+            none.message()
+        );
+        assert_eq!(make_sqlstate(b"FN001"), make_sqlstate(b"FN001"));
+        assert_ne!(
+            make_sqlstate(b"FN001"),
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR as i32
+        );
+    }
+}

@@ -24,7 +24,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::errors::{fail, Failure, FenceError};
-use crate::{catalog, keylock, probe, roles, settings};
+use crate::{catalog, keylock, probe, roles, settings, statement};
 
 /// Why a write was refused (SQLSTATE FN001).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,27 +191,28 @@ fn check_row(trigger: &PgTrigger<'_>) -> Result<(), Failure> {
     // this INSERT writes it or this UPDATE assigns it, else SET LOCAL
     // fence.token. An UPDATE that leaves the column out (an ORM's partial
     // update, a foreign key's cascade, MERGE) presents none: the old row's
-    // token is whatever the last writer carried, not proof of this one.
-    // For an UPDATE that assigns it, the old row's token too, which the new
-    // one must not go below.
-    let presented_column = match (config.token_column, new_row) {
+    // token is whatever the last writer carried, not proof of this one. A
+    // MERGE's assigned columns are those of all its UPDATE actions together
+    // (statement.rs), so there the column counts only if this row's action
+    // changed it; likewise when the kind of statement is not known. For an
+    // UPDATE that presents it, the old row's token too, which the new one
+    // must not go below.
+    let (token, previous) = match (config.token_column, new_row) {
         (Some(column), Some(new_row)) => {
             let number = token_attribute(descriptor, column, &table)?;
-            let assigned =
-                operation == pg_sys::TRIGGER_EVENT_INSERT || updates_column(data, number);
-            assigned.then_some((column, number, new_row))
+            let new_token = bigint_at(new_row, descriptor, number);
+            let old_token = old_row.and_then(|old_row| bigint_at(old_row, descriptor, number));
+            let presented = operation == pg_sys::TRIGGER_EVENT_INSERT
+                || (updates_column(data, number)
+                    && (new_token != old_token
+                        || statement::current() == statement::Kind::NotMerge));
+            if presented {
+                (new_token, old_token.map(|from| (column, from)))
+            } else {
+                (settings::fence_token()?, None)
+            }
         }
-        _ => None,
-    };
-    let (token, previous) = match presented_column {
-        Some((column, number, new_row)) => {
-            let token = bigint_at(new_row, descriptor, number);
-            let previous = old_row
-                .and_then(|old_row| bigint_at(old_row, descriptor, number))
-                .map(|from| (column, from));
-            (token, previous)
-        }
-        None => (settings::fence_token()?, None),
+        _ => (settings::fence_token()?, None),
     };
     let Some(token) = token else {
         return fail(refuse(keys.swap_remove(0), None, Stale::NoToken));

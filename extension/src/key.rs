@@ -49,3 +49,40 @@ pub fn hash(lock_key: &str) -> u32 {
     }
     hash
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::check_key;
+    use crate::errors::FenceError;
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn key_checks_name_the_argument() {
+        let check_key = |value| check_key("f", value).map_err(|failure| failure.error);
+        assert_eq!(check_key(Some("a")), Ok("a"));
+        assert_eq!(
+            check_key(None),
+            Err(FenceError::NullArgument {
+                function: "f",
+                argument: "lock_key"
+            })
+        );
+        let long = "k".repeat(1025);
+        let error = check_key(Some(&long)).unwrap_err();
+        assert_eq!(error.sqlstate(), "22023");
+        assert!(
+            error.message().contains("1025 bytes"),
+            "{}",
+            error.message()
+        );
+        assert_eq!(check_key(Some("")).unwrap_err().sqlstate(), "22023");
+        let longest = "k".repeat(1024);
+        assert_eq!(check_key(Some(&longest)), Ok(longest.as_str()));
+    }
+
+    #[pg_test(error = "lock_acquire: argument \"lock_key\" must not be NULL")]
+    fn null_key_is_rejected() {
+        Spi::run("SELECT fence.lock_acquire(NULL)").unwrap();
+    }
+}

@@ -230,3 +230,74 @@ pub fn token_of(lock_key: Option<&str>) -> Result<Option<i64>, Failure> {
         Ok(rows.first().get(1)?)
     })
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn acquire_release_and_tokens_in_one_session() {
+        let token = |sql: &str| Spi::get_one::<i64>(sql).unwrap();
+        let first =
+            token("SELECT token FROM fence.lock_acquire('t:a', '10 seconds', 'me')").unwrap();
+        // Busy for anyone else.
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT fence.lock_acquire('t:a', '10 seconds', 'you') IS NULL")
+                .unwrap(),
+            Some(true)
+        );
+        // G6: the same holder gets the same token back.
+        assert_eq!(
+            token("SELECT token FROM fence.lock_acquire('t:a', '20 seconds', 'me')"),
+            Some(first)
+        );
+        // Tokens are global: another key gets a larger one.
+        let other = token("SELECT token FROM fence.lock_acquire('t:b')").unwrap();
+        assert!(other > first);
+        assert_eq!(
+            Spi::get_one::<bool>(&format!(
+                "SELECT fence.lock_release('t:a', {})",
+                first + 1000
+            ))
+            .unwrap(),
+            Some(false)
+        );
+        assert_eq!(
+            Spi::get_one::<bool>(&format!("SELECT fence.lock_release('t:a', {first})")).unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            Spi::get_one::<bool>(&format!("SELECT fence.lock_release('t:a', {first})")).unwrap(),
+            Some(false)
+        );
+        assert_eq!(token("SELECT fence.current_token('t:a')"), Some(first));
+        let again =
+            token("SELECT token FROM fence.lock_acquire('t:a', '10 seconds', 'you')").unwrap();
+        assert!(again > other);
+        assert_eq!(token("SELECT fence.current_token('t:a')"), Some(again));
+        assert_eq!(token("SELECT fence.current_token('never-used')"), None);
+    }
+
+    #[pg_test]
+    fn renew_extends_and_status_reports_the_live_lease() {
+        let token = Spi::get_one::<i64>("SELECT token FROM fence.lock_acquire('t:r', '1 second')")
+            .unwrap()
+            .unwrap();
+        let extended = Spi::get_one::<bool>(&format!(
+            "SELECT fence.lock_renew('t:r', {token}, '1 hour') > clock_timestamp() + interval '59 minutes'"
+        ))
+        .unwrap();
+        assert_eq!(extended, Some(true));
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT (fence.lock_status('t:r')).token").unwrap(),
+            Some(token)
+        );
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM fence.locks WHERE lock_key = 't:r'").unwrap(),
+            Some(1)
+        );
+        let wrong_token = format!("SELECT fence.lock_renew('t:r', {}) IS NULL", token + 1);
+        assert_eq!(Spi::get_one::<bool>(&wrong_token).unwrap(), Some(true));
+    }
+}

@@ -30,6 +30,7 @@ pub mod probe;
 pub mod reach;
 pub mod roles;
 pub mod settings;
+pub mod statement;
 pub mod subxact;
 pub mod wait;
 
@@ -45,6 +46,7 @@ pgrx::extension_sql_file!("../../sql/fence.sql", name = "fence", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::register();
+    statement::install();
     // SAFETY: _PG_init runs once per backend as the library loads; the callbacks are
     // functions of this library, which is never unloaded.
     unsafe {
@@ -76,11 +78,9 @@ unsafe extern "C-unwind" fn on_xact_event(
     _arg: *mut std::ffi::c_void,
 ) {
     durability::on_xact_event(event);
+    statement::on_xact_event(event);
     wait::on_xact_event(event);
 }
-
-#[cfg(any(test, feature = "pg_test"))]
-mod tests;
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]

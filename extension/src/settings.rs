@@ -129,3 +129,31 @@ fn token_set_in_this_transaction() -> bool {
             .is_some_and(|variable| !(*variable).stack.is_null())
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn fence_token_setting_parses_bigints_only() {
+        Spi::run("SET LOCAL fence.token = ' 42 '").unwrap();
+        assert_eq!(
+            super::fence_token().map_err(|failure| failure.error),
+            Ok(Some(42))
+        );
+        Spi::run("SET LOCAL fence.token = ''").unwrap();
+        assert_eq!(
+            super::fence_token().map_err(|failure| failure.error),
+            Ok(None)
+        );
+        Spi::run("SET LOCAL fence.token = 'forty-two'").unwrap();
+        assert_eq!(
+            super::fence_token()
+                .map_err(|failure| failure.error)
+                .unwrap_err()
+                .sqlstate(),
+            "22023"
+        );
+    }
+}

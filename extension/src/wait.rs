@@ -196,3 +196,17 @@ unsafe fn wake_one_waiting_on(event: u32) {
         }
     }
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn wait_events_are_stable_and_in_the_extension_class() {
+        let event = super::wait_event_for("invoice:42");
+        assert_eq!(event, super::wait_event_for("invoice:42"));
+        assert_eq!(event & 0xFF00_0000, pg_sys::PG_WAIT_EXTENSION);
+        assert_ne!(event, super::wait_event_for("invoice:43"));
+    }
+}

@@ -134,6 +134,8 @@ pub async fn ensure_test_roles(db: &Client) {
            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fence_test_admin') THEN CREATE ROLE fence_test_admin LOGIN; END IF;
          END $$;
          GRANT fence_admin TO fence_test_admin;
+         -- PostgreSQL 15 no longer lets PUBLIC create in schema public.
+         GRANT CREATE ON SCHEMA public TO fence_test_alice, fence_test_bob;
          COMMIT;",
     )
     .await
@@ -215,4 +217,36 @@ pub async fn fresh_database(name: &str) -> Client {
         admin.simple_query(&statement).await.unwrap();
     }
     connect_to_database(port(), "postgres", name).await
+}
+
+/// The backend pid of a session.
+pub async fn backend_pid(client: &Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Wait, up to 10 seconds, until session `pid` is blocked: sleeping inside
+/// `lock_acquire` (wait event class `Extension`) or queued in the lock
+/// manager (class `Lock`), as `pg_stat_activity` shows it. Race tests use it
+/// instead of sleeping "long enough" for the other session to get there.
+pub async fn until_waiting(observer: &Client, pid: i32) {
+    for _ in 0..1000 {
+        let waiting: bool = observer
+            .query_one(
+                "SELECT coalesce(wait_event_type IN ('Extension', 'Lock'), false)
+                   FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("session {pid} never started waiting");
 }

@@ -111,10 +111,11 @@ async fn a_writer_that_passed_its_check_holds_off_a_new_acquire_until_it_ends() 
             "{finish}"
         );
         let k = key.clone();
+        let other_pid = backend_pid(&other).await;
         let waiting = tokio::spawn(async move {
             acquire(&other, &k, "30 seconds", Some("b"), "10 seconds").await
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        until_waiting(&setup, other_pid).await;
         assert!(
             !waiting.is_finished(),
             "{finish}: acquire must wait for the writer"

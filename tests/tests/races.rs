@@ -152,13 +152,14 @@ async fn a_waiter_is_granted_after_a_release_before_its_deadline() {
         .unwrap();
     let wait_key = key.clone();
     let started = Instant::now();
+    let waiter_pid = backend_pid(&waiter).await;
     let waiting = tokio::spawn(async move {
         let token = acquire(&waiter, &wait_key, "30 seconds", Some("b"), "10 seconds")
             .await
             .unwrap();
         (token, Instant::now())
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_waiting(&holder, waiter_pid).await;
     assert!(
         !waiting.is_finished(),
         "the waiter must wait while the key is held"
@@ -242,9 +243,10 @@ async fn waiting_honours_query_cancel_and_statement_timeout() {
     let waiter = Arc::new(connect().await);
     let cancel = waiter.cancel_token();
     let (w, k) = (waiter.clone(), key.clone());
+    let waiter_pid = backend_pid(&waiter).await;
     let waiting =
         tokio::spawn(async move { acquire(&w, &k, "30 seconds", Some("b"), "60 seconds").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_waiting(&holder, waiter_pid).await;
     cancel.cancel_query(NoTls).await.unwrap();
     let error = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
@@ -291,7 +293,7 @@ async fn a_waiting_session_shows_in_pg_stat_activity() {
         tokio::spawn(
             async move { acquire(&waiter, &k, "30 seconds", Some("b"), "3 seconds").await },
         );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_waiting(&holder, pid).await;
     let wait_type: Option<String> = holder
         .query_one(
             "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1",
@@ -324,9 +326,15 @@ async fn an_expired_row_locked_by_an_open_transaction_is_busy_not_blocking() {
         .expect("free key");
     owner.batch_execute("BEGIN").await.unwrap();
     assert!(release(&owner, &key, token).await.unwrap());
-    // The committed version is not released, but it expires; the row stays
-    // locked by the open transaction.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The committed version is not released, but it expires (by the
+    // server's clock); the row stays locked by the open transaction.
+    other
+        .execute(
+            "SELECT pg_sleep(GREATEST(0, extract(epoch FROM (SELECT expires_at FROM fence.leases WHERE lock_key = $1) - clock_timestamp())) + 0.05)",
+            &[&key],
+        )
+        .await
+        .unwrap();
 
     other
         .batch_execute("SET statement_timeout = '5s'")
@@ -344,6 +352,7 @@ async fn an_expired_row_locked_by_an_open_transaction_is_busy_not_blocking() {
     );
 
     // A waiter is granted once the releasing transaction commits.
+    let other_pid = backend_pid(&other).await;
     let waiter = {
         let key = key.clone();
         tokio::spawn(async move {
@@ -354,7 +363,7 @@ async fn an_expired_row_locked_by_an_open_transaction_is_busy_not_blocking() {
             (token, started.elapsed())
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_waiting(&connect().await, other_pid).await;
     owner.batch_execute("COMMIT").await.unwrap();
     let (granted, waited) = waiter.await.unwrap();
     let granted = granted.expect("granted after the release commits");

@@ -699,3 +699,59 @@ async fn a_before_trigger_that_would_fire_after_the_check_is_refused() {
     .await;
     assert_eq!(state, "55000");
 }
+
+#[tokio::test]
+async fn a_merge_row_presents_the_token_column_only_if_its_own_action_changed_it() {
+    let db = connect().await;
+    let (table, key, token) = written_by_holder(&db).await;
+    // Two WHEN MATCHED UPDATE actions, one assigning the token column: the
+    // trigger is told both actions' columns, but the action that fires here
+    // leaves the column as the row had it.
+    let merge = format!(
+        "MERGE INTO {table} AS t USING (VALUES (7, false)) AS s(id, bump) ON t.id = s.id
+         WHEN MATCHED AND s.bump THEN UPDATE SET tok = 999999
+         WHEN MATCHED THEN UPDATE SET captured_by = 'merge'"
+    );
+    // Also as the first statement of a session, before the library has
+    // loaded (the executor hooks did not see the statement start).
+    for session in [connect().await, connect().await] {
+        let (state, message) = expect_error(&session, &merge).await;
+        assert_eq!(state, "FN001", "{message}");
+    }
+    assert_eq!(captured_by(&db, &table).await, None);
+    // With fence.token, the same MERGE passes; one whose action writes the
+    // live token passes on its own.
+    db.batch_execute(&format!(
+        "BEGIN; SET LOCAL fence.token = '{token}'; {merge}; COMMIT;"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(captured_by(&db, &table).await.as_deref(), Some("merge"));
+    let next = {
+        assert!(release(&db, &key, token).await.unwrap());
+        acquire(&db, &key, "5 minutes", None, "0")
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    db.execute(
+        &format!(
+            "MERGE INTO {table} AS t USING (VALUES (7)) AS s(id) ON t.id = s.id
+             WHEN MATCHED THEN UPDATE SET captured_by = 'merge 2', tok = $1"
+        ),
+        &[&next],
+    )
+    .await
+    .unwrap();
+    // A plain UPDATE that writes the row's own (live) token again is still
+    // presenting it, also as a session's first statement.
+    let first = connect().await;
+    first
+        .execute(
+            &format!("UPDATE {table} SET captured_by = 'again', tok = $1 WHERE id = 7"),
+            &[&next],
+        )
+        .await
+        .unwrap();
+    assert_eq!(captured_by(&db, &table).await.as_deref(), Some("again"));
+}
