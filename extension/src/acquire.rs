@@ -143,7 +143,10 @@ fn attempt(
     // snapshot, perhaps stale: lock instead, which fails with 40001 if the
     // key changed since, rather than answer "busy" for a key now free.
     if uses_transaction_snapshot() {
-        return in_subtransaction(|| take_locked_row(client, plans, key, holder, ttl, role));
+        return in_subtransaction(
+            || take_locked_row(client, plans, key, holder, ttl, role),
+            granted_a_lease,
+        );
     }
     if live {
         return Ok(busy_until(
@@ -156,8 +159,16 @@ fn attempt(
     // Free, but some transaction has locked or updated the row version we
     // saw (a release in flight, an aborted grant): lock it, skipping it if
     // it is still locked, and decide again on what we locked.
-    in_subtransaction(|| take_locked_row(client, plans, key, holder, ttl, role))
+    in_subtransaction(
+        || take_locked_row(client, plans, key, holder, ttl, role),
+        granted_a_lease,
+    )
 }
+/// Whether an attempt's subtransaction is kept: only a grant is.
+fn granted_a_lease(attempt: &Attempt) -> bool {
+    matches!(attempt, Attempt::Granted(_))
+}
+
 fn busy_until(expires_at: Option<TimestampWithTimeZone>) -> Attempt {
     let retry_in_ms = expires_at.map_or(wait::RECHECK_INTERVAL_MS, |at| {
         millis_until(at, wait::RECHECK_INTERVAL_MS)

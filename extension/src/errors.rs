@@ -11,6 +11,21 @@ use std::panic::Location;
 
 use pgrx::pg_sys;
 
+/// Why a write was refused (SQLSTATE FN001).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stale {
+    /// The key has a live lease, with another token.
+    WrongToken { live: i64 },
+    /// The key has no live lease (never leased, expired or released).
+    NoLiveLease,
+    /// The write carries no token at all.
+    NoToken,
+    /// An UPDATE would lower the row's token column.
+    LowersToken { column: String, from: i64 },
+    /// Per-row keys, and the row's key column is NULL.
+    NullKey { column: String },
+}
+
 /// A failure of a pg_fence call. Busy keys and lost leases are not errors:
 /// those are NULL / false results.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +57,7 @@ pub enum FenceError {
         table: String,
         lock_key: String,
         presented: Option<i64>,
-        why: crate::fence::Stale,
+        why: Stale,
     },
     /// `42501`: TRUNCATE of a fenced table by a role outside fence_admin.
     TruncateRefused { table: String, role: String },
@@ -169,7 +184,6 @@ impl FenceError {
                 presented,
                 why,
             } => {
-                use crate::fence::Stale;
                 let carries = match presented {
                     Some(token) => format!("the write carries token {token}"),
                     None => "the write carries no token".to_owned(),
@@ -256,7 +270,7 @@ impl FenceError {
                 "Call it with wait => '0', or wait in a READ COMMITTED transaction: a fixed \
                  snapshot never sees the key being released.",
             ),
-            FenceError::StaleToken { why: crate::fence::Stale::NoToken, .. } => Some(
+            FenceError::StaleToken { why: Stale::NoToken, .. } => Some(
                 "Write the token in the table's token column (an UPDATE must assign it itself), or SET LOCAL fence.token = '<token>' in the writing transaction.",
             ),
             FenceError::StaleToken { .. } => {
@@ -437,7 +451,7 @@ mod tests {
 
     #[pg_test]
     fn stale_token_messages_name_table_key_and_tokens() {
-        use crate::fence::Stale;
+        use super::Stale;
         let error = FenceError::StaleToken {
             table: "payments".into(),
             lock_key: "payment:7".into(),

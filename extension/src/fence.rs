@@ -23,23 +23,8 @@ use std::ffi::{c_char, CStr};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::errors::{fail, Failure, FenceError};
+use crate::errors::{fail, Failure, FenceError, Stale};
 use crate::{catalog, keylock, probe, roles, settings, statement};
-
-/// Why a write was refused (SQLSTATE FN001).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Stale {
-    /// The key has a live lease, with another token.
-    WrongToken { live: i64 },
-    /// The key has no live lease (never leased, expired or released).
-    NoLiveLease,
-    /// The write carries no token at all.
-    NoToken,
-    /// An UPDATE would lower the row's token column.
-    LowersToken { column: String, from: i64 },
-    /// Per-row keys, and the row's key column is NULL.
-    NullKey { column: String },
-}
 
 #[pg_trigger]
 fn fence_guard<'a>(

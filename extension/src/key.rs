@@ -2,7 +2,6 @@
 //! stands for a key in the lock manager (keylock.rs) and in a waiter's
 //! advertised wait event (wait.rs).
 
-use crate::args::required;
 use crate::errors::{fail, Failure, FenceError};
 
 /// Longest accepted key, in bytes (DESIGN.md).
@@ -21,7 +20,9 @@ pub fn check_text_key<'a>(
     argument: &'static str,
     value: Option<&'a str>,
 ) -> Result<&'a str, Failure> {
-    let key = required(function, argument, value)?;
+    let Some(key) = value else {
+        return fail(FenceError::NullArgument { function, argument });
+    };
     let invalid = |problem: String| FenceError::InvalidArgument {
         function,
         argument,

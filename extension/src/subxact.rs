@@ -3,24 +3,25 @@
 
 use pgrx::pg_sys;
 
-use crate::acquire::Attempt;
 use crate::errors::Failure;
 
-/// Run one grant attempt in an internal subtransaction, committed only if it
-/// grants. Rolled back otherwise, and on any error (which then propagates),
-/// so an attempt that does not grant leaves no row lock, key lock or
-/// transaction id behind: a waiter, or an explicit transaction that got NULL,
-/// would otherwise block the owner's release or its fenced writes.
-pub fn in_subtransaction(
-    work: impl FnOnce() -> Result<Attempt, Failure>,
-) -> Result<Attempt, Failure> {
+/// Run `work` in an internal subtransaction, committed only if `keep` says
+/// so of its outcome; rolled back otherwise, and on any error (which then
+/// propagates). A grant attempt runs in one, kept only if it grants, so an
+/// attempt that does not grant leaves no row lock, key lock or transaction
+/// id behind: a waiter, or an explicit transaction that got NULL, would
+/// otherwise block the owner's release or its fenced writes.
+pub fn in_subtransaction<T>(
+    work: impl FnOnce() -> Result<T, Failure>,
+    keep: impl FnOnce(&T) -> bool,
+) -> Result<T, Failure> {
     let subxact = SubTransaction::begin();
     // A PostgreSQL error inside `work` unwinds through here as a Rust panic
     // (pgrx has already copied and flushed the error state): dropping
     // `subxact` on the way rolls it back.
     let outcome = work();
     match &outcome {
-        Ok(Attempt::Granted(_)) => subxact.commit(),
+        Ok(value) if keep(value) => subxact.commit(),
         _ => subxact.roll_back(),
     }
     outcome
