@@ -224,6 +224,11 @@ BEGIN
     IF key_prefix IS NULL THEN
         RAISE EXCEPTION 'protect: argument "key_prefix" must not be NULL' USING ERRCODE = '22004';
     END IF;
+    IF (SELECT c.relpersistence FROM pg_class AS c WHERE c.oid = tbl) = 't' THEN
+        RAISE EXCEPTION 'protect: "%" is a temporary table', tbl
+            USING ERRCODE = '0A000',
+                  DETAIL = 'A temporary table goes at the end of its session without the DROP a fence registry would see.';
+    END IF;
     IF (lock_key IS NULL) = (key_column IS NULL) THEN
         RAISE EXCEPTION 'protect: give exactly one of "lock_key" (one key for the whole table) or "key_column" (one key per row)'
             USING ERRCODE = '22023';
@@ -258,7 +263,10 @@ BEGIN
         'FOR EACH STATEMENT EXECUTE FUNCTION fence.fence_no_truncate()', tbl);
     EXECUTE format(
         'ALTER TABLE %s ENABLE ALWAYS TRIGGER zz_fence_guard, ENABLE ALWAYS TRIGGER zz_fence_no_truncate', tbl);
-    INSERT INTO fence.fences (tbl) VALUES (tbl) ON CONFLICT DO NOTHING;
+    INSERT INTO fence.fences AS f (tbl, args)
+    SELECT protect.tbl, t.tgargs FROM pg_trigger AS t
+     WHERE t.tgrelid = protect.tbl AND t.tgname = 'zz_fence_guard'
+    ON CONFLICT ON CONSTRAINT fences_pkey DO UPDATE SET args = EXCLUDED.args;
     PERFORM fence._check_trigger_order(tbl);
     PERFORM fence._fence_descendants(tbl);
 END
@@ -318,22 +326,34 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
+    member regclass;
     orphan record;
 BEGIN
-    FOR orphan IN
-        WITH RECURSIVE above(relid) AS (
-            SELECT i.inhparent FROM pg_inherits AS i WHERE i.inhrelid = tbl
+    -- The table and everything below it: after "b NO INHERIT a", b's own
+    -- children still carry a's clones too.
+    FOR member IN
+        WITH RECURSIVE tree(relid) AS (
+            SELECT tbl::oid
             UNION
-            SELECT i.inhparent FROM pg_inherits AS i JOIN above AS a ON i.inhrelid = a.relid
+            SELECT i.inhrelid FROM pg_inherits AS i JOIN tree ON i.inhparent = tree.relid
         )
-        SELECT t.oid, t.tgname
-          FROM pg_trigger AS t JOIN pg_trigger AS parent ON parent.oid = t.tgparentid
-         WHERE t.tgrelid = tbl
-           AND t.tgfoid IN ('fence.fence_guard()'::regprocedure, 'fence.fence_no_truncate()'::regprocedure)
-           AND parent.tgrelid NOT IN (SELECT relid FROM above)
+        SELECT relid::regclass FROM tree
     LOOP
-        PERFORM fence._unlink_fence_clone(orphan.oid);
-        EXECUTE format('DROP TRIGGER %I ON %s', orphan.tgname, tbl);
+        FOR orphan IN
+            WITH RECURSIVE above(relid) AS (
+                SELECT i.inhparent FROM pg_inherits AS i WHERE i.inhrelid = member
+                UNION
+                SELECT i.inhparent FROM pg_inherits AS i JOIN above AS a ON i.inhrelid = a.relid
+            )
+            SELECT t.oid, t.tgname
+              FROM pg_trigger AS t JOIN pg_trigger AS parent ON parent.oid = t.tgparentid
+             WHERE t.tgrelid = member
+               AND t.tgfoid IN ('fence.fence_guard()'::regprocedure, 'fence.fence_no_truncate()'::regprocedure)
+               AND parent.tgrelid NOT IN (SELECT relid FROM above)
+        LOOP
+            PERFORM fence._unlink_fence_clone(orphan.oid);
+            EXECUTE format('DROP TRIGGER %I ON %s', orphan.tgname, member);
+        END LOOP;
     END LOOP;
 END
 $fn$;
@@ -351,10 +371,12 @@ DECLARE
 BEGIN
     SELECT t.tgrelid::regclass AS relid, t.tgname INTO late
       FROM pg_trigger AS t
-     WHERE t.tgrelid IN (SELECT tbl::oid UNION
-                         SELECT relid FROM pg_partition_tree(tbl)
-                         UNION
-                         SELECT i.inhrelid FROM pg_inherits AS i WHERE i.inhparent = tbl)
+     WHERE t.tgrelid IN (WITH RECURSIVE tree(relid) AS (
+                             SELECT tbl::oid
+                             UNION
+                             SELECT i.inhrelid FROM pg_inherits AS i JOIN tree ON i.inhparent = tree.relid
+                         )
+                         SELECT relid FROM tree)
        AND (t.tgtype & 3) = 3                                  -- ROW and BEFORE
        AND t.tgname::text COLLATE "C" > 'zz_fence_guard'
        AND t.tgfoid <> 'fence.fence_guard()'::regprocedure
@@ -430,7 +452,7 @@ AS $fn$
 BEGIN
     DELETE FROM fence.fences AS f
      WHERE f.tbl::oid IN (SELECT d.objid FROM pg_event_trigger_dropped_objects() AS d
-                           WHERE d.classid = 'pg_class'::regclass);
+                           WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0);
 END
 $fn$;
 

@@ -91,17 +91,20 @@ CREATE TABLE fence.operations (
 SELECT pg_catalog.pg_extension_config_dump('fence.operations', '');
 REVOKE ALL ON fence.operations FROM PUBLIC;
 
--- The tables fence.protect() fenced (their partitions and inheritance
--- children carry clones of the fence). The fence check refuses to run for
--- a fence_guard trigger whose table, or whose clone's root table, is not
--- here: executing fence_guard cannot be revoked from PUBLIC (PostgreSQL
+-- The tables fence.protect() fenced, and how (their partitions and
+-- inheritance children carry clones of the fence). The fence check refuses
+-- to run for a fence_guard trigger unless its clone chain's root is the
+-- zz_fence_guard of a table here, with the arguments recorded here (so a
+-- second fence_guard on a fenced table, or one re-created under another
+-- key, is refused too): executing fence_guard cannot be revoked from PUBLIC (PostgreSQL
 -- clones a partitioned table's row triggers as the role creating the
 -- partition), so without this a plain role could attach fence_guard to a
 -- table of its own under somebody else's key, and hold that key's lock.
 -- regclass, so a dump carries the table's name; a dropped table's row goes
 -- with it (the sql_drop event trigger in fence.sql).
 CREATE TABLE fence.fences (
-    tbl regclass PRIMARY KEY
+    tbl  regclass PRIMARY KEY,
+    args bytea NOT NULL     -- the zz_fence_guard trigger's tgargs: its key, column, prefix, token column
 );
 SELECT pg_catalog.pg_extension_config_dump('fence.fences', '');
 REVOKE ALL ON fence.fences FROM PUBLIC;

@@ -99,6 +99,7 @@ fn wait_for_synchronous_standby(lsn: pg_sys::XLogRecPtr) -> Result<(), Failure> 
 /// `synchronous_commit`: flushed locally (ForceSyncCommit), and at least
 /// `synchronous_commit = on` so a synchronous standby has it too.
 fn commit_durably() {
+    GRANTED.set(true);
     // SAFETY: ForceSyncCommit only sets a flag of the current transaction;
     // synchronous_commit is a backend-local GUC variable.
     unsafe {
@@ -138,15 +139,32 @@ pub fn may_commit_asynchronously<R>(write: impl FnOnce() -> R) -> R {
     result
 }
 
+thread_local! {
+    /// Set when this transaction issued a token: its commit must be durable.
+    static GRANTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Called by the extension's transaction callback (lib.rs).
 pub fn on_xact_event(event: pg_sys::XactEvent::Type) {
     let candidate = ASYNC_COMMIT_IF_UNCHANGED.take();
+    let granted = GRANTED.take();
+    if event != pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT {
+        return;
+    }
     // RecordTransactionCommit reads synchronous_commit after this event.
-    if event == pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT
-        // SAFETY: a backend-local read, as above.
-        && candidate == Some(unsafe { pg_sys::XactLastRecEnd })
-    {
+    // SAFETY: a backend-local read, as above.
+    if !granted && candidate == Some(unsafe { pg_sys::XactLastRecEnd }) {
         set_local("synchronous_commit", "off");
+    }
+    // A grant's commit is durable even if something lowered
+    // synchronous_commit after lock_acquire raised it (a calling function's
+    // SET synchronous_commit = off clause is restored when it returns).
+    // SAFETY: a backend-local read of a GUC variable.
+    if granted
+        && unsafe { pg_sys::synchronous_commit }
+            < pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_REMOTE_FLUSH as i32
+    {
+        set_local("synchronous_commit", "on");
     }
 }
 

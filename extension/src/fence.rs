@@ -130,7 +130,7 @@ fn check_row(trigger: &PgTrigger<'_>) -> Result<(), Failure> {
     }
     installed_by_protect(trigger.trigger().tgoid, &|| table_name(data))?;
     // SAFETY: tg_relation is open for the whole trigger call.
-    let descriptor = unsafe { (*data.tg_relation).rd_att };
+    let (descriptor, relation) = unsafe { ((*data.tg_relation).rd_att, (*data.tg_relation).rd_id) };
     // INSERT: tg_trigtuple is the new row; UPDATE: old, and tg_newtuple the
     // new one; DELETE: the old row.
     let (old_row, new_row) = match operation {
@@ -190,7 +190,7 @@ fn check_row(trigger: &PgTrigger<'_>) -> Result<(), Failure> {
             let presented = operation == pg_sys::TRIGGER_EVENT_INSERT
                 || (updates_column(data, number)
                     && (new_token != old_token
-                        || statement::current() == statement::Kind::NotMerge));
+                        || statement::writing(relation) == statement::Kind::NotMerge));
             if presented {
                 (new_token, old_token.map(|from| (column, from)))
             } else {
@@ -226,9 +226,10 @@ thread_local! {
     static INSTALLED: std::cell::RefCell<Vec<pg_sys::Oid>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Refuse a fence_guard trigger that fence.protect() did not install: its
-/// table, or the root of the clone chain it belongs to, must be in
-/// fence.fences. Anyone may execute fence_guard (PostgreSQL clones a
+/// Refuse a fence_guard trigger that fence.protect() did not install: the
+/// root of its clone chain must be the `zz_fence_guard` of a table in
+/// fence.fences, with the arguments recorded there (a second fence_guard on
+/// a fenced table, or one re-created under another key, is refused). Anyone may execute fence_guard (PostgreSQL clones a
 /// partitioned table's row triggers as whoever creates the partition), so a
 /// plain role could otherwise attach it to a table of its own under any
 /// key, and hold that key's lock with a write it keeps open. Looked up once
@@ -242,12 +243,14 @@ fn installed_by_protect(trigger: pg_sys::Oid, table: &dyn Fn() -> String) -> Res
         return Ok(());
     }
     let installed = Spi::get_one_with_args::<bool>(
-        "WITH RECURSIVE chain(parent, relid) AS ( \
-             SELECT t.tgparentid, t.tgrelid FROM pg_catalog.pg_trigger AS t WHERE t.oid = $1 \
+        "WITH RECURSIVE chain(trigger, parent) AS ( \
+             SELECT t.oid, t.tgparentid FROM pg_catalog.pg_trigger AS t WHERE t.oid = $1 \
              UNION ALL \
-             SELECT t.tgparentid, t.tgrelid FROM pg_catalog.pg_trigger AS t JOIN chain AS c ON t.oid = c.parent) \
-         SELECT EXISTS (SELECT FROM chain AS c JOIN fence.fences AS f ON f.tbl = c.relid \
-                         WHERE c.parent = 0)",
+             SELECT t.oid, t.tgparentid FROM pg_catalog.pg_trigger AS t JOIN chain AS c ON t.oid = c.parent) \
+         SELECT EXISTS (SELECT FROM chain AS c \
+                          JOIN pg_catalog.pg_trigger AS root ON root.oid = c.trigger \
+                          JOIN fence.fences AS f ON f.tbl = root.tgrelid \
+                         WHERE c.parent = 0 AND root.tgname = 'zz_fence_guard' AND root.tgargs = f.args)",
         &[trigger.into()],
     )?
     .unwrap_or(false);

@@ -118,9 +118,9 @@ fn check_child(parent_table: pg_sys::Oid, child: pg_sys::Oid) -> Result<(), Fail
             fenced: parent_name,
         });
     }
-    let has_rows = Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT FROM ONLY {child_name})"))?
-        .unwrap_or(false);
-    if has_rows && !roles::is_fence_admin(roles::caller_role()) {
+    // A partitioned table has no rows of its own: its partitions are
+    // descendants too, and each is checked as it gets its clone.
+    if kind != "p" && has_rows(child) && !roles::is_fence_admin(roles::caller_role()) {
         return fail(FenceError::UnfencedRowsJoin {
             table: child_name,
             fenced: parent_name,
@@ -244,4 +244,39 @@ fn clone_trigger(parent_trigger: pg_sys::Oid, child: pg_sys::Oid) -> Result<(), 
         pg_sys::CommandCounterIncrement();
     }
     Ok(())
+}
+
+/// Whether `table` (a plain table) holds any row, committed as of now: with
+/// the latest snapshot, not the transaction's, so a REPEATABLE READ
+/// transaction cannot attach a table whose rows it does not see. The DDL
+/// that makes a table a child holds a lock on it that keeps writers out,
+/// so this is exact.
+fn has_rows(table: pg_sys::Oid) -> bool {
+    // SAFETY: the table is opened and closed here (AccessShareLock, kept
+    // until the transaction ends); the snapshot is registered for the scan
+    // and unregistered after it; the scan is begun and ended here.
+    unsafe {
+        let relation = pg_sys::table_open(table, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        if (*relation).rd_tableam != pg_sys::GetHeapamTableAmRoutine() {
+            // Another table access method: do not guess, count it as full.
+            pg_sys::table_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
+            return true;
+        }
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN | pg_sys::ScanOptions::SO_ALLOW_PAGEMODE;
+        let scan = pg_sys::heap_beginscan(
+            relation,
+            snapshot,
+            0,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            flags,
+        );
+        let found =
+            !pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection).is_null();
+        pg_sys::heap_endscan(scan);
+        pg_sys::UnregisterSnapshot(snapshot);
+        pg_sys::table_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
+        found
+    }
 }

@@ -1,9 +1,8 @@
 //! pg_fence's configuration parameters (GUCs), all under the `fence.` prefix.
 
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::CString;
 
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
@@ -17,45 +16,18 @@ static MAX_TTL: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 /// no token column (and always for DELETE). Meant for `SET LOCAL`.
 static TOKEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
-thread_local! {
-    /// The local transaction id (PGPROC's lxid) in which `fence.token` was
-    /// last assigned a value.
-    static TOKEN_SET_IN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
-}
-
-/// This backend's local transaction id: a new one for every transaction,
-/// 0 outside of one.
-fn local_transaction_id() -> u32 {
-    // SAFETY: MyProc is this backend's own PGPROC (or NULL before it has
-    // one); lxid is written only by this backend.
-    unsafe {
-        let proc_ = pg_sys::MyProc;
-        if proc_.is_null() {
-            0
-        } else {
-            (*proc_).lxid
-        }
-    }
-}
-
-/// Assign hook of `fence.token`: remember in which transaction it was set.
-#[pg_guard]
-unsafe extern "C-unwind" fn token_assigned(_value: *const c_char, _extra: *mut c_void) {
-    TOKEN_SET_IN.set(local_transaction_id());
-}
-
-/// The token this transaction gave `fence.token` (`SET LOCAL`, or `SET`, or
-/// `set_config`, within this transaction), if any. A value set in an
+/// The token this transaction gave `fence.token` (`SET LOCAL`, or `SET`,
+/// or `set_config`, within this transaction), if any. A value set in an
 /// earlier transaction (a session-level `SET` that outlived its
-/// transaction, `ALTER ROLE ... SET`, `PGOPTIONS`, a connection that a
-/// pooler passed on) is no token: it would keep presenting a lease's token
-/// long after the writer that knew it.
+/// transaction, `ALTER ROLE ... SET`, `PGOPTIONS`, a connection a pooler
+/// passed on, or one PostgreSQL restored on leaving a savepoint or a
+/// function's SET clause) is no token: it would keep presenting a lease's
+/// token long after the writer that knew it.
 pub fn fence_token() -> Result<Option<i64>, Failure> {
     let Some(value) = TOKEN.get() else {
         return Ok(None);
     };
-    let now = local_transaction_id();
-    if now == 0 || TOKEN_SET_IN.get() != now {
+    if !token_set_in_this_transaction() {
         return Ok(None);
     }
     let text = value.to_string_lossy();
@@ -86,48 +58,51 @@ pub fn register() {
         GucContext::Suset,
         GucFlags::UNIT_S,
     );
-    // SAFETY: the assign hook is a #[pg_guard] function of this library,
-    // which is never unloaded.
-    unsafe {
-        GucRegistry::define_string_guc_with_hooks(
-            c"fence.token",
-            c"Fencing token carried by writes to tables protected by fence.protect().",
-            c"Set it with SET LOCAL in the writing transaction; used when the table has no token column, and always for DELETE. A value set in an earlier transaction is ignored.",
-            &TOKEN,
-            GucContext::Userset,
-            GucFlags::default(),
-            None,
-            Some(token_assigned),
-            None,
-        );
-    }
-    // Defining the setting re-applies a value set before the library was
-    // loaded, which calls the assign hook now: that value counts only if it
-    // was set in this transaction, which its stack of saved values shows.
-    if !token_set_in_this_transaction() {
-        TOKEN_SET_IN.set(0);
-    }
+    GucRegistry::define_string_guc(
+        c"fence.token",
+        c"Fencing token carried by writes to tables protected by fence.protect().",
+        c"Set it with SET LOCAL in the writing transaction; used when the table has no token column, and always for DELETE. A value set in an earlier transaction is ignored.",
+        &TOKEN,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     // SAFETY: called from _PG_init with a static NUL-terminated prefix.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"fence".as_ptr()) };
 }
 
-/// Whether `fence.token`'s current value was set in the current transaction
-/// (SET LOCAL, or SET before it commits): then PostgreSQL keeps the value
-/// it replaced on the setting's stack until the transaction ends.
+thread_local! {
+    /// `fence.token`'s entry in PostgreSQL's table of settings, once found
+    /// (the entry of a defined setting does not move).
+    static TOKEN_ENTRY: std::cell::Cell<*mut pg_sys::config_generic> =
+        const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+/// Whether `fence.token`'s current value was set in the current
+/// transaction: then PostgreSQL keeps the value it replaced on the
+/// setting's stack of saved values until the (sub)transaction or the
+/// function that set it ends, and only then.
 fn token_set_in_this_transaction() -> bool {
-    // SAFETY: get_guc_variables' array has GetNumConfigOptions() entries,
-    // each a valid config_generic with a NUL-terminated name; read only, in
-    // this backend, with no GUC change in between.
-    unsafe {
-        let variables = pg_sys::get_guc_variables();
-        let count = pg_sys::GetNumConfigOptions().max(0) as usize;
-        (0..count)
-            .map(|i| *variables.add(i))
-            .find(|&variable| {
-                !variable.is_null() && std::ffi::CStr::from_ptr((*variable).name) == c"fence.token"
-            })
-            .is_some_and(|variable| !(*variable).stack.is_null())
+    let mut entry = TOKEN_ENTRY.get();
+    if entry.is_null() {
+        // SAFETY: get_guc_variables' array has GetNumConfigOptions()
+        // entries, each a valid config_generic with a NUL-terminated name;
+        // read only, in this backend.
+        entry = unsafe {
+            let variables = pg_sys::get_guc_variables();
+            let count = pg_sys::GetNumConfigOptions().max(0) as usize;
+            (0..count)
+                .map(|i| *variables.add(i))
+                .find(|&variable| {
+                    !variable.is_null()
+                        && std::ffi::CStr::from_ptr((*variable).name) == c"fence.token"
+                })
+                .unwrap_or(std::ptr::null_mut())
+        };
+        TOKEN_ENTRY.set(entry);
     }
+    // SAFETY: a valid, defined setting's entry (see above); its stack is
+    // NULL or this backend's list of saved values.
+    !entry.is_null() && unsafe { !(*entry).stack.is_null() }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -7,16 +7,19 @@
 //! fired. So in a MERGE, "the token column is assigned" cannot be read from
 //! the trigger data alone.
 //!
-//! The executor hooks keep a stack of the statements this backend is
-//! executing, innermost last, each marked MERGE or not: ExecutorStart
-//! pushes, ExecutorEnd pops. A statement that ends by an error never reaches
-//! ExecutorEnd; its entries are dropped when its subtransaction or
-//! transaction aborts (each entry records the transaction nesting level it
-//! was pushed at). The library may load in the middle of a statement (the
-//! first fenced write of a session loads it), before the hooks saw that
-//! statement start: then the stack is empty and the top-level portal's
-//! command decides, and where that cannot tell (a statement nested in a
-//! function), the answer is "not known".
+//! The executor hooks keep a list of the statements this backend is
+//! executing, each with its executor state and whether it is a MERGE:
+//! ExecutorStart adds, ExecutorEnd removes that same entry (cursors may end
+//! in any order). The statement a fenced row belongs to is the innermost
+//! one whose result relations include the row's relation: not simply the
+//! innermost one, which may be a function scan still open in the MERGE's
+//! source. A statement that ends by an error never reaches ExecutorEnd;
+//! its entries are dropped when its subtransaction or transaction aborts
+//! (each records the transaction nesting level it began at). The library
+//! may load in the middle of a statement (the first fenced write of a
+//! session loads it, unless it is preloaded), before the hooks saw that
+//! statement start: then no entry matches, and the answer is "not known"
+//! (the fence check then treats the row as it treats a MERGE's).
 
 use std::cell::RefCell;
 
@@ -32,9 +35,16 @@ pub enum Kind {
     Unknown,
 }
 
+/// A statement being executed.
+struct Executing {
+    estate: *mut pg_sys::EState,
+    merge: bool,
+    level: i32,
+}
+
 thread_local! {
-    /// (is MERGE, transaction nesting level) per executing statement.
-    static EXECUTING: RefCell<Vec<(bool, i32)>> = const { RefCell::new(Vec::new()) };
+    /// The statements this backend is executing, innermost last.
+    static EXECUTING: RefCell<Vec<Executing>> = const { RefCell::new(Vec::new()) };
 }
 
 static mut PREVIOUS_START: pg_sys::ExecutorStart_hook_type = None;
@@ -65,14 +75,25 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
         }
         let merge = !(*query).plannedstmt.is_null()
             && (*(*query).plannedstmt).commandType == pg_sys::CmdType::CMD_MERGE;
-        let level = pg_sys::GetCurrentTransactionNestLevel();
-        EXECUTING.with(|stack| stack.borrow_mut().push((merge, level)));
+        let entry = Executing {
+            estate: (*query).estate,
+            merge,
+            level: pg_sys::GetCurrentTransactionNestLevel(),
+        };
+        EXECUTING.with(|stack| stack.borrow_mut().push(entry));
     }
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
-    EXECUTING.with(|stack| stack.borrow_mut().pop());
+    // SAFETY: the executor calls this hook with the QueryDesc it started.
+    let estate = unsafe { (*query).estate };
+    EXECUTING.with(|stack| {
+        let mut stack = stack.borrow_mut();
+        if let Some(at) = stack.iter().rposition(|entry| entry.estate == estate) {
+            stack.remove(at);
+        }
+    });
     // SAFETY: as for executor_start.
     unsafe {
         match PREVIOUS_END {
@@ -92,7 +113,7 @@ unsafe extern "C-unwind" fn on_subxact_event(
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
         // SAFETY: a plain read of this backend's transaction state.
         let level = unsafe { pg_sys::GetCurrentTransactionNestLevel() };
-        EXECUTING.with(|stack| stack.borrow_mut().retain(|&(_, at)| at < level));
+        EXECUTING.with(|stack| stack.borrow_mut().retain(|entry| entry.level < level));
     }
 }
 
@@ -107,26 +128,53 @@ pub fn on_xact_event(event: pg_sys::XactEvent::Type) {
     }
 }
 
-/// Whether the statement whose row the fence is checking now is a MERGE.
-pub fn current() -> Kind {
-    if let Some(merge) = EXECUTING.with(|stack| stack.borrow().last().map(|&(merge, _)| merge)) {
-        return if merge { Kind::Merge } else { Kind::NotMerge };
+/// Whether the statement writing `relation` (a fenced row's table) is a
+/// MERGE.
+pub fn writing(relation: pg_sys::Oid) -> Kind {
+    EXECUTING.with(|stack| {
+        stack
+            .borrow()
+            .iter()
+            .rev()
+            // SAFETY: every listed estate belongs to a statement that has
+            // not ended (its entry goes at ExecutorEnd or at abort), so it
+            // and its result relation lists are valid.
+            .find(|entry| unsafe { writes(entry.estate, relation) })
+            .map_or(Kind::Unknown, |entry| {
+                if entry.merge {
+                    Kind::Merge
+                } else {
+                    Kind::NotMerge
+                }
+            })
+    })
+}
+
+/// Whether `estate` has opened `relation` as a result relation (directly,
+/// or for tuple routing into a partition).
+///
+/// # Safety
+///
+/// `estate` must be the live executor state of a running statement.
+unsafe fn writes(estate: *mut pg_sys::EState, relation: pg_sys::Oid) -> bool {
+    if estate.is_null() {
+        return false;
     }
-    // The hooks did not see this statement start (the library loaded in the
-    // middle of it): a top-level statement's portal says what it is.
-    // SAFETY: ActivePortal is NULL or the portal this backend is running.
-    let tag = unsafe {
-        let portal = pg_sys::ActivePortal;
-        if portal.is_null() {
-            return Kind::Unknown;
-        }
-        (*portal).commandTag
-    };
-    match tag {
-        pg_sys::CommandTag::CMDTAG_MERGE => Kind::Merge,
-        pg_sys::CommandTag::CMDTAG_UPDATE
-        | pg_sys::CommandTag::CMDTAG_INSERT
-        | pg_sys::CommandTag::CMDTAG_DELETE => Kind::NotMerge,
-        _ => Kind::Unknown,
+    // SAFETY: the caller's contract; the lists hold ResultRelInfo pointers.
+    unsafe {
+        [
+            (*estate).es_opened_result_relations,
+            (*estate).es_tuple_routing_result_relations,
+        ]
+        .into_iter()
+        .any(|list| {
+            pgrx::PgList::<pg_sys::ResultRelInfo>::from_pg(list)
+                .iter_ptr()
+                .any(|info| {
+                    !info.is_null()
+                        && !(*info).ri_RelationDesc.is_null()
+                        && (*(*info).ri_RelationDesc).rd_id == relation
+                })
+        })
     }
 }

@@ -171,7 +171,74 @@ async fn no_token_is_issued_twice_across_the_promotion_of_a_synchronous_standby(
     // The standby goes away. Grants in transactions that roll back never
     // wait at commit; each must still not hand out a token the standby
     // has not got: it waits for it, and a cancelled wait is an error.
+    // A grant through a function whose SET clause lowers synchronous_commit
+    // (restored when it returns, after lock_acquire raised it) still waits
+    // for the standby at commit: with the standby gone, it does not return.
+    primary
+        .batch_execute(
+            "CREATE FUNCTION grab_fast(k text) RETURNS bigint LANGUAGE sql SET synchronous_commit = off
+                 AS $$ SELECT token FROM fence.lock_acquire(k, '1 hour') $$",
+        )
+        .await
+        .unwrap();
+    // Its token must be covered by sequence WAL the standby already has, so
+    // that only the commit can wait: take tokens until the sequence has
+    // values left before it logs again.
+    for i in 0.. {
+        acquire(
+            &primary,
+            &format!("failover:cover:{i}"),
+            "1 hour",
+            None,
+            "0",
+        )
+        .await
+        .unwrap();
+        let left: i64 = primary
+            .query_one("SELECT log_cnt FROM fence.token_seq", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if left > 0 {
+            break;
+        }
+    }
     side_cluster("stop", STANDBY, STANDBY_PORT);
+    let fast = Arc::new(connect_to(PRIMARY_PORT, "postgres").await);
+    fast.batch_execute("SET synchronous_commit = off")
+        .await
+        .unwrap();
+    let fast_pid = backend_pid(&fast).await;
+    let cancel = fast.cancel_token();
+    let granting = {
+        let fast = fast.clone();
+        tokio::spawn(async move {
+            fast.query_one("SELECT grab_fast('failover:fast')", &[])
+                .await
+        })
+    };
+    for _ in 0..500 {
+        assert!(
+            !granting.is_finished(),
+            "a grant's commit returned without the synchronous standby"
+        );
+        let waiting: bool = primary
+            .query_one(
+                "SELECT coalesce(wait_event = 'SyncRep', false) FROM pg_stat_activity WHERE pid = $1",
+                &[&fast_pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!granting.is_finished());
+    cancel.cancel_query(NoTls).await.unwrap();
+    let _ = granting.await.unwrap();
+    drop(fast);
     let db = connect_to(PRIMARY_PORT, "postgres").await;
     db.batch_execute("SET statement_timeout = '200ms'")
         .await

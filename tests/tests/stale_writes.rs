@@ -743,15 +743,22 @@ async fn a_merge_row_presents_the_token_column_only_if_its_own_action_changed_it
     )
     .await
     .unwrap();
-    // A plain UPDATE that writes the row's own (live) token again is still
-    // presenting it, also as a session's first statement.
+    // A plain UPDATE that writes the row's own (live) token again presents
+    // it. As the first statement of a session that has not loaded the
+    // library (not preloaded), the check cannot know it is no MERGE, and
+    // treats it like one: fence.token, or any earlier pg_fence call in the
+    // session, makes it pass.
+    let same_token = format!("UPDATE {table} SET captured_by = 'again', tok = {next} WHERE id = 7");
+    let first = connect().await;
+    let (state, _) = expect_error(&first, &same_token).await;
+    assert_eq!(state, "FN001");
+    first.batch_execute(&same_token).await.unwrap();
+    assert_eq!(captured_by(&db, &table).await.as_deref(), Some("again"));
     let first = connect().await;
     first
-        .execute(
-            &format!("UPDATE {table} SET captured_by = 'again', tok = $1 WHERE id = 7"),
-            &[&next],
-        )
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL fence.token = '{next}'; {same_token}; COMMIT;"
+        ))
         .await
         .unwrap();
-    assert_eq!(captured_by(&db, &table).await.as_deref(), Some("again"));
 }

@@ -1,0 +1,256 @@
+//! G3's rules against a plain role and a careless owner, second round: the
+//! fence registry (only the fence `protect()` installed counts, as it was
+//! installed), the DDL event trigger over whole families, and which token a
+//! statement presents (MERGE, `fence.token` across savepoints and function
+//! SET clauses). Each failed against the first fixes of 0.2.
+
+use pg_fence_tests::*;
+
+/// A table owned by Alice, fenced by the superuser on `key`.
+async fn alices_fenced_table(db: &Client, key: &str) -> String {
+    ensure_test_roles(db).await;
+    let table = unique_table("alices");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint, tok bigint, note text);
+         ALTER TABLE {table} OWNER TO fence_test_alice;
+         SELECT fence.protect('{table}', lock_key => '{key}', token_column => 'tok');"
+    ))
+    .await
+    .unwrap();
+    table
+}
+
+#[tokio::test]
+async fn an_owner_cannot_add_or_swap_a_fence_under_another_key() {
+    let db = connect().await;
+    let key = unique_key("own");
+    let table = alices_fenced_table(&db, &key).await;
+    let victim = unique_key("victim");
+    let victim_token = acquire(&db, &victim, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let own_token = acquire(&db, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let alice = connect_as("fence_test_alice").await;
+    // A second fence_guard on the fenced table, under the victim's key.
+    alice
+        .batch_execute(&format!(
+            "CREATE TRIGGER aa_hold BEFORE INSERT ON {table} FOR EACH ROW
+                 EXECUTE FUNCTION fence.fence_guard('key', '{victim}', '', 'id')"
+        ))
+        .await
+        .unwrap();
+    let (state, message) = expect_error(
+        &alice,
+        &format!("BEGIN; INSERT INTO {table} VALUES ({victim_token}, {own_token}, 'hold')"),
+    )
+    .await;
+    alice.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(state, "42501", "{message}");
+    assert!(release(&db, &victim, victim_token).await.unwrap());
+    let again = acquire(&db, &victim, "1 minute", None, "0").await.unwrap();
+    assert!(again.is_some(), "the victim's key must be free");
+    // The fence itself dropped and re-created under another key.
+    alice
+        .batch_execute(&format!(
+            "DROP TRIGGER aa_hold ON {table};
+             DROP TRIGGER zz_fence_guard ON {table};
+             CREATE TRIGGER zz_fence_guard BEFORE INSERT OR UPDATE OR DELETE ON {table} FOR EACH ROW
+                 EXECUTE FUNCTION fence.fence_guard('key', '{victim}', '', 'tok');"
+        ))
+        .await
+        .unwrap();
+    let (state, _) = expect_error(
+        &alice,
+        &format!(
+            "INSERT INTO {table} VALUES (1, {}, 'swapped')",
+            again.unwrap()
+        ),
+    )
+    .await;
+    assert_eq!(state, "42501");
+}
+
+#[tokio::test]
+async fn dropping_a_column_keeps_the_table_fenced_and_temp_tables_are_refused() {
+    let db = connect().await;
+    let key = unique_key("dropcol");
+    let table = alices_fenced_table(&db, &key).await;
+    let alice = connect_as("fence_test_alice").await;
+    alice
+        .batch_execute(&format!(
+            "ALTER TABLE {table} ADD COLUMN legacy int; ALTER TABLE {table} DROP COLUMN legacy;"
+        ))
+        .await
+        .unwrap();
+    let token = acquire(&db, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    // A new session (nothing cached) may still write with the live token.
+    let fresh = connect_as("fence_test_alice").await;
+    fresh
+        .batch_execute(&format!("INSERT INTO {table} VALUES (1, {token}, 'ok')"))
+        .await
+        .unwrap();
+    let (state, _) = expect_error(
+        &db,
+        "CREATE TEMP TABLE scratch (id int); SELECT fence.protect('scratch', lock_key => 'scratch')",
+    )
+    .await;
+    assert_eq!(state, "0A000");
+}
+
+#[tokio::test]
+async fn merge_rows_are_judged_by_their_own_statement() {
+    let db = connect().await;
+    let table = unique_table("mergesrf");
+    let key = unique_key("mergesrf");
+    let token = acquire(&db, &key, "5 minutes", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id int PRIMARY KEY, amount int, tok bigint);
+         SELECT fence.protect('{table}', lock_key => '{key}', token_column => 'tok');
+         INSERT INTO {table} VALUES (1, 0, {token});
+         CREATE OR REPLACE FUNCTION fence_test_ids() RETURNS SETOF int LANGUAGE sql AS 'SELECT 1 UNION ALL SELECT 2';
+         CREATE TABLE {table}_log (n int);
+         CREATE OR REPLACE FUNCTION {table}_apply(n int) RETURNS int LANGUAGE plpgsql AS $$
+         BEGIN
+             MERGE INTO {table} AS p USING (SELECT 1 AS id, false AS hi) AS s ON p.id = s.id
+               WHEN MATCHED AND s.hi THEN UPDATE SET tok = 0
+               WHEN MATCHED THEN UPDATE SET amount = n;
+             RETURN n;
+         END $$;"
+    ))
+    .await
+    .unwrap();
+    // A function scan still open in the MERGE's source.
+    let (state, message) = expect_error(
+        &db,
+        &format!(
+            "MERGE INTO {table} AS p USING (SELECT fence_test_ids() AS id, false AS hi) AS s ON p.id = s.id
+               WHEN MATCHED AND s.hi THEN UPDATE SET tok = 0
+               WHEN MATCHED THEN UPDATE SET amount = 999"
+        ),
+    )
+    .await;
+    assert_eq!(state, "FN001", "{message}");
+    // A MERGE nested in an INSERT, in a session whose library loads mid-statement.
+    let fresh = connect().await;
+    let (state, message) = expect_error(
+        &fresh,
+        &format!("INSERT INTO {table}_log SELECT {table}_apply(555)"),
+    )
+    .await;
+    assert_eq!(state, "FN001", "{message}");
+    let amount: i32 = db
+        .query_one(&format!("SELECT amount FROM {table} WHERE id = 1"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(amount, 0);
+}
+
+#[tokio::test]
+async fn a_session_fence_token_is_not_revived_by_savepoints_or_function_settings() {
+    let db = connect().await;
+    let table = unique_table("revived");
+    let key = unique_key("revived");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id int); SELECT fence.protect('{table}', lock_key => '{key}');
+         CREATE OR REPLACE FUNCTION fence_test_noop() RETURNS void LANGUAGE sql SET fence.token = '' AS 'SELECT';"
+    ))
+    .await
+    .unwrap();
+    let token = acquire(&db, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    db.batch_execute(&format!("SET fence.token = '{token}'"))
+        .await
+        .unwrap();
+    for revive in [
+        "SAVEPOINT s; SET LOCAL fence.token = '999'; ROLLBACK TO SAVEPOINT s;".to_owned(),
+        "SELECT fence_test_noop();".to_owned(),
+        "DO $$ BEGIN PERFORM set_config('fence.token', '7', true); RAISE EXCEPTION 'x';
+              EXCEPTION WHEN OTHERS THEN NULL; END $$;"
+            .to_owned(),
+    ] {
+        let (state, _) = expect_error(
+            &db,
+            &format!("BEGIN; {revive} INSERT INTO {table} VALUES (1)"),
+        )
+        .await;
+        db.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(state, "FN001", "{revive}");
+    }
+    db.batch_execute("RESET fence.token").await.unwrap();
+}
+
+#[tokio::test]
+async fn rows_hidden_by_a_repeatable_read_snapshot_still_count() {
+    let db = connect().await;
+    let key = unique_key("rrjoin");
+    let table = alices_fenced_table(&db, &key).await;
+    let alice = connect_as("fence_test_alice").await;
+    alice
+        .batch_execute(&format!(
+            "CREATE TABLE {table}_side (id bigint, tok bigint, note text)"
+        ))
+        .await
+        .unwrap();
+    alice
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM {table}_side;"
+        ))
+        .await
+        .unwrap();
+    db.batch_execute(&format!(
+        "INSERT INTO {table}_side VALUES (42, 0, 'unfenced')"
+    ))
+    .await
+    .unwrap();
+    let (state, message) =
+        expect_error(&alice, &format!("ALTER TABLE {table}_side INHERIT {table}")).await;
+    alice.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(state, "42501", "{message}");
+}
+
+#[tokio::test]
+async fn a_late_trigger_on_a_grandchild_is_refused() {
+    let db = connect().await;
+    let key = unique_key("grandchild");
+    let table = alices_fenced_table(&db, &key).await;
+    db.batch_execute(&format!(
+        "CREATE TABLE {table}_c () INHERITS ({table});
+         CREATE TABLE {table}_g () INHERITS ({table}_c);
+         CREATE OR REPLACE FUNCTION fence_test_rekey() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN NEW.id := 0; RETURN NEW; END $$;"
+    ))
+    .await
+    .unwrap();
+    let (state, _) = expect_error(
+        &db,
+        &format!("CREATE TRIGGER zzz_rekey BEFORE INSERT ON {table}_g FOR EACH ROW EXECUTE FUNCTION fence_test_rekey()"),
+    )
+    .await;
+    assert_eq!(state, "55000");
+    // And after "c NO INHERIT parent", the grandchild leaves the fence too.
+    db.batch_execute(&format!("ALTER TABLE {table}_c NO INHERIT {table}"))
+        .await
+        .unwrap();
+    let left: i64 = db
+        .query_one(
+            &format!("SELECT count(*) FROM pg_trigger WHERE tgrelid IN ('{table}_c'::regclass, '{table}_g'::regclass)"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
