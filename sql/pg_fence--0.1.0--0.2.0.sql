@@ -59,13 +59,13 @@ CREATE TABLE fence.fences (
 SELECT pg_catalog.pg_extension_config_dump('fence.fences', '');
 REVOKE ALL ON fence.fences FROM PUBLIC;
 GRANT SELECT ON fence.fences TO PUBLIC;
-GRANT INSERT, DELETE ON fence.fences TO fence_admin;
+GRANT INSERT, UPDATE, DELETE ON fence.fences TO fence_admin;
 INSERT INTO fence.fences (tbl, args)
 SELECT t.tgrelid, t.tgargs FROM pg_catalog.pg_trigger AS t
  WHERE t.tgname = 'zz_fence_guard' AND t.tgparentid = 0
    AND t.tgfoid = 'fence.fence_guard()'::pg_catalog.regprocedure;
 
--- New C functions (reach.rs, keylock.rs).
+-- New C functions (reach.rs, keylock.rs), as the 0.2.0 install script declares them.
 CREATE FUNCTION fence."_clone_fence_trigger"(
 	"parent_trigger" oid,
 	"child" oid
@@ -74,19 +74,32 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_clone_fence_trigger_wrapper';
 
-CREATE FUNCTION fence."_unlink_fence_clone"(
-	"trigger" oid
-) RETURNS void
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c
-AS 'MODULE_PATHNAME', '_unlink_fence_clone_wrapper';
-
 CREATE FUNCTION fence."_key_lock_objid"(
 	"lock_key" TEXT
 ) RETURNS oid
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_key_lock_objid_wrapper';
+
+CREATE FUNCTION fence."_new_key_secret"() RETURNS bytea
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_new_key_secret_wrapper';
+
+CREATE FUNCTION fence."_trigger_args"(
+	"args" bytea,
+	"count" INT
+) RETURNS TEXT[]
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_trigger_args_wrapper';
+
+CREATE FUNCTION fence."_unlink_fence_clone"(
+	"trigger" oid
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_unlink_fence_clone_wrapper';
 
 -- sql/fence.sql as of 0.2.0: protect() needs fence_admin and trusted
 -- columns, fences reach partitions and inheritance children, the DDL event
@@ -105,6 +118,18 @@ AS 'MODULE_PATHNAME', '_key_lock_objid_wrapper';
 -- ROW triggers (they fire in name order) and checks the row as it will be
 -- written. Both triggers are ENABLE ALWAYS: they fire under
 -- session_replication_role = replica too.
+
+-- The secret of the key lock's hash (key.rs): sixteen bytes from the
+-- server's strong random source, made once per database, readable by no
+-- role (the extension reads it directly). Two keys with one hash share one
+-- lock; without a secret a plain role could compute a key that shares the
+-- victim's and hold the victim's key with a lease of its own. Not dumped:
+-- a restored database makes its own.
+CREATE TABLE IF NOT EXISTS fence.key_secret (secret bytea NOT NULL);
+INSERT INTO fence.key_secret (secret)
+SELECT fence._new_key_secret() WHERE NOT EXISTS (SELECT FROM fence.key_secret);
+REVOKE ALL ON fence.key_secret FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION fence._new_key_secret() FROM PUBLIC;
 
 -- Drop whichever of the two fence triggers a table has (quietly).
 CREATE OR REPLACE FUNCTION fence._drop_fence_triggers(tbl regclass) RETURNS void
@@ -206,7 +231,7 @@ CREATE OR REPLACE FUNCTION fence._fence_config(tbl regclass) RETURNS text[]
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT string_to_array(encode(t.tgargs, 'escape'), '\000')
+    SELECT fence._trigger_args(t.tgargs, t.tgnargs)
       FROM pg_trigger AS t
      WHERE t.tgrelid = tbl AND t.tgname = 'zz_fence_guard' AND t.tgparentid = 0
        AND t.tgfoid = 'fence.fence_guard()'::regprocedure
@@ -388,6 +413,24 @@ BEGIN
 END
 $fn$;
 
+-- Whether a fenced table's fence fires, always (ENABLE ALWAYS), on the
+-- table and on every clone of it below: an owner of one partition can
+-- disable the clone on it.
+CREATE OR REPLACE FUNCTION fence._fence_enforced(tbl regclass) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH RECURSIVE tree(relid) AS (
+        SELECT tbl::oid
+        UNION
+        SELECT i.inhrelid FROM pg_inherits AS i JOIN tree ON i.inhparent = tree.relid
+    )
+    SELECT bool_and(t.tgenabled = 'A')
+      FROM tree JOIN pg_trigger AS t ON t.tgrelid = tree.relid
+     WHERE t.tgname IN ('zz_fence_guard', 'zz_fence_no_truncate')
+       AND t.tgfoid IN ('fence.fence_guard()'::regprocedure, 'fence.fence_no_truncate()'::regprocedure)
+$fn$;
+
 -- Fenced tables and how, read from the triggers themselves: the tables
 -- fence.protect() was called on (their partitions and inheritance children
 -- carry clones of the fence, not listed). "enforced" is false if someone
@@ -398,11 +441,9 @@ SELECT t.tgrelid::pg_catalog.regclass                        AS tbl,
        CASE args.a[1] WHEN 'column' THEN args.a[2]::name END  AS key_column,
        CASE args.a[1] WHEN 'column' THEN args.a[3] END        AS key_prefix,
        NULLIF(args.a[4], '')::name                            AS token_column,
-       t.tgenabled = 'A'                                      AS enforced
+       fence._fence_enforced(t.tgrelid)                       AS enforced
   FROM pg_catalog.pg_trigger AS t
- CROSS JOIN LATERAL (
-        SELECT pg_catalog.string_to_array(pg_catalog.encode(t.tgargs, 'escape'), '\000') AS a
-       ) AS args
+ CROSS JOIN LATERAL (SELECT fence._trigger_args(t.tgargs, t.tgnargs) AS a) AS args
  WHERE t.tgname = 'zz_fence_guard'
    AND t.tgparentid = 0
    AND t.tgfoid = 'fence.fence_guard()'::pg_catalog.regprocedure;
@@ -507,6 +548,15 @@ BEGIN
             SELECT c.objid AS relid FROM pg_event_trigger_ddl_commands() AS c
              WHERE c.classid = 'pg_class'::regclass
             UNION
+            -- ALTER TYPE ... CASCADE changes the tables of a composite type.
+            SELECT typed.oid FROM pg_event_trigger_ddl_commands() AS c
+              JOIN pg_class AS composite ON c.classid = 'pg_class'::regclass AND composite.oid = c.objid
+              JOIN pg_class AS typed ON typed.reloftype = composite.reltype
+             WHERE composite.relkind = 'c'
+            UNION
+            SELECT typed.oid FROM pg_event_trigger_ddl_commands() AS c
+              JOIN pg_class AS typed ON c.classid = 'pg_type'::regclass AND typed.reloftype = c.objid
+            UNION
             SELECT t.tgrelid FROM pg_event_trigger_ddl_commands() AS c
               JOIN pg_trigger AS t ON t.oid = c.objid
              WHERE c.classid = 'pg_trigger'::regclass
@@ -535,6 +585,31 @@ $fn$;
 
 CREATE EVENT TRIGGER fence_ddl_command_end ON ddl_command_end
     EXECUTE FUNCTION fence._on_ddl_command_end();
+
+-- Whether fence_guard trigger `trigger_oid` is one protect() installed:
+-- the root of its clone chain is the zz_fence_guard of a table in
+-- fence.fences, with the arguments recorded there. The fence check calls it
+-- (once per trigger per backend) as whoever writes: the pinned search_path
+-- and the qualified operators keep a writer's own operators out of it.
+CREATE OR REPLACE FUNCTION fence._fence_installed(trigger_oid oid) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH RECURSIVE chain(trigger, parent) AS (
+        SELECT t.oid, t.tgparentid FROM pg_catalog.pg_trigger AS t
+         WHERE t.oid OPERATOR(pg_catalog.=) trigger_oid
+        UNION ALL
+        SELECT t.oid, t.tgparentid FROM pg_catalog.pg_trigger AS t
+          JOIN chain AS c ON t.oid OPERATOR(pg_catalog.=) c.parent
+    )
+    SELECT EXISTS (
+        SELECT FROM chain AS c
+          JOIN pg_catalog.pg_trigger AS root ON root.oid OPERATOR(pg_catalog.=) c.trigger
+          JOIN fence.fences AS f ON f.tbl::pg_catalog.oid OPERATOR(pg_catalog.=) root.tgrelid
+         WHERE c.parent OPERATOR(pg_catalog.=) 0::pg_catalog.oid
+           AND root.tgname OPERATOR(pg_catalog.=) 'zz_fence_guard'::pg_catalog.name
+           AND root.tgargs OPERATOR(pg_catalog.=) f.args)
+$fn$;
 
 -- A dropped table leaves fence.fences with it, so that its OID, reused by
 -- a later table (or by a restore), is not taken for a fenced one.

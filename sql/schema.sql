@@ -109,4 +109,4 @@ CREATE TABLE fence.fences (
 SELECT pg_catalog.pg_extension_config_dump('fence.fences', '');
 REVOKE ALL ON fence.fences FROM PUBLIC;
 GRANT SELECT ON fence.fences TO PUBLIC;
-GRANT INSERT, DELETE ON fence.fences TO fence_admin;
+GRANT INSERT, UPDATE, DELETE ON fence.fences TO fence_admin;

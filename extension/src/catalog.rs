@@ -66,3 +66,11 @@ pub fn fences() -> Option<pg_sys::Oid> {
     let oid = unsafe { pg_sys::get_relname_relid(c"fences".as_ptr(), namespace()) };
     (oid != pg_sys::InvalidOid).then_some(oid)
 }
+
+/// `fence.key_secret`, the secret of the key lock's hash: None in a
+/// database still on the 0.1.0 schema.
+pub fn key_secret() -> Option<pg_sys::Oid> {
+    // SAFETY: a syscache lookup by name and namespace.
+    let oid = unsafe { pg_sys::get_relname_relid(c"key_secret".as_ptr(), namespace()) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}

@@ -242,18 +242,10 @@ fn installed_by_protect(trigger: pg_sys::Oid, table: &dyn Fn() -> String) -> Res
         // The 0.1.0 schema, not yet upgraded: it had no registry.
         return Ok(());
     }
-    let installed = Spi::get_one_with_args::<bool>(
-        "WITH RECURSIVE chain(trigger, parent) AS ( \
-             SELECT t.oid, t.tgparentid FROM pg_catalog.pg_trigger AS t WHERE t.oid = $1 \
-             UNION ALL \
-             SELECT t.oid, t.tgparentid FROM pg_catalog.pg_trigger AS t JOIN chain AS c ON t.oid = c.parent) \
-         SELECT EXISTS (SELECT FROM chain AS c \
-                          JOIN pg_catalog.pg_trigger AS root ON root.oid = c.trigger \
-                          JOIN fence.fences AS f ON f.tbl = root.tgrelid \
-                         WHERE c.parent = 0 AND root.tgname = 'zz_fence_guard' AND root.tgargs = f.args)",
-        &[trigger.into()],
-    )?
-    .unwrap_or(false);
+    // fence._fence_installed pins its search_path: this runs as the writer.
+    let installed =
+        Spi::get_one_with_args::<bool>("SELECT fence._fence_installed($1)", &[trigger.into()])?
+            .unwrap_or(false);
     if !installed {
         return fail(FenceError::FenceNotInstalled { table: table() });
     }

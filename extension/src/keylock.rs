@@ -14,11 +14,11 @@
 //! check that runs on every protected row must not do.
 //!
 //! The lock is an advisory lock in class [`KEY_LOCK_CLASS`] (`'FENC'`) on a
-//! 32-bit hash of the key: visible in `pg_locks` as
-//! `locktype = 'advisory', classid = 1178947139, objsubid = 3`, a tag the
+//! keyed 32-bit hash of the key (key.rs, `lock_hash`): visible in `pg_locks`
+//! as `locktype = 'advisory', classid = 1178947139, objsubid = 3`, a tag the
 //! SQL advisory lock functions cannot produce. Two keys with the same hash
 //! only make an acquire on one of them report busy while the other is being
-//! written. Each distinct key a transaction writes under takes one slot of
+//! written, and the hash's secret keeps anyone from choosing such a pair. Each distinct key a transaction writes under takes one slot of
 //! the shared lock table (`max_locks_per_transaction`).
 
 use pgrx::pg_sys;
@@ -32,11 +32,11 @@ pub const KEY_LOCK_CLASS: u32 = 0x4645_4E43;
 /// (sql/fence.sql), which finds who holds a key up.
 #[pgrx::pg_extern(immutable, strict, parallel_safe)]
 fn _key_lock_objid(lock_key: &str) -> pg_sys::Oid {
-    pg_sys::Oid::from(key::hash(lock_key))
+    pg_sys::Oid::from(key::lock_hash(lock_key))
 }
 
 fn tag(lock_key: &str) -> pg_sys::LOCKTAG {
-    let hash = key::hash(lock_key);
+    let hash = key::lock_hash(lock_key);
     // SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, class, hash, 3). The SQL
     // advisory lock functions only ever use 1 or 2 in the last field, so no
     // role can take (and hold hostage) a key's lock with pg_advisory_lock.

@@ -280,3 +280,14 @@ fn has_rows(table: pg_sys::Oid) -> bool {
         found
     }
 }
+
+/// A trigger's arguments (`pg_trigger.tgargs`: each followed by a NUL) as
+/// text, byte for byte: for `fence.protected_tables` and the DDL checks,
+/// which `encode(..., 'escape')` would garble (non-ASCII bytes, backslashes).
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _trigger_args(args: &[u8], count: i32) -> Vec<String> {
+    args.split(|&byte| byte == 0)
+        .take(count.max(0) as usize)
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect()
+}

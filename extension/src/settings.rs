@@ -80,7 +80,10 @@ thread_local! {
 /// Whether `fence.token`'s current value was set in the current
 /// transaction: then PostgreSQL keeps the value it replaced on the
 /// setting's stack of saved values until the (sub)transaction or the
-/// function that set it ends, and only then.
+/// function that set it ends, and only then; and set by SET, SET LOCAL,
+/// set_config or a function's SET clause (source "session"), not brought
+/// back from ALTER ROLE, ALTER DATABASE, PGOPTIONS or the configuration
+/// file by a RESET or SET ... TO DEFAULT.
 fn token_set_in_this_transaction() -> bool {
     let mut entry = TOKEN_ENTRY.get();
     if entry.is_null() {
@@ -102,7 +105,10 @@ fn token_set_in_this_transaction() -> bool {
     }
     // SAFETY: a valid, defined setting's entry (see above); its stack is
     // NULL or this backend's list of saved values.
-    !entry.is_null() && unsafe { !(*entry).stack.is_null() }
+    !entry.is_null()
+        && unsafe {
+            !(*entry).stack.is_null() && (*entry).source == pg_sys::GucSource::PGC_S_SESSION
+        }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -135,7 +135,7 @@ pub async fn ensure_test_roles(db: &Client) {
          END $$;
          GRANT fence_admin TO fence_test_admin;
          -- PostgreSQL 15 no longer lets PUBLIC create in schema public.
-         GRANT CREATE ON SCHEMA public TO fence_test_alice, fence_test_bob;
+         GRANT CREATE ON SCHEMA public TO fence_test_alice, fence_test_bob, fence_test_admin;
          COMMIT;",
     )
     .await

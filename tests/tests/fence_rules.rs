@@ -254,3 +254,227 @@ async fn a_late_trigger_on_a_grandchild_is_refused() {
         .get(0);
     assert_eq!(left, 0);
 }
+
+// ---------------------------------------------------------------------------
+// Found by the third review.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_writers_own_operators_do_not_reach_the_fence_check() {
+    let db = connect().await;
+    ensure_test_roles(&db).await;
+    let schema = unique_table("bobs");
+    db.batch_execute(&format!(
+        "CREATE SCHEMA {schema} AUTHORIZATION fence_test_bob"
+    ))
+    .await
+    .unwrap();
+    let victim = unique_key("opvictim");
+    // A real fence under the victim's key: bob's copy has the same arguments.
+    db.batch_execute(&format!(
+        "CREATE TABLE {schema}_real (id int, tok bigint);
+         SELECT fence.protect('{schema}_real', lock_key => '{victim}', token_column => 'tok');"
+    ))
+    .await
+    .unwrap();
+    let token = acquire(&db, &victim, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let bob = connect_as("fence_test_bob").await;
+    bob.batch_execute(&format!(
+        "SET search_path = {schema}, public;
+         CREATE TABLE {schema}.mine (id int, tok bigint);
+         CREATE TRIGGER zz_fence_guard BEFORE INSERT OR UPDATE OR DELETE ON {schema}.mine FOR EACH ROW
+             EXECUTE FUNCTION fence.fence_guard('key', '{victim}', '', 'tok');
+         CREATE FUNCTION {schema}.always(regclass, oid) RETURNS bool LANGUAGE sql IMMUTABLE AS 'SELECT true';
+         CREATE OPERATOR {schema}.= (LEFTARG = regclass, RIGHTARG = oid, FUNCTION = {schema}.always);
+         CREATE FUNCTION {schema}.always_oid(oid, int4) RETURNS bool LANGUAGE sql IMMUTABLE AS 'SELECT true';
+         CREATE OPERATOR {schema}.= (LEFTARG = oid, RIGHTARG = int4, FUNCTION = {schema}.always_oid);"
+    ))
+    .await
+    .unwrap();
+    let (state, message) = expect_error(
+        &bob,
+        &format!("BEGIN; INSERT INTO {schema}.mine VALUES (1, {token})"),
+    )
+    .await;
+    bob.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(state, "42501", "{message}");
+}
+
+#[tokio::test]
+async fn a_key_whose_plain_hash_collides_with_the_victims_does_not_hold_it() {
+    let db = connect().await;
+    ensure_test_roles(&db).await;
+    // These two keys share their FNV-1a hash (found by a meet-in-the-middle
+    // search); the key lock's hash is keyed, so they do not share a lock.
+    let (victim, collider) = ("victim2", "bob:yurmbff");
+    for key in [victim, collider] {
+        db.execute("SELECT fence.lock_force_release($1)", &[&key])
+            .await
+            .unwrap();
+    }
+    let bob = connect_as("fence_test_bob").await;
+    let token = acquire(&bob, collider, "1 hour", Some("bob"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    bob.batch_execute(&format!(
+        "BEGIN; SELECT fence.lock_renew('{collider}', {token});"
+    ))
+    .await
+    .unwrap();
+    let alice = connect_as("fence_test_alice").await;
+    let granted = acquire(&alice, victim, "10 seconds", None, "0")
+        .await
+        .unwrap();
+    bob.batch_execute("COMMIT").await.unwrap();
+    assert!(
+        granted.is_some(),
+        "the victim's key was held by a colliding key"
+    );
+    assert!(release(&alice, victim, granted.unwrap()).await.unwrap());
+    assert!(release(&bob, collider, token).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_fence_admin_who_is_not_superuser_can_protect_and_protect_again() {
+    let db = connect().await;
+    ensure_test_roles(&db).await;
+    let admin = connect_as("fence_test_admin").await;
+    let table = unique_table("adminowned");
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int, tok bigint);
+             SELECT fence.protect('{table}', lock_key => '{table}', token_column => 'tok');
+             SELECT fence.protect('{table}', lock_key => '{table}:v2', token_column => 'tok');"
+        ))
+        .await
+        .unwrap();
+    let key: String = db
+        .query_one(
+            &format!("SELECT lock_key FROM fence.protected_tables WHERE tbl = '{table}'::regclass"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(key, format!("{table}:v2"));
+    let token = acquire(&db, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    admin
+        .batch_execute(&format!("INSERT INTO {table} VALUES (1, {token})"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_clone_disabled_on_one_partition_shows_as_not_enforced() {
+    let db = connect().await;
+    let table = unique_table("disabledpart");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id int, status text) PARTITION BY LIST (status);
+         CREATE TABLE {table}_open PARTITION OF {table} FOR VALUES IN ('open');
+         SELECT fence.protect('{table}', lock_key => '{table}');"
+    ))
+    .await
+    .unwrap();
+    let enforced =
+        format!("SELECT enforced FROM fence.protected_tables WHERE tbl = '{table}'::regclass");
+    assert!(db
+        .query_one(&enforced, &[])
+        .await
+        .unwrap()
+        .get::<_, bool>(0));
+    db.batch_execute(&format!(
+        "ALTER TABLE {table}_open DISABLE TRIGGER zz_fence_guard"
+    ))
+    .await
+    .unwrap();
+    assert!(!db
+        .query_one(&enforced, &[])
+        .await
+        .unwrap()
+        .get::<_, bool>(0));
+}
+
+#[tokio::test]
+async fn typed_tables_and_non_ascii_column_names_are_checked_like_any_other() {
+    let db = connect().await;
+    let table = unique_table("typed");
+    db.batch_execute(&format!(
+        "CREATE TYPE {table}_t AS (id int, other int, tok bigint);
+         CREATE TABLE {table} OF {table}_t;
+         SELECT fence.protect('{table}', key_column => 'id', key_prefix => '{table}:', token_column => 'tok');"
+    ))
+    .await
+    .unwrap();
+    let (state, message) = expect_error(
+        &db,
+        &format!("ALTER TYPE {table}_t RENAME ATTRIBUTE id TO idx CASCADE"),
+    )
+    .await;
+    assert_eq!(state, "42703", "{message}");
+
+    let konto = unique_table("konto");
+    db.batch_execute(&format!(
+        "CREATE TABLE {konto} (\"clé\" int, \"cl\\303\\251\" int, tok bigint);
+         SELECT fence.protect('{konto}', key_column => 'clé', key_prefix => 'compte:é:', token_column => 'tok');"
+    ))
+    .await
+    .unwrap();
+    let row = db
+        .query_one(
+            &format!("SELECT key_column::text, key_prefix FROM fence.protected_tables WHERE tbl = '{konto}'::regclass"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "clé");
+    assert_eq!(row.get::<_, String>(1), "compte:é:");
+    let (state, _) = expect_error(
+        &db,
+        &format!("ALTER TABLE {konto} RENAME COLUMN \"clé\" TO was_key"),
+    )
+    .await;
+    assert_eq!(state, "42703");
+}
+
+#[tokio::test]
+async fn reset_does_not_turn_a_role_setting_into_a_token() {
+    let db = connect().await;
+    ensure_test_roles(&db).await;
+    let table = unique_table("resettoken");
+    let key = unique_key("resettoken");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id int); SELECT fence.protect('{table}', lock_key => '{key}');
+         GRANT INSERT ON {table} TO fence_test_alice;"
+    ))
+    .await
+    .unwrap();
+    let token = acquire(&db, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    db.batch_execute(&format!(
+        "ALTER ROLE fence_test_alice SET fence.token = '{token}'"
+    ))
+    .await
+    .unwrap();
+    let alice = connect_as("fence_test_alice").await;
+    for reset in ["RESET fence.token;", "SET LOCAL fence.token TO DEFAULT;"] {
+        let (state, _) = expect_error(
+            &alice,
+            &format!("BEGIN; {reset} INSERT INTO {table} VALUES (1)"),
+        )
+        .await;
+        alice.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(state, "FN001", "{reset}");
+    }
+    db.batch_execute("ALTER ROLE fence_test_alice RESET fence.token")
+        .await
+        .unwrap();
+}
