@@ -13,16 +13,41 @@
 -- written. Both triggers are ENABLE ALWAYS: they fire under
 -- session_replication_role = replica too.
 
--- The secret of the key lock's hash (key.rs): sixteen bytes from the
--- server's strong random source, made once per database, readable by no
--- role (the extension reads it directly). Two keys with one hash share one
--- lock; without a secret a plain role could compute a key that shares the
--- victim's and hold the victim's key with a lease of its own. Not dumped:
--- a restored database makes its own.
-CREATE TABLE IF NOT EXISTS fence.key_secret (secret bytea NOT NULL);
+-- The secret of the key lock's 64-bit hash (key.rs): sixteen bytes from
+-- the server's strong random source, made once per database, one row,
+-- unchangeable while the extension exists, readable by no plain role (the
+-- extension reads it directly; superusers and pg_read_all_data can). Two
+-- keys with one hash share one lock; with a guessable or short hash a
+-- plain role could find a key that shares the victim's and hold the
+-- victim's key with a lease of its own. Not dumped: a restored database
+-- makes its own.
+CREATE TABLE IF NOT EXISTS fence.key_secret (
+    secret bytea NOT NULL CHECK (pg_catalog.octet_length(secret) = 16)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS key_secret_one_row ON fence.key_secret ((true));
 INSERT INTO fence.key_secret (secret)
 SELECT fence._new_key_secret() WHERE NOT EXISTS (SELECT FROM fence.key_secret);
 REVOKE ALL ON fence.key_secret FROM PUBLIC;
+-- Backends read the secret once: changing it would make them disagree on
+-- a key's lock, and a fenced write and a grant would stop conflicting.
+CREATE OR REPLACE FUNCTION fence._key_secret_is_fixed() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RAISE EXCEPTION 'fence.key_secret cannot change while pg_fence is installed'
+        USING ERRCODE = '55000',
+              HINT = 'Backends have read it; DROP EXTENSION and CREATE EXTENSION make a new one.';
+END
+$fn$;
+DROP TRIGGER IF EXISTS key_secret_is_fixed ON fence.key_secret;
+CREATE TRIGGER key_secret_is_fixed BEFORE UPDATE OR DELETE ON fence.key_secret
+    FOR EACH ROW EXECUTE FUNCTION fence._key_secret_is_fixed();
+DROP TRIGGER IF EXISTS key_secret_is_not_truncated ON fence.key_secret;
+CREATE TRIGGER key_secret_is_not_truncated BEFORE TRUNCATE ON fence.key_secret
+    FOR EACH STATEMENT EXECUTE FUNCTION fence._key_secret_is_fixed();
+ALTER TABLE fence.key_secret ENABLE ALWAYS TRIGGER key_secret_is_fixed,
+    ENABLE ALWAYS TRIGGER key_secret_is_not_truncated;
 REVOKE EXECUTE ON FUNCTION fence._new_key_secret() FROM PUBLIC;
 
 -- Drop whichever of the two fence triggers a table has (quietly).
@@ -548,14 +573,14 @@ SELECT lk.pid,
        COALESCE(a.xact_start, p.prepared)                               AS xact_start,
        CASE WHEN lk.pid IS NULL THEN 'prepared ' || p.gid ELSE a.state END AS state
   FROM pg_catalog.pg_locks AS lk
-  JOIN fence.leases AS l ON fence._key_lock_objid(l.lock_key) = lk.objid
+  JOIN fence.leases AS l
+    ON fence._key_lock_id(l.lock_key) = (lk.classid::pg_catalog.int8 << 32 | lk.objid::pg_catalog.int8)
   LEFT JOIN pg_catalog.pg_stat_activity AS a ON a.pid = lk.pid
   LEFT JOIN pg_catalog.pg_prepared_xacts AS p
          ON lk.pid IS NULL AND lk.virtualtransaction = '-1/' || p.transaction::text
  WHERE lk.locktype = 'advisory'
    AND lk.granted
    AND lk.database = (SELECT d.oid FROM pg_catalog.pg_database AS d WHERE d.datname = pg_catalog.current_database())
-   AND lk.classid = 1178947139  -- 'FENC'
    AND lk.objsubid = 3;
 
 GRANT SELECT ON fence.blockers TO PUBLIC;

@@ -73,14 +73,18 @@ struct Config<'t> {
 fn config<'t>(trigger: &'t pg_sys::Trigger) -> Result<Config<'t>, Failure> {
     // SAFETY: PostgreSQL gives a trigger tgnargs NUL-terminated argument strings that
     // live as long as the trigger call (the relcache entry).
+    // An argument that is not UTF-8 (a SQL_ASCII database) fails closed
+    // rather than reading as "".
     let args: Vec<&str> = unsafe {
         (0..trigger.tgnargs as usize)
-            .map(|i| {
-                CStr::from_ptr(*trigger.tgargs.add(i))
-                    .to_str()
-                    .unwrap_or("")
-            })
-            .collect()
+            .map(|i| CStr::from_ptr(*trigger.tgargs.add(i)).to_str())
+            .collect::<Result<_, _>>()
+            .or_else(|_| {
+                fail(FenceError::internal(
+                    "fence_guard's arguments are not UTF-8; fenced tables need a UTF-8 database"
+                        .into(),
+                ))
+            })?
     };
     match args.as_slice() {
         ["key", key, _, token] => Ok(Config {
@@ -222,8 +226,16 @@ fn check_row(trigger: &PgTrigger<'_>) -> Result<(), Failure> {
 }
 
 thread_local! {
-    /// fence_guard triggers this backend has found installed by protect().
+    /// fence_guard triggers this backend has found installed by protect(),
+    /// forgotten at any relcache invalidation (a trigger changed or went,
+    /// fence.fences changed) by [`forget_installed`].
     static INSTALLED: std::cell::RefCell<Vec<pg_sys::Oid>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Relcache invalidation callback (registered in lib.rs): a change to any
+/// table's triggers, or to fence.fences, invalidates that relation.
+pub fn forget_installed() {
+    INSTALLED.with(|known| known.borrow_mut().clear());
 }
 
 /// Refuse a fence_guard trigger that fence.protect() did not install: the

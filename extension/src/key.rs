@@ -54,18 +54,20 @@ pub fn hash(lock_key: &str) -> u32 {
 
 /// The key's lock hash (keylock.rs): SipHash-2-4 of the key under this
 /// database's secret (`fence.key_secret`, made at CREATE EXTENSION from the
-/// server's strong random source, readable by no role), folded to 32 bits.
-/// Two keys with one lock hash share a lock, and a plain role that could
-/// find a key sharing the victim's (FNV-1a is easily inverted) could hold
-/// the victim's key with a lease of its own; under a secret it cannot aim.
-/// Without the secret table (the 0.1.0 schema, before its upgrade), FNV-1a.
-pub fn lock_hash(lock_key: &str) -> u32 {
+/// server's strong random source, unchangeable while the extension exists),
+/// as two 32-bit halves, both in the lock tag. Two keys with one lock hash
+/// share a lock; a plain role that could find a key sharing a victim's (the
+/// FNV-1a of 0.1 is easily inverted, and any 32-bit hash can be searched
+/// through by brute force) could hold the victim's key with a lease of its
+/// own. With 64 bits that is a 2^64 search. Without the secret table (the
+/// 0.1.0 schema, before its upgrade), 0.1's tag: class 'FENC', FNV-1a.
+pub fn lock_hash(lock_key: &str) -> (u32, u32) {
     match secret() {
         Some(secret) => {
             let hash = siphash24(&secret, lock_key.as_bytes());
-            (hash ^ (hash >> 32)) as u32
+            ((hash >> 32) as u32, hash as u32)
         }
-        None => hash(lock_key),
+        None => (0x4645_4E43, hash(lock_key)),
     }
 }
 
@@ -83,7 +85,11 @@ fn secret() -> Option<[u8; 16]> {
             return Some(secret);
         }
     }
-    let secret = read_secret(table)?;
+    let Some(secret) = read_secret(table) else {
+        // The table exists but holds no secret: never fall back to a hash
+        // that backends which did read one would not share.
+        pgrx::error!("pg_fence: fence.key_secret holds no secret; re-create the extension");
+    };
     SECRET.set(Some((table, secret)));
     Some(secret)
 }

@@ -13,39 +13,38 @@
 //! SHARE` row lock this writes no WAL and dirties no page, which is what a
 //! check that runs on every protected row must not do.
 //!
-//! The lock is an advisory lock in class [`KEY_LOCK_CLASS`] (`'FENC'`) on a
-//! keyed 32-bit hash of the key (key.rs, `lock_hash`): visible in `pg_locks`
-//! as `locktype = 'advisory', classid = 1178947139, objsubid = 3`, a tag the
-//! SQL advisory lock functions cannot produce. Two keys with the same hash
-//! only make an acquire on one of them report busy while the other is being
-//! written, and the hash's secret keeps anyone from choosing such a pair. Each distinct key a transaction writes under takes one slot of
+//! The lock is an advisory lock on a keyed 64-bit hash of the key (key.rs,
+//! `lock_hash`): visible in `pg_locks` as `locktype = 'advisory'`, `classid`
+//! and `objid` the hash's two halves, `objsubid = 3`, a tag the SQL advisory
+//! lock functions cannot produce. Two keys with the same hash would share a
+//! lock; with 64 bits under a secret nobody can find a key that shares a
+//! given key's lock. Each distinct key a transaction writes under takes one slot of
 //! the shared lock table (`max_locks_per_transaction`).
 
 use pgrx::pg_sys;
 
 use crate::key;
 
-/// Advisory lock class: `'FENC'` as a big-endian u32.
-pub const KEY_LOCK_CLASS: u32 = 0x4645_4E43;
-
-/// The `pg_locks.objid` of the key's lock, for the `fence.blockers` view
-/// (sql/fence.sql), which finds who holds a key up.
+/// The key's lock as `pg_locks` shows it, `classid << 32 | objid`: for the
+/// `fence.blockers` view (sql/fence.sql), which finds who holds a key up.
 #[pgrx::pg_extern(immutable, strict, parallel_safe)]
-fn _key_lock_objid(lock_key: &str) -> pg_sys::Oid {
-    pg_sys::Oid::from(key::lock_hash(lock_key))
+fn _key_lock_id(lock_key: &str) -> i64 {
+    let (high, low) = key::lock_hash(lock_key);
+    ((u64::from(high) << 32) | u64::from(low)) as i64
 }
 
 fn tag(lock_key: &str) -> pg_sys::LOCKTAG {
-    let hash = key::lock_hash(lock_key);
-    // SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, class, hash, 3). The SQL
-    // advisory lock functions only ever use 1 or 2 in the last field, so no
-    // role can take (and hold hostage) a key's lock with pg_advisory_lock.
+    let (high, low) = key::lock_hash(lock_key);
+    // SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, high, low, 3): 64 bits of
+    // the key's keyed hash. The SQL advisory lock functions only ever use 1
+    // or 2 in the last field, so no role can take (and hold hostage) a
+    // key's lock with pg_advisory_lock.
     pg_sys::LOCKTAG {
         // SAFETY: MyDatabaseId is set once a backend has connected, before any SQL
         // runs.
         locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
-        locktag_field2: KEY_LOCK_CLASS,
-        locktag_field3: hash,
+        locktag_field2: high,
+        locktag_field3: low,
         locktag_field4: 3,
         locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
         locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,

@@ -47,6 +47,13 @@ pgrx::extension_sql_file!("../../sql/fence.sql", name = "fence", finalize);
 pub extern "C-unwind" fn _PG_init() {
     settings::register();
     statement::install();
+    // SAFETY: a function of this library, which is never unloaded.
+    unsafe {
+        pgrx::pg_sys::CacheRegisterRelcacheCallback(
+            Some(on_relcache_invalidation),
+            pgrx::pg_sys::Datum::from(0),
+        )
+    };
     // SAFETY: _PG_init runs once per backend as the library loads; the callbacks are
     // functions of this library, which is never unloaded.
     unsafe {
@@ -56,6 +63,16 @@ pub extern "C-unwind" fn _PG_init() {
             std::ptr::null_mut(),
         );
     }
+}
+
+/// The one relcache invalidation callback: no catalog access here, only
+/// forgetting what was cached.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(
+    _arg: pgrx::pg_sys::Datum,
+    _relation: pgrx::pg_sys::Oid,
+) {
+    fence::forget_installed();
 }
 
 /// The one resource-release callback: waking waiters once a committing
