@@ -219,7 +219,21 @@ BEGIN
               FROM below AS b JOIN pg_class AS c ON c.oid = b.relid
               LEFT JOIN pg_trigger AS t ON t.tgrelid = b.relid AND t.tgname = parent_trigger.tgname
         LOOP
-            CONTINUE WHEN parent_trigger.row_level AND child.relispartition;  -- PostgreSQL's own clone
+            IF parent_trigger.row_level AND child.relispartition THEN
+                -- PostgreSQL's own clone (its parent may be an intermediate
+                -- partition's clone): it too follows the fenced table's
+                -- state, so that the owner of one partition cannot switch
+                -- the fence off for rows written through the fenced table.
+                IF child.existing_enabled IS DISTINCT FROM parent_trigger.tgenabled THEN
+                    EXECUTE format('ALTER TABLE %s %s TRIGGER %I', child.relid,
+                                   CASE parent_trigger.tgenabled WHEN 'A' THEN 'ENABLE ALWAYS'
+                                                                 WHEN 'R' THEN 'ENABLE REPLICA'
+                                                                 WHEN 'D' THEN 'DISABLE'
+                                                                 ELSE 'ENABLE' END,
+                                   parent_trigger.tgname);
+                END IF;
+                CONTINUE;
+            END IF;
             IF child.existing_parent = parent_trigger.oid THEN
                 -- Our clone, made while the parent's trigger was still in
                 -- its CREATE TRIGGER state: follow the parent's ENABLE
@@ -260,6 +274,12 @@ BEGIN
     PERFORM fence._require_table_owner('protect', tbl);
     IF key_prefix IS NULL THEN
         RAISE EXCEPTION 'protect: argument "key_prefix" must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    IF pg_catalog.getdatabaseencoding() <> 'UTF8' THEN
+        RAISE EXCEPTION 'protect: database "%" is not UTF-8 (it is %)', pg_catalog.current_database(),
+            pg_catalog.getdatabaseencoding()
+            USING ERRCODE = '0A000',
+                  DETAIL = 'Row keys are compared as text; in another encoding two different keys could read as one.';
     END IF;
     IF (SELECT c.relpersistence FROM pg_class AS c WHERE c.oid = tbl) = 't' THEN
         RAISE EXCEPTION 'protect: "%" is a temporary table', tbl
@@ -564,7 +584,8 @@ GRANT EXECUTE ON FUNCTION fence._fence_descendants(regclass), fence._drop_orphan
 -- release holds it in share mode until its transaction ends ('write'). A
 -- prepared transaction holds it until COMMIT/ROLLBACK PREPARED: pid is NULL
 -- and state names its gid. End a session with pg_terminate_backend(pid).
--- Keys are found through their lease rows (every held key has one).
+-- Keys are named through their lease rows; lock_key is NULL for a key
+-- whose first grant has not committed yet (its row is not visible).
 CREATE OR REPLACE VIEW fence.blockers AS
 SELECT lk.pid,
        COALESCE(a.usename, p.owner)                                     AS role,
@@ -573,7 +594,7 @@ SELECT lk.pid,
        COALESCE(a.xact_start, p.prepared)                               AS xact_start,
        CASE WHEN lk.pid IS NULL THEN 'prepared ' || p.gid ELSE a.state END AS state
   FROM pg_catalog.pg_locks AS lk
-  JOIN fence.leases AS l
+  LEFT JOIN fence.leases AS l
     ON fence._key_lock_id(l.lock_key) = (lk.classid::pg_catalog.int8 << 32 | lk.objid::pg_catalog.int8)
   LEFT JOIN pg_catalog.pg_stat_activity AS a ON a.pid = lk.pid
   LEFT JOIN pg_catalog.pg_prepared_xacts AS p

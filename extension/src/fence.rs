@@ -158,7 +158,7 @@ fn check_row(trigger: &PgTrigger<'_>) -> Result<(), Failure> {
         None => {
             let number = key_attribute(descriptor, config.key_column, &table)?;
             for row in [new_row, old_row].into_iter().flatten() {
-                let Some(value) = text_at(row, descriptor, number) else {
+                let Some(value) = text_at(row, descriptor, number)? else {
                     let shown = format!("{}<NULL>", config.key_prefix);
                     return fail(refuse(
                         shown,
@@ -367,21 +367,30 @@ fn updates_column(data: &pg_sys::TriggerData, number: i32) -> bool {
 }
 
 /// A column's value as text (its type's output function), or None for NULL.
+/// A value that is not UTF-8 (only possible in a database of another
+/// encoding, which protect() refuses) fails closed: read lossily, two
+/// different keys could read as one.
 fn text_at(
     row: *mut pg_sys::HeapTupleData,
     descriptor: pg_sys::TupleDesc,
     number: i32,
-) -> Option<String> {
+) -> Result<Option<String>, Failure> {
     // SAFETY: `row` is the trigger's tuple for this descriptor and `number`
     // a valid attribute of it; SPI_getvalue pallocs the text, freed here.
-    unsafe {
+    let value = unsafe {
         let text: *mut c_char = pg_sys::SPI_getvalue(row, descriptor, number);
         if text.is_null() {
-            return None;
+            return Ok(None);
         }
-        let value = CStr::from_ptr(text).to_string_lossy().into_owned();
+        let value = CStr::from_ptr(text).to_str().map(str::to_owned);
         pg_sys::pfree(text.cast());
-        Some(value)
+        value
+    };
+    match value {
+        Ok(value) => Ok(Some(value)),
+        Err(_) => fail(FenceError::internal(
+            "a fenced row's key is not UTF-8; fenced tables need a UTF-8 database".into(),
+        )),
     }
 }
 

@@ -372,7 +372,7 @@ async fn a_fence_admin_who_is_not_superuser_can_protect_and_protect_again() {
 }
 
 #[tokio::test]
-async fn a_clone_disabled_on_one_partition_shows_as_not_enforced() {
+async fn a_fence_disabled_on_the_table_shows_as_not_enforced_for_the_family() {
     let db = connect().await;
     let table = unique_table("disabledpart");
     db.batch_execute(&format!(
@@ -389,8 +389,10 @@ async fn a_clone_disabled_on_one_partition_shows_as_not_enforced() {
         .await
         .unwrap()
         .get::<_, bool>(0));
+    // Disabled on a partition, the clone is switched back (see below);
+    // disabled on the fenced table itself (its owner can), the family follows.
     db.batch_execute(&format!(
-        "ALTER TABLE {table}_open DISABLE TRIGGER zz_fence_guard"
+        "ALTER TABLE {table} DISABLE TRIGGER zz_fence_guard"
     ))
     .await
     .unwrap();
@@ -517,4 +519,96 @@ async fn the_key_secret_cannot_change_while_backends_use_it() {
             "{change}: {state} {message}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// Found by the fifth review.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_owner_of_one_partition_cannot_switch_the_fence_off_on_it() {
+    let db = connect().await;
+    ensure_test_roles(&db).await;
+    let table = unique_table("ownedpart");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (k text, v int, tok bigint) PARTITION BY LIST (k);
+         SELECT fence.protect('{table}', key_column => 'k', key_prefix => '{table}:', token_column => 'tok');
+         CREATE TABLE {table}_b PARTITION OF {table} FOR VALUES IN ('b');
+         ALTER TABLE {table}_b OWNER TO fence_test_bob;
+         GRANT INSERT ON {table} TO fence_test_bob;"
+    ))
+    .await
+    .unwrap();
+    let bob = connect_as("fence_test_bob").await;
+    for disable in [
+        "DISABLE TRIGGER zz_fence_guard",
+        "DISABLE TRIGGER USER",
+        "ENABLE REPLICA TRIGGER zz_fence_guard",
+    ] {
+        bob.batch_execute(&format!("ALTER TABLE {table}_b {disable}"))
+            .await
+            .unwrap();
+        let state: String = db
+            .query_one(
+                &format!("SELECT tgenabled::text FROM pg_trigger WHERE tgrelid = '{table}_b'::regclass AND tgname = 'zz_fence_guard'"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(state, "A", "{disable}");
+        let (code, _) =
+            expect_error(&bob, &format!("INSERT INTO {table} VALUES ('b', 1, NULL)")).await;
+        assert_eq!(code, "FN001", "{disable}");
+    }
+}
+
+#[tokio::test]
+async fn blockers_show_a_first_grant_that_has_not_committed() {
+    let db = connect().await;
+    let key = unique_key("firstgrant");
+    let holder = connect().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT fence.lock_acquire('{key}', '1 second');"
+        ))
+        .await
+        .unwrap();
+    let pid = backend_pid(&holder).await;
+    let shown: i64 = db
+        .query_one(
+            "SELECT count(*) FROM fence.blockers WHERE pid = $1 AND what = 'grant'",
+            &[&pid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(shown, 1);
+}
+
+#[tokio::test]
+async fn a_database_that_is_not_utf8_cannot_fence() {
+    let db = connect().await;
+    for statement in [
+        "DROP DATABASE IF EXISTS pg_fence_sql_ascii WITH (FORCE)",
+        "CREATE DATABASE pg_fence_sql_ascii ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    ] {
+        db.simple_query(statement).await.unwrap();
+    }
+    let ascii = connect_to_database(port(), "postgres", "pg_fence_sql_ascii").await;
+    ascii
+        .batch_execute("CREATE EXTENSION pg_fence; CREATE TABLE kt (k text, v text);")
+        .await
+        .unwrap();
+    let (state, message) = expect_error(
+        &ascii,
+        "SELECT fence.protect('kt', key_column => 'k', key_prefix => 'r:')",
+    )
+    .await;
+    assert_eq!(state, "0A000", "{message}");
+    drop(ascii);
+    db.simple_query("DROP DATABASE pg_fence_sql_ascii WITH (FORCE)")
+        .await
+        .unwrap();
 }
