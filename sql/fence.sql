@@ -50,6 +50,33 @@ ALTER TABLE fence.key_secret ENABLE ALWAYS TRIGGER key_secret_is_fixed,
     ENABLE ALWAYS TRIGGER key_secret_is_not_truncated;
 REVOKE EXECUTE ON FUNCTION fence._new_key_secret() FROM PUBLIC;
 
+-- A table and every table below it (partitions and inheritance children,
+-- at any depth), and a table and every table above it: the family walks
+-- the functions below share.
+CREATE OR REPLACE FUNCTION fence._family(tbl regclass) RETURNS SETOF oid
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH RECURSIVE tree(relid) AS (
+        SELECT tbl::oid
+        UNION
+        SELECT i.inhrelid FROM pg_inherits AS i JOIN tree ON i.inhparent = tree.relid
+    )
+    SELECT relid FROM tree
+$fn$;
+
+CREATE OR REPLACE FUNCTION fence._lineage(tbl regclass) RETURNS SETOF oid
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    WITH RECURSIVE up(relid) AS (
+        SELECT tbl::oid
+        UNION
+        SELECT i.inhparent FROM pg_inherits AS i JOIN up ON i.inhrelid = up.relid
+    )
+    SELECT relid FROM up
+$fn$;
+
 -- Drop whichever of the two fence triggers a table has (quietly).
 CREATE OR REPLACE FUNCTION fence._drop_fence_triggers(tbl regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE
@@ -189,9 +216,9 @@ $fn$;
 -- unless a member of fence_admin attaches it (reach.rs checks both).
 --
 -- SECURITY DEFINER: a plain owner's CREATE TABLE ... PARTITION OF a fenced
--- table must get the clones, and the trigger functions are not executable
--- by PUBLIC (a plain role must not attach fence_guard to a table of its
--- own under somebody else's key). It only copies a fence that a table
+-- table must get the clones, and the clone primitives
+-- (_clone_fence_trigger, _unlink_fence_clone) are not executable by PUBLIC
+-- (a plain role must not attach a fence to a table of its own). It only copies a fence that a table
 -- already has onto that table's own descendants.
 CREATE OR REPLACE FUNCTION fence._fence_descendants(tbl regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -209,36 +236,20 @@ BEGIN
            AND t.tgfoid IN ('fence.fence_guard()'::regprocedure, 'fence.fence_no_truncate()'::regprocedure)
     LOOP
         FOR child IN
-            WITH RECURSIVE below(relid) AS (
-                SELECT i.inhrelid FROM pg_inherits AS i WHERE i.inhparent = tbl
-                UNION
-                SELECT i.inhrelid FROM pg_inherits AS i JOIN below AS b ON i.inhparent = b.relid
-            )
             SELECT b.relid::regclass AS relid, c.relispartition,
                    t.tgparentid AS existing_parent, t.tgenabled AS existing_enabled
-              FROM below AS b JOIN pg_class AS c ON c.oid = b.relid
+              FROM fence._family(tbl) AS b(relid) JOIN pg_class AS c ON c.oid = b.relid
               LEFT JOIN pg_trigger AS t ON t.tgrelid = b.relid AND t.tgname = parent_trigger.tgname
+             WHERE b.relid <> tbl::oid
         LOOP
-            IF parent_trigger.row_level AND child.relispartition THEN
-                -- PostgreSQL's own clone (its parent may be an intermediate
-                -- partition's clone): it too follows the fenced table's
-                -- state, so that the owner of one partition cannot switch
-                -- the fence off for rows written through the fenced table.
+            -- A clone, ours or (on a partition, for a row trigger)
+            -- PostgreSQL's own, whose parent may be an intermediate
+            -- partition's clone: it follows the fenced table's state (made
+            -- while the parent was still in its CREATE TRIGGER state, or
+            -- switched off by the owner of one partition or child).
+            IF (parent_trigger.row_level AND child.relispartition)
+               OR child.existing_parent = parent_trigger.oid THEN
                 IF child.existing_enabled IS DISTINCT FROM parent_trigger.tgenabled THEN
-                    EXECUTE format('ALTER TABLE %s %s TRIGGER %I', child.relid,
-                                   CASE parent_trigger.tgenabled WHEN 'A' THEN 'ENABLE ALWAYS'
-                                                                 WHEN 'R' THEN 'ENABLE REPLICA'
-                                                                 WHEN 'D' THEN 'DISABLE'
-                                                                 ELSE 'ENABLE' END,
-                                   parent_trigger.tgname);
-                END IF;
-                CONTINUE;
-            END IF;
-            IF child.existing_parent = parent_trigger.oid THEN
-                -- Our clone, made while the parent's trigger was still in
-                -- its CREATE TRIGGER state: follow the parent's ENABLE
-                -- ALWAYS (or DISABLE), as PostgreSQL's row clones do.
-                IF child.existing_enabled <> parent_trigger.tgenabled THEN
                     EXECUTE format('ALTER TABLE %s %s TRIGGER %I', child.relid,
                                    CASE parent_trigger.tgenabled WHEN 'A' THEN 'ENABLE ALWAYS'
                                                                  WHEN 'R' THEN 'ENABLE REPLICA'
@@ -359,13 +370,8 @@ CREATE OR REPLACE FUNCTION fence._fence_enforced(tbl regclass) RETURNS boolean
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    WITH RECURSIVE tree(relid) AS (
-        SELECT tbl::oid
-        UNION
-        SELECT i.inhrelid FROM pg_inherits AS i JOIN tree ON i.inhparent = tree.relid
-    )
     SELECT bool_and(t.tgenabled = 'A')
-      FROM tree JOIN pg_trigger AS t ON t.tgrelid = tree.relid
+      FROM fence._family(tbl) AS tree(relid) JOIN pg_trigger AS t ON t.tgrelid = tree.relid
      WHERE t.tgname IN ('zz_fence_guard', 'zz_fence_no_truncate')
        AND t.tgfoid IN ('fence.fence_guard()'::regprocedure, 'fence.fence_no_truncate()'::regprocedure)
 $fn$;
@@ -405,24 +411,15 @@ BEGIN
     -- The table and everything below it: after "b NO INHERIT a", b's own
     -- children still carry a's clones too.
     FOR member IN
-        WITH RECURSIVE tree(relid) AS (
-            SELECT tbl::oid
-            UNION
-            SELECT i.inhrelid FROM pg_inherits AS i JOIN tree ON i.inhparent = tree.relid
-        )
-        SELECT relid::regclass FROM tree
+        SELECT relid::regclass FROM fence._family(tbl) AS tree(relid)
     LOOP
         FOR orphan IN
-            WITH RECURSIVE above(relid) AS (
-                SELECT i.inhparent FROM pg_inherits AS i WHERE i.inhrelid = member
-                UNION
-                SELECT i.inhparent FROM pg_inherits AS i JOIN above AS a ON i.inhrelid = a.relid
-            )
             SELECT t.oid, t.tgname
               FROM pg_trigger AS t JOIN pg_trigger AS parent ON parent.oid = t.tgparentid
              WHERE t.tgrelid = member
                AND t.tgfoid IN ('fence.fence_guard()'::regprocedure, 'fence.fence_no_truncate()'::regprocedure)
-               AND parent.tgrelid NOT IN (SELECT relid FROM above)
+               AND parent.tgrelid NOT IN (SELECT relid FROM fence._lineage(member) AS above(relid)
+                                           WHERE relid <> member::oid)
         LOOP
             PERFORM fence._unlink_fence_clone(orphan.oid);
             EXECUTE format('DROP TRIGGER %I ON %s', orphan.tgname, member);
@@ -444,12 +441,7 @@ DECLARE
 BEGIN
     SELECT t.tgrelid::regclass AS relid, t.tgname INTO late
       FROM pg_trigger AS t
-     WHERE t.tgrelid IN (WITH RECURSIVE tree(relid) AS (
-                             SELECT tbl::oid
-                             UNION
-                             SELECT i.inhrelid FROM pg_inherits AS i JOIN tree ON i.inhparent = tree.relid
-                         )
-                         SELECT relid FROM tree)
+     WHERE t.tgrelid IN (SELECT fence._family(tbl))
        AND (t.tgtype & 3) = 3                                  -- ROW and BEFORE
        AND t.tgname::text COLLATE "C" > 'zz_fence_guard'
        AND t.tgfoid <> 'fence.fence_guard()'::regprocedure
@@ -504,13 +496,8 @@ BEGIN
     LOOP
         PERFORM fence._drop_orphan_fence_clones(touched_table);
         FOR fenced IN
-            WITH RECURSIVE up(relid) AS (
-                SELECT touched_table::oid
-                UNION
-                SELECT i.inhparent FROM pg_inherits AS i JOIN up ON i.inhrelid = up.relid
-            )
             SELECT t.tgrelid::regclass
-              FROM up JOIN pg_trigger AS t ON t.tgrelid = up.relid
+              FROM fence._lineage(touched_table) AS up(relid) JOIN pg_trigger AS t ON t.tgrelid = up.relid
              WHERE t.tgname = 'zz_fence_guard' AND t.tgparentid = 0
                AND t.tgfoid = 'fence.fence_guard()'::regprocedure
         LOOP
@@ -527,9 +514,10 @@ CREATE EVENT TRIGGER fence_ddl_command_end ON ddl_command_end
 
 -- Whether fence_guard trigger `trigger_oid` is one protect() installed:
 -- the root of its clone chain is the zz_fence_guard of a table in
--- fence.fences, with the arguments recorded there. The fence check calls it
--- (once per trigger per backend) as whoever writes: the pinned search_path
--- and the qualified operators keep a writer's own operators out of it.
+-- fence.fences, with the arguments recorded there. The fence check calls
+-- it (once per trigger per backend, until the next relcache invalidation)
+-- as whoever writes: the pinned search_path and the qualified operators
+-- keep a writer's own operators out of it.
 CREATE OR REPLACE FUNCTION fence._fence_installed(trigger_oid oid) RETURNS boolean
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp

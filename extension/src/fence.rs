@@ -245,7 +245,8 @@ pub fn forget_installed() {
 /// partitioned table's row triggers as whoever creates the partition), so a
 /// plain role could otherwise attach it to a table of its own under any
 /// key, and hold that key's lock with a write it keeps open. Looked up once
-/// per trigger per backend; the refusal comes before the key lock.
+/// per trigger per backend until the next relcache invalidation; the
+/// refusal comes before the key lock.
 fn installed_by_protect(trigger: pg_sys::Oid, table: &dyn Fn() -> String) -> Result<(), Failure> {
     if INSTALLED.with(|known| known.borrow().contains(&trigger)) {
         return Ok(());

@@ -1,6 +1,6 @@
-//! Lock keys: what a valid key is (22004 / 22023), and the one hash that
-//! stands for a key in the lock manager (keylock.rs) and in a waiter's
-//! advertised wait event (wait.rs).
+//! Lock keys: what a valid key is (22004 / 22023), and the two hashes that
+//! stand for a key: the keyed lock hash of the lock manager (keylock.rs),
+//! and the plain one a waiter advertises in its wait event (wait.rs).
 
 use crate::errors::{fail, Failure, FenceError};
 
@@ -95,7 +95,7 @@ fn secret() -> Option<[u8; 16]> {
 }
 
 /// The first 16 bytes of the one row of `fence.key_secret`, read directly
-/// (no privilege check: no role may read the table, but every backend
+/// (no privilege check: no plain role may read the table, but every backend
 /// needs it), with the latest snapshot.
 fn read_secret(table: pgrx::pg_sys::Oid) -> Option<[u8; 16]> {
     use pgrx::pg_sys;

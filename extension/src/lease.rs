@@ -5,10 +5,11 @@
 //! State lives in `fence.leases`, one row per key, updated in place. A lease is
 //! live while `released_at IS NULL AND expires_at > clock_timestamp()`: expiry
 //! is judged by the server's clock alone (G5). Tokens come from one sequence
-//! (G1); `acquire` makes its transaction commit durably and flushes the
-//! sequence's WAL itself whenever `nextval` logged it, so a token that reached
-//! a client is never handed out again, even if that transaction aborts or the
-//! caller runs with `synchronous_commit = off` and the server then crashes.
+//! (G1), issued by `durability::issue_token`, which flushes (and has the
+//! synchronous standbys confirm) the sequence WAL that covers a token
+//! before it leaves, so a token that reached a client is never handed out
+//! again, even if that transaction aborts, the caller runs with
+//! `synchronous_commit = off`, or the server crashes or fails over.
 //!
 
 use pgrx::datum::{Interval, TimestampWithTimeZone};

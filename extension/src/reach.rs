@@ -80,11 +80,7 @@ fn unlink_clone(trigger: pg_sys::Oid) -> Result<(), Failure> {
 fn check_child(parent_table: pg_sys::Oid, child: pg_sys::Oid) -> Result<(), Failure> {
     let row = Spi::connect(|client| {
         let rows = client.select(
-            "WITH RECURSIVE below(relid) AS ( \
-                 SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i WHERE i.inhparent = $1 \
-                 UNION \
-                 SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i JOIN below AS b ON i.inhparent = b.relid) \
-             SELECT EXISTS (SELECT FROM below WHERE relid = $2), c.relkind::text, $2::pg_catalog.regclass::text, \
+            "SELECT $2 <> $1 AND $2 IN (SELECT fence._family($1)), c.relkind::text, $2::pg_catalog.regclass::text, \
                     $1::pg_catalog.regclass::text \
                FROM pg_catalog.pg_class AS c WHERE c.oid = $2",
             Some(1),

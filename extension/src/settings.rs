@@ -24,12 +24,12 @@ static TOKEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(N
 /// function's SET clause) is no token: it would keep presenting a lease's
 /// token long after the writer that knew it.
 pub fn fence_token() -> Result<Option<i64>, Failure> {
-    let Some(value) = TOKEN.get() else {
-        return Ok(None);
-    };
     if !token_set_in_this_transaction() {
         return Ok(None);
     }
+    let Some(value) = TOKEN.get() else {
+        return Ok(None);
+    };
     let text = value.to_string_lossy();
     let text = text.trim();
     if text.is_empty() {

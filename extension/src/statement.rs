@@ -26,7 +26,7 @@ use std::cell::RefCell;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-/// What the innermost executing statement is, as far as the fence check is
+/// What the statement writing a row is, as far as the fence check is
 /// concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

@@ -250,3 +250,19 @@ pub async fn until_waiting(observer: &Client, pid: i32) {
     }
     panic!("session {pid} never started waiting");
 }
+
+/// The single `bigint` a query returns (a `count(*)`, say).
+pub async fn count(db: &Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// A trigger's `tgenabled` state on a table ('A', 'O', 'R' or 'D').
+pub async fn trigger_state(db: &Client, table: &str, trigger: &str) -> String {
+    db.query_one(
+        "SELECT tgenabled::text FROM pg_trigger WHERE tgrelid = $1::text::regclass AND tgname = $2",
+        &[&table, &trigger],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}

@@ -244,14 +244,7 @@ async fn a_late_trigger_on_a_grandchild_is_refused() {
     db.batch_execute(&format!("ALTER TABLE {table}_c NO INHERIT {table}"))
         .await
         .unwrap();
-    let left: i64 = db
-        .query_one(
-            &format!("SELECT count(*) FROM pg_trigger WHERE tgrelid IN ('{table}_c'::regclass, '{table}_g'::regclass)"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let left = count(&db, &format!("SELECT count(*) FROM pg_trigger WHERE tgrelid IN ('{table}_c'::regclass, '{table}_g'::regclass)")).await;
     assert_eq!(left, 0);
 }
 
@@ -548,14 +541,7 @@ async fn the_owner_of_one_partition_cannot_switch_the_fence_off_on_it() {
         bob.batch_execute(&format!("ALTER TABLE {table}_b {disable}"))
             .await
             .unwrap();
-        let state: String = db
-            .query_one(
-                &format!("SELECT tgenabled::text FROM pg_trigger WHERE tgrelid = '{table}_b'::regclass AND tgname = 'zz_fence_guard'"),
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let state = trigger_state(&db, &format!("{table}_b"), "zz_fence_guard").await;
         assert_eq!(state, "A", "{disable}");
         let (code, _) =
             expect_error(&bob, &format!("INSERT INTO {table} VALUES ('b', 1, NULL)")).await;

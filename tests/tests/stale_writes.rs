@@ -137,12 +137,9 @@ async fn merge_and_a_cascading_foreign_key_present_no_token() {
     assert_eq!(code, "a");
 }
 
-/// A parent fenced on one key, `children` its inheritance children.
+/// The rows of `table` itself, not of its children.
 async fn count_rows(db: &Client, table: &str) -> i64 {
-    db.query_one(&format!("SELECT count(*) FROM ONLY {table}"), &[])
-        .await
-        .unwrap()
-        .get(0)
+    count(db, &format!("SELECT count(*) FROM ONLY {table}")).await
 }
 
 #[tokio::test]
@@ -582,16 +579,9 @@ async fn a_table_that_leaves_the_family_leaves_the_fence_and_can_be_fenced_again
     ))
     .await
     .unwrap();
-    let triggers: i64 = db
-        .query_one(
-            &format!(
+    let triggers = count(&db, &format!(
                 "SELECT count(*) FROM pg_trigger WHERE tgrelid IN ('{table}_kid'::regclass, '{table}_p1'::regclass)"
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+            )).await;
     assert_eq!(triggers, 0);
     // Fenced again on its own, it is listed, and a dump would keep it.
     db.batch_execute(&format!(
@@ -599,16 +589,11 @@ async fn a_table_that_leaves_the_family_leaves_the_fence_and_can_be_fenced_again
     ))
     .await
     .unwrap();
-    let listed: i64 = db
-        .query_one(
-            &format!(
-                "SELECT count(*) FROM fence.protected_tables WHERE tbl = '{table}_kid'::regclass"
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let listed = count(
+        &db,
+        &format!("SELECT count(*) FROM fence.protected_tables WHERE tbl = '{table}_kid'::regclass"),
+    )
+    .await;
     assert_eq!(listed, 1);
 }
 
