@@ -53,7 +53,7 @@ test-pgrx: setup
 # throwaway cluster. Inputs in extension/tests/pg_regress/sql, outputs to
 # compare in expected/; a difference fails with target/regress/regression.diffs.
 PG_REGRESS := $(shell $(PG_CONFIG) --pkglibdir)/pgxs/src/test/regress/pg_regress
-REGRESS    := setup demo leases errors fencing
+REGRESS    := setup demo leases errors fencing stats
 test-regress: cluster
 	@psql -X -q -h 127.0.0.1 -p $(PGFENCE_PORT) -U postgres -d postgres \
 		-c 'DROP DATABASE IF EXISTS pg_fence_regress WITH (FORCE)' -c 'CREATE DATABASE pg_fence_regress'
@@ -75,6 +75,7 @@ test-integration: cluster
 	for example in leader_election fenced_payment_worker job_claimer; do \
 		cargo run -q -p pg_fence_client --features deadpool-postgres --example $$example || exit 1; \
 	done
+	cargo run -q -p pg_fence_client --features deadpool-postgres,metrics --example prometheus_metrics
 
 lint:
 	cargo fmt --all -- --check
@@ -92,6 +93,7 @@ bench:
 	bench/fence_write.sh
 	bench/hot_key.sh
 	bench/client.sh
+	bench/stats_cost.sh
 	bench/scale.sh   # last: it drops and re-creates the extension
 
 clean: stop

@@ -10,6 +10,10 @@
 #   cluster.sh crash     immediate shutdown (no checkpoint, unflushed WAL lost)
 #   cluster.sh destroy   stop and delete the data directory
 #   cluster.sh env       print the connection settings
+#
+# The server loads pg_fence at start (shared_preload_libraries: preload mode,
+# with statistics and the waiter registry) unless PGFENCE_PRELOAD=0; the
+# setting is written to pg_fence_mode.conf at every start.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PORT=${PGFENCE_PORT:-28815}
@@ -56,7 +60,24 @@ max_connections = 200
 shared_buffers = 256MB
 log_min_messages = warning
 log_line_prefix = '%m [%p] %q%a '
+include_if_exists = 'pg_fence_mode.conf'
 CONF
+    fi
+    if [ "${PGFENCE_PRELOAD:-1}" = 0 ]; then
+        echo "# written by cluster.sh start: PGFENCE_PRELOAD=0" >"$data/pg_fence_mode.conf"
+    else
+        echo "shared_preload_libraries = 'pg_fence'" >"$data/pg_fence_mode.conf"
+    fi
+    if ! grep -q "include_if_exists = 'pg_fence_mode.conf'" "$data/postgresql.conf"; then
+        echo "include_if_exists = 'pg_fence_mode.conf'" >>"$data/postgresql.conf"
+    fi
+    [ "$(id -u)" -ne 0 ] || chown postgres:postgres "$data/pg_fence_mode.conf"
+    # A preloaded library is loaded once, by the postmaster: after `make
+    # install` put a newer one in place, restart so the server runs it.
+    library="$("$PG_BINDIR/pg_config" --pkglibdir)/pg_fence.so"
+    if [ -f "$data/postmaster.pid" ] && [ "$library" -nt "$data/postmaster.pid" ] &&
+        run_pg "$PG_BINDIR/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+        run_pg "$PG_BINDIR/pg_ctl" -D "$data" -m fast -w stop >/dev/null
     fi
     if ! run_pg "$PG_BINDIR/pg_ctl" -D "$data" status >/dev/null 2>&1; then
         if ! run_pg "$PG_BINDIR/pg_ctl" -D "$data" -l "$BASE/postgres.log" -w -t 60 start >/dev/null; then

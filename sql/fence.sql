@@ -379,14 +379,19 @@ $fn$;
 -- Fenced tables and how, read from the triggers themselves: the tables
 -- fence.protect() was called on (their partitions and inheritance children
 -- carry clones of the fence, not listed). "enforced" is false if someone
--- disabled the trigger (a table owner can).
+-- disabled the trigger (a table owner can); "refused_writes" counts FN001
+-- refusals (preload mode).
 CREATE OR REPLACE VIEW fence.protected_tables AS
 SELECT t.tgrelid::pg_catalog.regclass                        AS tbl,
        CASE args.a[1] WHEN 'key' THEN args.a[2] END           AS lock_key,
        CASE args.a[1] WHEN 'column' THEN args.a[2]::name END  AS key_column,
        CASE args.a[1] WHEN 'column' THEN args.a[3] END        AS key_prefix,
        NULLIF(args.a[4], '')::name                            AS token_column,
-       fence._fence_enforced(t.tgrelid)                       AS enforced
+       fence._fence_enforced(t.tgrelid)                       AS enforced,
+       -- Writes refused with FN001 on the table and its partitions and
+       -- children since the statistics were reset (NULL without preload).
+       (SELECT pg_catalog.sum(fence._refused_writes(tree.relid))::bigint
+          FROM fence._family(t.tgrelid) AS tree(relid))       AS refused_writes
   FROM pg_catalog.pg_trigger AS t
  CROSS JOIN LATERAL (SELECT fence._trigger_args(t.tgargs, t.tgnargs) AS a) AS args
  WHERE t.tgname = 'zz_fence_guard'

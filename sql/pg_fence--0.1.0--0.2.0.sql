@@ -65,7 +65,7 @@ SELECT t.tgrelid, t.tgargs FROM pg_catalog.pg_trigger AS t
  WHERE t.tgname = 'zz_fence_guard' AND t.tgparentid = 0
    AND t.tgfoid = 'fence.fence_guard()'::pg_catalog.regprocedure;
 
--- New C functions (reach.rs, keylock.rs), as the 0.2.0 install script declares them.
+-- New C functions (reach.rs, keylock.rs, stats.rs, waiters.rs), as the 0.2.0 install script declares them.
 CREATE FUNCTION fence."_clone_fence_trigger"(
 	"parent_trigger" oid,
 	"child" oid
@@ -81,10 +81,61 @@ IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_key_lock_id_wrapper';
 
+CREATE FUNCTION fence."_lock_stats"() RETURNS TABLE (
+	"key_class" TEXT,
+	"acquires" bigint,
+	"grants" bigint,
+	"regrants" bigint,
+	"contended" bigint,
+	"busy" bigint,
+	"timeouts" bigint,
+	"wait_seconds_total" double precision,
+	"wait_seconds_max" double precision,
+	"renewals" bigint,
+	"renewals_lost" bigint,
+	"releases" bigint,
+	"releases_lost" bigint,
+	"forced" bigint,
+	"expirations" bigint,
+	"hold_seconds_total" double precision,
+	"stale_writes" bigint,
+	"stats_reset" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_lock_stats_wrapper';
+
+CREATE FUNCTION fence."_lock_stats_info"() RETURNS TABLE (
+	"classes_max" INT,
+	"classes_used" INT,
+	"tables_max" INT,
+	"tables_used" INT,
+	"dropped" bigint
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_lock_stats_info_wrapper';
+
+CREATE FUNCTION fence."_lock_wait_histogram"() RETURNS TABLE (
+	"key_class" TEXT,
+	"le" double precision,
+	"count" bigint
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_lock_wait_histogram_wrapper';
+
 CREATE FUNCTION fence."_new_key_secret"() RETURNS bytea
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_new_key_secret_wrapper';
+
+CREATE FUNCTION fence."_refused_writes"(
+	"relation" oid
+) RETURNS bigint
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_refused_writes_wrapper';
 
 CREATE FUNCTION fence."_trigger_args"(
 	"args" bytea,
@@ -101,9 +152,27 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_unlink_fence_clone_wrapper';
 
+CREATE FUNCTION fence."_waiters"() RETURNS TABLE (
+	"pid" INT,
+	"role" oid,
+	"lock_key" TEXT,
+	"mode" TEXT,
+	"waiting_since" timestamp with time zone,
+	"wait_until" timestamp with time zone,
+	"position" bigint
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_waiters_wrapper';
+
+CREATE FUNCTION fence."lock_stats_reset"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'lock_stats_reset_wrapper';
+
 -- sql/fence.sql as of 0.2.0: protect() needs fence_admin and trusted
 -- columns, fences reach partitions and inheritance children, the DDL event
--- triggers, fence.blockers.
+-- triggers, fence.blockers, refused writes in fence.protected_tables.
 -- Fencing (G3): fence.protect() installs the Rust trigger functions
 -- fence.fence_guard (BEFORE INSERT OR UPDATE OR DELETE, FOR EACH ROW) and
 -- fence.fence_no_truncate (BEFORE TRUNCATE) on a table; fence.unprotect()
@@ -485,14 +554,19 @@ $fn$;
 -- Fenced tables and how, read from the triggers themselves: the tables
 -- fence.protect() was called on (their partitions and inheritance children
 -- carry clones of the fence, not listed). "enforced" is false if someone
--- disabled the trigger (a table owner can).
+-- disabled the trigger (a table owner can); "refused_writes" counts FN001
+-- refusals (preload mode).
 CREATE OR REPLACE VIEW fence.protected_tables AS
 SELECT t.tgrelid::pg_catalog.regclass                        AS tbl,
        CASE args.a[1] WHEN 'key' THEN args.a[2] END           AS lock_key,
        CASE args.a[1] WHEN 'column' THEN args.a[2]::name END  AS key_column,
        CASE args.a[1] WHEN 'column' THEN args.a[3] END        AS key_prefix,
        NULLIF(args.a[4], '')::name                            AS token_column,
-       fence._fence_enforced(t.tgrelid)                       AS enforced
+       fence._fence_enforced(t.tgrelid)                       AS enforced,
+       -- Writes refused with FN001 on the table and its partitions and
+       -- children since the statistics were reset (NULL without preload).
+       (SELECT pg_catalog.sum(fence._refused_writes(tree.relid))::bigint
+          FROM fence._family(t.tgrelid) AS tree(relid))       AS refused_writes
   FROM pg_catalog.pg_trigger AS t
  CROSS JOIN LATERAL (SELECT fence._trigger_args(t.tgargs, t.tgnargs) AS a) AS args
  WHERE t.tgname = 'zz_fence_guard'
@@ -699,6 +773,41 @@ SELECT lk.pid,
    AND lk.objsubid = 3;
 
 GRANT SELECT ON fence.blockers TO PUBLIC;
+
+-- sql/stats.sql as of 0.2.0: the statistics and waiters views.
+-- Statistics and waiters (preload mode): views over the shared memory that
+-- stats.rs and waiters.rs keep. Without shared_preload_libraries = 'pg_fence'
+-- reading them fails with SQLSTATE 55000 and a hint; nothing else does.
+
+-- One row per key class of this database (the key up to its first ':', or
+-- the whole key). Counts since stats_reset; see the README, "Statistics".
+CREATE OR REPLACE VIEW fence.lock_stats AS
+SELECT * FROM fence._lock_stats();
+
+-- Cumulative counts of acquire calls per class that answered within le
+-- seconds (le = 'Infinity' counts them all), for Prometheus-style histograms.
+CREATE OR REPLACE VIEW fence.lock_wait_histogram AS
+SELECT * FROM fence._lock_wait_histogram();
+
+-- The statistics' own tables, for all databases: how many key classes and
+-- fenced tables they keep (fence.stats_max_classes, fence.stats_max_tables),
+-- how many are in use, and how many counts had no row to go to.
+CREATE OR REPLACE VIEW fence.lock_stats_info AS
+SELECT * FROM fence._lock_stats_info();
+
+-- Sessions of this database waiting inside lock_acquire, and their place in
+-- each key's queue (position 1 is next).
+CREATE OR REPLACE VIEW fence.waiters AS
+SELECT w.pid,
+       w.role::pg_catalog.regrole AS role,
+       w.lock_key,
+       w.mode,
+       w.waiting_since,
+       w.wait_until,
+       w.position
+  FROM fence._waiters() AS w;
+
+GRANT SELECT ON fence.lock_stats, fence.lock_wait_histogram, fence.lock_stats_info, fence.waiters TO PUBLIC;
 
 -- Tables fenced under 0.1 get their partitions' TRUNCATE check and their
 -- inheritance children's fence now. A child fenced on its own is left as it

@@ -24,14 +24,19 @@ use crate::lease::{granted, Lease};
 use crate::plans::{with_spi, Plans};
 use crate::roles::{caller_role, is_fence_admin, not_owner, refuse_security_restricted};
 use crate::subxact::in_subtransaction;
-use crate::{keylock, probe, wait};
+use crate::{keylock, probe, stats, wait, waiters};
 
 pub enum Attempt {
-    Granted(Lease),
-    /// Held by someone else; try again in at most this many milliseconds.
-    Busy {
-        retry_in_ms: i64,
+    Granted {
+        lease: Lease,
+        /// The holder's own live lease, extended (G6).
+        regrant: bool,
+        /// The lease this grant replaced had ended by expiry after being
+        /// held this long (for the statistics).
+        expired_after_micros: Option<u64>,
     },
+    /// Held by someone else; try again in at most this many milliseconds.
+    Busy { retry_in_ms: i64 },
     /// Lost a race to create the key's row; retry at once.
     Again,
 }
@@ -78,31 +83,60 @@ pub fn acquire(
     }
     let holder = check_holder(holder)?;
     let role = caller_role();
-    let deadline = now_micros().saturating_add(i64::try_from(wait_micros).unwrap_or(i64::MAX));
+    let started = now_micros();
+    let deadline = started.saturating_add(i64::try_from(wait_micros).unwrap_or(i64::MAX));
     let event = wait::wait_event_for(key);
+    let mut contended = false;
+    // In fence.waiters while it sleeps; leaves on drop, whatever the exit.
+    let mut waiting: Option<waiters::Waiting> = None;
 
-    let outcome = loop {
+    let (outcome, regrant, expired_after_micros) = loop {
         if wait_micros > 0 {
             wait::reset_latch();
             wait::advertise(event);
         }
         match with_spi(|client, plans| attempt(client, plans, key, &holder, ttl, role))? {
-            Attempt::Granted(lease) => break Some(lease),
+            Attempt::Granted {
+                lease,
+                regrant,
+                expired_after_micros,
+            } => break (Some(lease), regrant, expired_after_micros),
             Attempt::Again => continue,
             Attempt::Busy { retry_in_ms } => {
+                contended = true;
                 let left_ms = (deadline.saturating_sub(now_micros()) + 999) / 1000;
                 if left_ms <= 0 {
                     if wait_micros > 0 {
                         wait::pass_on_wakeup(event);
                     }
-                    break None;
+                    break (None, false, None);
+                }
+                if waiting.is_none() {
+                    waiting = waiters::enter(key, waiters::Mode::Exclusive, role, deadline);
                 }
                 wait::sleep(event, retry_in_ms.min(left_ms));
             }
         }
     };
+    drop(waiting);
     if wait_micros > 0 {
         wait::stop_advertising();
+    }
+    if stats::counting() {
+        stats::acquire(
+            key,
+            &stats::Acquired {
+                outcome: match (&outcome, regrant) {
+                    (None, _) => stats::Outcome::Busy,
+                    (Some(_), false) => stats::Outcome::Granted,
+                    (Some(_), true) => stats::Outcome::Regranted,
+                },
+                contended,
+                waited: wait_micros > 0,
+                micros: u64::try_from(now_micros().saturating_sub(started)).unwrap_or(0),
+                expired_after_micros,
+            },
+        );
     }
     Ok(outcome)
 }
@@ -124,7 +158,7 @@ fn attempt(
         // No row yet: create it. The key lock also keeps out another first
         // acquire inserting it right now; an insert that conflicts anyway
         // found it created (and committed) by someone else since we looked.
-        return grant_under_key_lock(client, &plans.grant_insert, key, holder, ttl, role);
+        return grant_under_key_lock(client, &plans.grant_insert, key, holder, ttl, role, None);
     };
     let live = row.live;
     if live && row.holder.as_deref() == Some(holder) {
@@ -154,7 +188,19 @@ fn attempt(
         ));
     }
     if row.untouched {
-        return grant_under_key_lock(client, &plans.grant_update, key, holder, ttl, role);
+        let replaced = Replaced {
+            token: row.token,
+            expired_after_micros: row.expired_after_micros,
+        };
+        return grant_under_key_lock(
+            client,
+            &plans.grant_update,
+            key,
+            holder,
+            ttl,
+            role,
+            Some(replaced),
+        );
     }
     // Free, but some transaction has locked or updated the row version we
     // saw (a release in flight, an aborted grant): lock it, skipping it if
@@ -166,7 +212,7 @@ fn attempt(
 }
 /// Whether an attempt's subtransaction is kept: only a grant is.
 fn granted_a_lease(attempt: &Attempt) -> bool {
-    matches!(attempt, Attempt::Granted(_))
+    matches!(attempt, Attempt::Granted { .. })
 }
 
 fn busy_until(expires_at: Option<TimestampWithTimeZone>) -> Attempt {
@@ -212,6 +258,8 @@ fn take_locked_row(
     let current_holder: Option<String> = row.get(1)?;
     let live: bool = row.get(2)?.unwrap_or(false);
     let expires_at: Option<TimestampWithTimeZone> = row.get(3)?;
+    let token: Option<i64> = row.get(4)?;
+    let unreleased_since: Option<TimestampWithTimeZone> = row.get(5)?;
     if live {
         // Taken since we looked; if by this holder, the next attempt extends it.
         return Ok(if current_holder.as_deref() == Some(holder) {
@@ -220,8 +268,23 @@ fn take_locked_row(
             busy_until(expires_at)
         });
     }
-    // We hold the row lock, so the update matches.
-    grant(client, &plans.grant_update, key, holder, ttl, role)
+    // We hold the row lock, so the update matches, and the version it
+    // replaces is the one read here.
+    let replaced = Replaced {
+        token: token.unwrap_or_default(),
+        expired_after_micros: unreleased_since
+            .zip(expires_at)
+            .map(|(from, to)| stats::micros_between(from, to)),
+    };
+    grant(
+        client,
+        &plans.grant_update,
+        key,
+        holder,
+        ttl,
+        role,
+        Some(replaced),
+    )
 }
 
 /// G6: the holder retrying (say after a lost reply) gets its live lease back,
@@ -278,20 +341,33 @@ fn grant_under_key_lock(
     holder: &str,
     ttl: Interval,
     role: pg_sys::Oid,
+    replaced: Option<Replaced>,
 ) -> Result<Attempt, Failure> {
     if let Some(busy) = claim_key(key) {
         return Ok(busy);
     }
-    let outcome = grant(client, statement, key, holder, ttl, role)?;
-    if !matches!(outcome, Attempt::Granted(_)) {
+    let outcome = grant(client, statement, key, holder, ttl, role, replaced)?;
+    if !matches!(outcome, Attempt::Granted { .. }) {
         keylock::release_exclusive(key);
     }
     Ok(outcome)
 }
 
+/// The row version a grant's update replaces, as the caller read it.
+struct Replaced {
+    /// Its token: the update matches only that version (`$8`), so what the
+    /// caller knows of it is what the update overwrites. A lease that is not
+    /// live changes only by a new grant, which brings a new token.
+    token: i64,
+    /// It had ended by expiry after being held this long (statistics).
+    expired_after_micros: Option<u64>,
+}
+
 /// Issue a token and run a grant statement (`$1` key, `$2` holder, `$3`
-/// token, `$4` ttl, `$5` role, `$6` now, `$7` application_name; returning
-/// `expires_at`). `now` is `clock_timestamp()`, taken after the token.
+/// token, `$4` ttl, `$5` role, `$6` now, `$7` application_name, and for the
+/// update `$8` the replaced version's token; returning `expires_at`). `now`
+/// is `clock_timestamp()`, taken after the token.
+#[allow(clippy::too_many_arguments)]
 fn grant(
     client: &mut SpiClient<'_>,
     statement: &OwnedPreparedStatement,
@@ -299,33 +375,32 @@ fn grant(
     holder: &str,
     ttl: Interval,
     role: pg_sys::Oid,
+    replaced: Option<Replaced>,
 ) -> Result<Attempt, Failure> {
     let token = issue_token()?;
     let now = TimestampWithTimeZone::try_from(now_micros())
         .map_err(|_| FenceError::internal("clock_timestamp() out of range".into()))?;
-    let rows = client.update(
-        statement,
-        Some(1),
-        &[
-            key.into(),
-            holder.into(),
-            token.into(),
-            ttl.into(),
-            role.into(),
-            now.into(),
-            application_name().into(),
-        ],
-    )?;
+    let mut arguments = vec![
+        key.into(),
+        holder.into(),
+        token.into(),
+        ttl.into(),
+        role.into(),
+        now.into(),
+        application_name().into(),
+    ];
+    if let Some(replaced) = &replaced {
+        arguments.push(replaced.token.into());
+    }
+    let rows = client.update(statement, Some(1), &arguments)?;
     if rows.is_empty() {
         return Ok(Attempt::Again);
     }
-    Ok(Attempt::Granted(granted(
-        key,
-        holder,
-        token,
-        Some(now),
-        rows.first().get(1)?,
-    )?))
+    Ok(Attempt::Granted {
+        lease: granted(key, holder, token, Some(now), rows.first().get(1)?)?,
+        regrant: false,
+        expired_after_micros: replaced.and_then(|replaced| replaced.expired_after_micros),
+    })
 }
 
 /// This session's `application_name`, recorded with a grant.
@@ -355,11 +430,9 @@ fn grant_outcome(
         return Ok(Attempt::Again);
     }
     let row = rows.first();
-    Ok(Attempt::Granted(granted(
-        key,
-        holder,
-        token,
-        row.get(1)?,
-        row.get(2)?,
-    )?))
+    Ok(Attempt::Granted {
+        lease: granted(key, holder, token, row.get(1)?, row.get(2)?)?,
+        regrant: true,
+        expired_after_micros: None,
+    })
 }

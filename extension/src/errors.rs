@@ -96,6 +96,14 @@ pub enum FenceError {
     /// WAL was cancelled (cancel, `statement_timeout`), so the token is not
     /// handed out.
     TokenNotReplicated,
+    /// `55000`: a call that needs pg_fence's shared memory, in a server that
+    /// did not load pg_fence through `shared_preload_libraries`.
+    NeedsPreload { function: &'static str },
+    /// `42501`: a call reserved to members of fence_admin.
+    NeedsFenceAdmin {
+        function: &'static str,
+        role: String,
+    },
     /// `XX000`: a broken invariant inside pg_fence (a bug, never bad input).
     Internal { context: String },
 }
@@ -148,6 +156,8 @@ impl FenceError {
             FenceError::ForeignTableInFence { .. } => "0A000",
             FenceError::UnfencedRowsJoin { .. } => "42501",
             FenceError::TokenNotReplicated => "57014",
+            FenceError::NeedsPreload { .. } => "55000",
+            FenceError::NeedsFenceAdmin { .. } => "42501",
             FenceError::Internal { .. } => "XX000",
         }
     }
@@ -257,6 +267,12 @@ impl FenceError {
                  its rows were written without the fence"
             ),
             FenceError::TokenNotReplicated => "lock_acquire cancelled while waiting for the synchronous standby to confirm the new token: no lease was granted".to_owned(),
+            FenceError::NeedsPreload { function } => format!(
+                "{function} needs pg_fence's shared memory, and pg_fence was not loaded at server start"
+            ),
+            FenceError::NeedsFenceAdmin { function, role } => {
+                format!("{function} is reserved to members of fence_admin; role \"{role}\" is not one")
+            }
             FenceError::Internal { context } => format!("pg_fence internal error: {context}"),
         }
     }
@@ -285,6 +301,9 @@ impl FenceError {
             FenceError::TruncateRefused { .. } => {
                 Some("Only members of fence_admin may truncate a fenced table; or call fence.unprotect() first.")
             }
+            FenceError::NeedsPreload { .. } => Some(
+                "Add pg_fence to shared_preload_libraries in postgresql.conf and restart the server.",
+            ),
             FenceError::ProtectedColumnMissing { .. }
             | FenceError::TokenColumnType { .. }
             | FenceError::UntrustedColumn { .. } => Some(

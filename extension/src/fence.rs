@@ -24,7 +24,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::errors::{fail, Failure, FenceError, Stale};
-use crate::{catalog, keylock, probe, roles, settings, statement};
+use crate::{catalog, keylock, probe, roles, settings, statement, stats};
 
 #[pg_trigger]
 fn fence_guard<'a>(
@@ -32,6 +32,11 @@ fn fence_guard<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
     let operation = trigger.trigger_data().tg_event & pg_sys::TRIGGER_EVENT_OPMASK;
     if let Err(error) = check_row(trigger) {
+        if let FenceError::StaleToken { lock_key, .. } = &error.error {
+            // SAFETY: tg_relation is open for the whole trigger call.
+            let relation = unsafe { (*trigger.trigger_data().tg_relation).rd_id };
+            stats::stale_write(lock_key, relation);
+        }
         error.raise();
     }
     Ok(if operation == pg_sys::TRIGGER_EVENT_DELETE {

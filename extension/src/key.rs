@@ -139,7 +139,7 @@ fn read_secret(table: pgrx::pg_sys::Oid) -> Option<[u8; 16]> {
 }
 
 /// SipHash-2-4 (Aumasson and Bernstein), 64-bit output.
-fn siphash24(key: &[u8; 16], data: &[u8]) -> u64 {
+pub(crate) fn siphash24(key: &[u8; 16], data: &[u8]) -> u64 {
     let k0 = u64::from_le_bytes(key[..8].try_into().expect("8 bytes"));
     let k1 = u64::from_le_bytes(key[8..].try_into().expect("8 bytes"));
     let mut v = [

@@ -24,7 +24,7 @@ use crate::errors::{fail, Failure, FenceError};
 use crate::key::check_key;
 use crate::plans::{with_spi, Plans};
 use crate::roles::{caller_role, is_fence_admin, not_owner, refuse_security_restricted};
-use crate::{catalog, keylock, wait};
+use crate::{catalog, keylock, stats, wait};
 
 /// A granted lease, as returned in a `fence.lease` value.
 #[derive(Debug, Clone)]
@@ -112,6 +112,15 @@ fn live_owner(
     )))
 }
 
+/// How long the lease a release statement ended was held (its
+/// `acquired_at` to its `released_at`).
+fn held_micros(rows: pgrx::spi::SpiTupleTable<'_>) -> Result<u64, Failure> {
+    let row = rows.first();
+    let acquired: TimestampWithTimeZone = required_col(row.get(1)?)?;
+    let released: TimestampWithTimeZone = required_col(row.get(2)?)?;
+    Ok(stats::micros_between(acquired, released))
+}
+
 pub fn renew(
     lock_key: Option<&str>,
     token: Option<i64>,
@@ -140,12 +149,16 @@ pub fn renew(
             )
         })?;
         if !rows.is_empty() {
+            stats::renewal(key, true);
             return Ok(rows.first().get(1)?);
         }
         keylock::release_share(key);
         match live_owner(client, plans, key, Some(token))? {
             Some((owner, _)) => fail(not_owner("renew", key, token, owner, role)),
-            None => Ok(None),
+            None => {
+                stats::renewal(key, false);
+                Ok(None)
+            }
         }
     })
 }
@@ -168,12 +181,16 @@ pub fn release(lock_key: Option<&str>, token: Option<i64>) -> Result<bool, Failu
         })?;
         if !rows.is_empty() {
             wait::wake_after_commit(key);
+            stats::release(key, Some(held_micros(rows)?));
             return Ok(true);
         }
         keylock::release_share(key);
         match live_owner(client, plans, key, Some(token))? {
             Some((owner, _)) => fail(not_owner("release", key, token, owner, role)),
-            None => Ok(false),
+            None => {
+                stats::release(key, None);
+                Ok(false)
+            }
         }
     })
 }
@@ -193,6 +210,7 @@ pub fn force_release(lock_key: Option<&str>) -> Result<bool, Failure> {
         )?;
         if !rows.is_empty() {
             wait::wake_after_commit(key);
+            stats::forced(key, held_micros(rows)?);
             return Ok(true);
         }
         keylock::release_share(key);

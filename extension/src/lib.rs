@@ -5,7 +5,9 @@
 //! renew, release and status in [`lease`]; the stale-write trigger in
 //! [`fence`] and its reach to partitions and children in [`reach`]; the key
 //! lock in [`keylock`], waiting in [`wait`], tokens and durability in
-//! [`durability`], the error contract in [`errors`]. `INTERNALS.md` beside
+//! [`durability`], the error contract in [`errors`]. In preload mode,
+//! shared memory is [`shmem`]'s, used by the statistics ([`stats`]) and
+//! the waiter registry ([`waiters`]). `INTERNALS.md` beside
 //! this crate's manifest says which locks are held by whom and for how long,
 //! how a grant is decided, and what an abort leaves behind; the guarantees
 //! G1–G8 are in the README.
@@ -30,15 +32,29 @@ pub mod probe;
 pub mod reach;
 pub mod roles;
 pub mod settings;
+pub mod shmem;
 pub mod statement;
+pub mod stats;
 pub mod subxact;
 pub mod wait;
+pub mod waiters;
 
 ::pgrx::pg_module_magic!(name, version);
 
 // Tables, the token sequence, the lease type and the locks view come first:
 // every function below refers to them.
 pgrx::extension_sql_file!("../../sql/schema.sql", name = "schema", bootstrap);
+// The statistics and waiters views read these functions' rows.
+pgrx::extension_sql_file!(
+    "../../sql/stats.sql",
+    name = "stats",
+    requires = [
+        stats::_lock_stats,
+        stats::_lock_wait_histogram,
+        stats::_lock_stats_info,
+        waiters::_waiters
+    ]
+);
 // fence.protect()/unprotect() create triggers on the fence_guard and
 // fence_no_truncate functions, so they come last.
 pgrx::extension_sql_file!("../../sql/fence.sql", name = "fence", finalize);
@@ -46,6 +62,9 @@ pgrx::extension_sql_file!("../../sql/fence.sql", name = "fence", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::register();
+    stats::register();
+    shmem::init();
+    settings::reserve_prefix();
     statement::install();
     // SAFETY: a function of this library, which is never unloaded.
     unsafe {
@@ -97,6 +116,9 @@ unsafe extern "C-unwind" fn on_xact_event(
     durability::on_xact_event(event);
     statement::on_xact_event(event);
     wait::on_xact_event(event);
+    if event == pgrx::pg_sys::XactEvent::XACT_EVENT_ABORT {
+        waiters::on_abort();
+    }
 }
 
 /// Required by `cargo pgrx test`.
@@ -105,6 +127,7 @@ pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![]
+        // The #[pg_test]s run in preload mode, as `make test`'s cluster does.
+        vec!["shared_preload_libraries = 'pg_fence'"]
     }
 }

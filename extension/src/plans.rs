@@ -41,6 +41,10 @@ impl Plans {
             TIMESTAMPTZOID,
             TEXTOID,
         ];
+        // The update also names the token of the row version it replaces
+        // (the one the caller read, so what it knows of it is exact).
+        let mut grant_update_arguments = GRANT_ARGUMENTS.to_vec();
+        grant_update_arguments.push(INT8OID);
         let prep =
             |sql: String, args: &[pg_sys::Oid]| -> Result<OwnedPreparedStatement, SpiError> {
                 let oids: Vec<_> = args.iter().map(|oid| pg_sys::PgOid::from(*oid)).collect();
@@ -51,7 +55,8 @@ impl Plans {
         Ok(Plans {
             lock_row: prep(
                 format!(
-                    "SELECT l.holder, ({LIVE}) AS live, l.expires_at \
+                    "SELECT l.holder, ({LIVE}) AS live, l.expires_at, l.token, \
+                            CASE WHEN l.released_at IS NULL THEN l.acquired_at END AS unreleased_since \
                        FROM fence.leases AS l WHERE l.lock_key = $1 FOR UPDATE SKIP LOCKED"
                 ),
                 &[TEXTOID],
@@ -61,9 +66,10 @@ impl Plans {
                     SET holder = $2, token = $3, ttl = $4, acquired_at = $6, expires_at = $6 + $4, \
                         released_at = NULL, owner_role = $5, application_name = $7 \
                   WHERE l.lock_key = $1 AND NOT (l.released_at IS NULL AND l.expires_at > $6) \
+                    AND l.token = $8 \
                  RETURNING l.expires_at"
                     .into(),
-                &GRANT_ARGUMENTS,
+                &grant_update_arguments,
             )?,
             grant_insert: prep(
                 "INSERT INTO fence.leases AS l \
@@ -95,7 +101,7 @@ impl Plans {
                 format!(
                     "UPDATE fence.leases AS l SET released_at = pg_catalog.clock_timestamp() \
                       WHERE l.lock_key = $1 AND l.token = $2 AND {LIVE} AND (l.owner_role = $3 OR $4) \
-                     RETURNING l.token"
+                     RETURNING l.acquired_at, l.released_at"
                 ),
                 &[TEXTOID, INT8OID, OIDOID, BOOLOID],
             )?,
@@ -103,7 +109,7 @@ impl Plans {
                 format!(
                     "UPDATE fence.leases AS l SET released_at = pg_catalog.clock_timestamp() \
                       WHERE l.lock_key = $1 AND {LIVE} AND (l.owner_role = $2 OR $3) \
-                     RETURNING l.token"
+                     RETURNING l.acquired_at, l.released_at"
                 ),
                 &[TEXTOID, OIDOID, BOOLOID],
             )?,

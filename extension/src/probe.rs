@@ -39,6 +39,9 @@ pub struct LeaseRow {
     /// No transaction has locked or updated this version (its xmax is unset
     /// or known invalid). Read only `for_grant`; false otherwise.
     pub untouched: bool,
+    /// A lease that ended by expiry (not released, not live): how long it
+    /// was held, grant to expiry. Read only `for_grant`.
+    pub expired_after_micros: Option<u64>,
 }
 
 /// The key's lease row, if it has one. `for_grant` also reads the holder and
@@ -68,15 +71,16 @@ pub fn lease_row(
             column(c"released_at"),
             column(c"owner_role"),
             column(c"holder"),
+            column(c"acquired_at"),
         ];
         if attributes.iter().any(|&attnum| attnum <= 0) {
             pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
             pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
             return fail(internal(
-                "a column (token, expires_at, released_at, owner_role, holder) is missing",
+                "a column (token, expires_at, released_at, owner_role, holder, acquired_at) is missing",
             ));
         }
-        let [token_at, expires_at, released_at, owner_at, holder_at] = attributes;
+        let [token_at, expires_at, released_at, owner_at, holder_at, acquired_at] = attributes;
 
         let snapshot = pg_sys::RegisterSnapshot(match snapshot {
             Snapshot::Latest => pg_sys::GetLatestSnapshot(),
@@ -103,7 +107,14 @@ pub fn lease_row(
                 (!*(*slot).tts_isnull.add(i)).then(|| *(*slot).tts_values.add(i))
             };
             let expires = value(expires_at).map_or(i64::MIN, |at| at.value() as i64);
-            let live = value(released_at).is_none() && expires > pg_sys::GetCurrentTimestamp();
+            let released = value(released_at).is_some();
+            let live = !released && expires > pg_sys::GetCurrentTimestamp();
+            let expired_after_micros = match (for_grant && !live && !released, value(acquired_at)) {
+                (true, Some(acquired)) => Some(
+                    u64::try_from(expires.saturating_sub(acquired.value() as i64)).unwrap_or(0),
+                ),
+                _ => None,
+            };
             // xmax and the hint bits live in the shared page: read them under
             // the buffer's content lock, as heapam does.
             let untouched = for_grant && untouched(slot);
@@ -120,6 +131,7 @@ pub fn lease_row(
                 }),
                 holder,
                 untouched,
+                expired_after_micros,
             });
         }
 

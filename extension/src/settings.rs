@@ -66,6 +66,12 @@ pub fn register() {
         GucContext::Userset,
         GucFlags::default(),
     );
+}
+
+/// After every `fence.` setting is defined (here, stats.rs, shmem.rs):
+/// reserve the prefix, so a misspelt `fence.` setting is an error. Last,
+/// because reserving drops the values of settings not yet defined.
+pub fn reserve_prefix() {
     // SAFETY: called from _PG_init with a static NUL-terminated prefix.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"fence".as_ptr()) };
 }

@@ -183,11 +183,18 @@ pub fn repository_root() -> std::path::PathBuf {
 /// Run `scripts/cluster.sh <action>` for a throwaway cluster of a test's own
 /// (for tests that crash or stop their server): `target/<base>`, `port`.
 pub fn side_cluster(action: &str, base: &str, port: u16) {
+    side_cluster_preloading(action, base, port, true)
+}
+
+/// [`side_cluster`], with pg_fence in `shared_preload_libraries` or not
+/// (`PGFENCE_PRELOAD`), for `start`.
+pub fn side_cluster_preloading(action: &str, base: &str, port: u16, preload: bool) {
     let root = repository_root();
     let status = std::process::Command::new(root.join("scripts/cluster.sh"))
         .arg(action)
         .env("PGFENCE_PORT", port.to_string())
         .env("PGFENCE_BASE", root.join("target").join(base))
+        .env("PGFENCE_PRELOAD", if preload { "1" } else { "0" })
         .status()
         .expect("run scripts/cluster.sh");
     assert!(status.success(), "cluster.sh {action} failed for {base}");

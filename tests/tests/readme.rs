@@ -1,6 +1,6 @@
-//! The README's examples are real: the demo excerpt is the SQL golden's
-//! output (extension/tests/pg_regress/expected/demo.out, which `make test`
-//! compares with a fresh run of scripts/demo.sql).
+//! The README's examples are real: the demo and statistics excerpts are the
+//! SQL goldens' output (extension/tests/pg_regress/expected/demo.out and
+//! stats.out, which `make test` compares with fresh runs).
 
 use pg_fence_tests::repository_root;
 
@@ -13,12 +13,25 @@ fn trimmed(text: &str) -> String {
 
 #[test]
 fn the_readme_demo_excerpt_is_the_goldens_output() {
+    excerpt_is_the_goldens_output("demo.out");
+}
+
+#[test]
+fn the_readme_statistics_excerpt_is_the_goldens_output() {
+    excerpt_is_the_goldens_output("stats.out");
+}
+
+fn excerpt_is_the_goldens_output(golden_name: &str) {
     let root = repository_root();
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let golden =
-        std::fs::read_to_string(root.join("extension/tests/pg_regress/expected/demo.out")).unwrap();
-    let marker = "checks it against `extension/tests/pg_regress/expected/demo.out`):\n\n```\n";
-    let start = readme.find(marker).expect("the README's demo block") + marker.len();
+    let golden = std::fs::read_to_string(
+        root.join("extension/tests/pg_regress/expected")
+            .join(golden_name),
+    )
+    .unwrap();
+    let marker =
+        format!("checks it against `extension/tests/pg_regress/expected/{golden_name}`):\n\n```\n");
+    let start = readme.find(&marker).expect("the README's block") + marker.len();
     let end = start + readme[start..].find("```").expect("the end of the block");
     let excerpt = trimmed(&readme[start..end]);
     assert!(
@@ -27,6 +40,6 @@ fn the_readme_demo_excerpt_is_the_goldens_output() {
     );
     assert!(
         trimmed(&golden).contains(&excerpt),
-        "the README's demo output is not what the demo prints:\n{excerpt}"
+        "the README's {golden_name} excerpt is not what the golden prints:\n{excerpt}"
     );
 }

@@ -1,0 +1,224 @@
+//! Who waits for which key (preload mode): one slot per backend in shared
+//! memory (shmem.rs), filled while a `lock_acquire` waits, read by the view
+//! `fence.waiters`. A waiter's place in the queue (`position`, 1 = next) is
+//! its arrival order among the waiters for the same key: arrival numbers
+//! come from one counter in the segment.
+//!
+//! A slot is filled under the waiters lock in exclusive mode and read under
+//! it in share mode, so a reader never sees half a slot. It is emptied when
+//! the wait ends: by the [`Waiting`] guard's drop (a grant, a timeout, an
+//! error such as a cancel or `statement_timeout` unwinding through it), at
+//! the abort of the transaction (if an error skipped the drop), and on the
+//! way out of a backend that exits while waiting (FATAL, a terminated
+//! backend: `before_shmem_exit`). A backend that crashes takes the whole
+//! server's shared memory with it (PostgreSQL restarts every process).
+
+use std::cell::{Cell, UnsafeCell};
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
+
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::errors::{or_raise, Failure};
+use crate::key::MAX_KEY_BYTES;
+use crate::shmem::{self, Lock};
+
+/// How a waiter wants the key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Exclusive = 1,
+}
+
+/// One backend's waiter slot (in shared memory, zeroed at start).
+#[repr(C)]
+pub struct Slot {
+    /// 0: nobody waits here.
+    pid: AtomicI32,
+    database: AtomicU32,
+    role: AtomicU32,
+    mode: AtomicU32,
+    length: AtomicU32,
+    since: AtomicI64,
+    until: AtomicI64,
+    arrival: AtomicU64,
+    key: UnsafeCell<[u8; MAX_KEY_BYTES]>,
+}
+
+// SAFETY: `key` is written only under the waiters lock in exclusive mode by
+// the slot's own backend, and read only under it in share mode.
+unsafe impl Sync for Slot {}
+
+thread_local! {
+    /// Whether this backend's slot is filled, and whether the exit callback
+    /// that empties it is registered.
+    static FILLED: Cell<bool> = const { Cell::new(false) };
+    static EXIT_CALLBACK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// This backend's slot number: its PGPROC's number, below MaxBackends for
+/// every backend that runs SQL.
+fn my_slot() -> Option<usize> {
+    // SAFETY: MyProc is this backend's PGPROC, set before any SQL runs.
+    let number = unsafe { (*pg_sys::MyProc).pgprocno };
+    usize::try_from(number).ok()
+}
+
+/// The pid of the backend whose PGPROC has this number now. A slot whose
+/// pid is not that backend's was left by one that is gone (every way out
+/// empties it, but the view does not take that on trust).
+fn backend_pid(number: usize) -> Option<i32> {
+    // SAFETY: ProcGlobal's allProcs has more PGPROCs than MaxBackends, the
+    // number of slots, so `number` is inside it; a pid is read atomically.
+    unsafe {
+        let procs = (*pg_sys::ProcGlobal).allProcs;
+        (!procs.is_null()).then(|| std::ptr::read_volatile(&(*procs.add(number)).pid))
+    }
+}
+
+/// A filled waiter slot; emptied on drop.
+pub struct Waiting(());
+
+/// Enter `key`'s queue, waiting until `until` (a timestamp); None without
+/// preload (or for a backend without a slot).
+pub fn enter(key: &str, mode: Mode, role: pg_sys::Oid, until: i64) -> Option<Waiting> {
+    let segment = shmem::segment()?;
+    let slot = segment.waiter_slots().get(my_slot()?)?;
+    if !EXIT_CALLBACK.get() {
+        // SAFETY: registering a callback of this library, which stays loaded.
+        unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
+        EXIT_CALLBACK.set(true);
+    }
+    let bytes = &key.as_bytes()[..key.len().min(MAX_KEY_BYTES)];
+    let _held = segment.lock(Lock::Waiters, true);
+    // SAFETY: the waiters lock is held exclusively, so nobody reads the key.
+    unsafe { (&mut *slot.key.get())[..bytes.len()].copy_from_slice(bytes) };
+    slot.length.store(bytes.len() as u32, Ordering::Relaxed);
+    // SAFETY: backend-local globals.
+    let (pid, database) = unsafe { (pg_sys::MyProcPid, pg_sys::MyDatabaseId) };
+    slot.database.store(database.to_u32(), Ordering::Relaxed);
+    slot.role.store(role.to_u32(), Ordering::Relaxed);
+    slot.mode.store(mode as u32, Ordering::Relaxed);
+    // SAFETY: a plain read of the clock.
+    slot.since
+        .store(unsafe { pg_sys::GetCurrentTimestamp() }, Ordering::Relaxed);
+    slot.until.store(until, Ordering::Relaxed);
+    let arrival = segment.header().arrivals.fetch_add(1, Ordering::Relaxed) + 1;
+    slot.arrival.store(arrival, Ordering::Relaxed);
+    slot.pid.store(pid, Ordering::Relaxed);
+    FILLED.set(true);
+    Some(Waiting(()))
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        leave();
+    }
+}
+
+/// Empty this backend's slot, if it is filled.
+fn leave() {
+    if !FILLED.get() {
+        return;
+    }
+    let Some(segment) = shmem::segment() else {
+        return;
+    };
+    if let Some(slot) = my_slot().and_then(|number| segment.waiter_slots().get(number)) {
+        let _held = segment.lock(Lock::Waiters, true);
+        slot.pid.store(0, Ordering::Relaxed);
+    }
+    FILLED.set(false);
+}
+
+/// At a transaction's abort: an error that skipped the guard's drop.
+pub fn on_abort() {
+    leave();
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: i32, _arg: pg_sys::Datum) {
+    leave();
+}
+
+type WaiterRow = (
+    i32,
+    pg_sys::Oid,
+    String,
+    &'static str,
+    Option<TimestampWithTimeZone>,
+    Option<TimestampWithTimeZone>,
+    i64,
+);
+
+fn rows() -> Result<Vec<WaiterRow>, Failure> {
+    let segment = shmem::required("fence.waiters")?;
+    // SAFETY: a backend-local global.
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let mut waiting: Vec<(u64, WaiterRow)> = {
+        let _held = segment.lock(Lock::Waiters, false);
+        segment
+            .waiter_slots()
+            .iter()
+            .enumerate()
+            .filter(|(number, slot)| {
+                let pid = slot.pid.load(Ordering::Relaxed);
+                pid != 0
+                    && slot.database.load(Ordering::Relaxed) == database
+                    && backend_pid(*number) == Some(pid)
+            })
+            .map(|(_, slot)| slot)
+            .map(|slot| {
+                let length = slot.length.load(Ordering::Relaxed) as usize;
+                // SAFETY: the waiters lock is held in share mode, so the
+                // slot's backend is not writing its key.
+                let key = unsafe { &(&*slot.key.get())[..length] };
+                let at =
+                    |t: &AtomicI64| TimestampWithTimeZone::try_from(t.load(Ordering::Relaxed)).ok();
+                (
+                    slot.arrival.load(Ordering::Relaxed),
+                    (
+                        slot.pid.load(Ordering::Relaxed),
+                        pg_sys::Oid::from(slot.role.load(Ordering::Relaxed)),
+                        String::from_utf8_lossy(key).into_owned(),
+                        "exclusive",
+                        at(&slot.since),
+                        at(&slot.until),
+                        0,
+                    ),
+                )
+            })
+            .collect()
+    };
+    waiting.sort_by(|a, b| (&a.1 .2, a.0).cmp(&(&b.1 .2, b.0)));
+    let mut rows = Vec::with_capacity(waiting.len());
+    let mut position = 0;
+    for (i, (_, mut row)) in waiting.into_iter().enumerate() {
+        position = match rows.last() {
+            Some(previous) if i > 0 && (previous as &WaiterRow).2 == row.2 => position + 1,
+            _ => 1,
+        };
+        row.6 = position;
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// The rows of `fence.waiters`: sessions of this database waiting inside
+/// `lock_acquire`, in queue order per key.
+#[pg_extern(volatile, parallel_restricted)]
+#[allow(clippy::type_complexity)]
+fn _waiters() -> TableIterator<
+    'static,
+    (
+        name!(pid, i32),
+        name!(role, pg_sys::Oid),
+        name!(lock_key, String),
+        name!(mode, &'static str),
+        name!(waiting_since, Option<TimestampWithTimeZone>),
+        name!(wait_until, Option<TimestampWithTimeZone>),
+        name!(position, i64),
+    ),
+> {
+    TableIterator::new(or_raise(rows()))
+}
