@@ -2,6 +2,7 @@
 //! moment the lease is lost, release.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
@@ -9,7 +10,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::backend::{Backend, Grant};
-use crate::Error;
+use crate::{metrics, Error};
 
 /// How a lease is taken and kept: the one place its policy lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +135,8 @@ pub struct Lease<B: Backend> {
     renewal: Option<JoinHandle<()>>,
     /// Released (or being released) by `release`: Drop has nothing to do.
     settled: bool,
+    /// For the metrics: held since, and whether that has ended.
+    holding: Arc<metrics::Holding>,
 }
 
 impl<B: Backend> Lease<B> {
@@ -160,6 +163,23 @@ impl<B: Backend> Lease<B> {
         wait: Duration,
     ) -> Result<Option<Lease<B>>, Error> {
         options.validate()?;
+        let started = Instant::now();
+        let outcome = Lease::acquire_as(backend, key, options, wait).await;
+        let kind = match &outcome {
+            Ok(Some(_)) => metrics::Acquired::Granted,
+            Ok(None) => metrics::Acquired::Busy,
+            Err(_) => metrics::Acquired::Error,
+        };
+        metrics::acquire(kind, started.elapsed());
+        outcome
+    }
+
+    async fn acquire_as(
+        backend: &B,
+        key: &str,
+        options: &LeaseOptions,
+        wait: Duration,
+    ) -> Result<Option<Lease<B>>, Error> {
         let holder = options
             .holder
             .clone()
@@ -198,6 +218,7 @@ impl<B: Backend> Lease<B> {
             expires_at,
         });
         let (stop, stop_rx) = watch::channel(false);
+        let holding = Arc::new(metrics::Holding::start());
         let renewal = tokio::spawn(renew_until_stopped(
             backend.clone(),
             key.to_owned(),
@@ -206,6 +227,7 @@ impl<B: Backend> Lease<B> {
             deadline,
             state_tx,
             stop_rx,
+            holding.clone(),
         ));
         Ok(Some(Lease {
             backend: backend.clone(),
@@ -216,6 +238,7 @@ impl<B: Backend> Lease<B> {
             stop,
             renewal: Some(renewal),
             settled: false,
+            holding,
         }))
     }
 
@@ -290,6 +313,7 @@ impl<B: Backend> Lease<B> {
     /// way, the lease is released or simply expires after its ttl.
     #[tracing::instrument(name = "pg_fence.release", skip(self), fields(key = %self.key, token = self.token))]
     pub async fn release(mut self) -> Result<bool, Error> {
+        self.holding.end();
         let _ = self.stop.send(true);
         if let Some(task) = self.renewal.take() {
             let _ = task.await;
@@ -301,6 +325,7 @@ impl<B: Backend> Lease<B> {
 
 impl<B: Backend> Drop for Lease<B> {
     fn drop(&mut self) {
+        self.holding.end();
         // No stop signal: an aborted renewal leaves the state Held, which a
         // lost() future still running elsewhere reports as Abandoned.
         if let Some(task) = self.renewal.take() {
@@ -324,6 +349,7 @@ impl<B: Backend> Drop for Lease<B> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn renew_until_stopped<B: Backend>(
     backend: B,
     key: String,
@@ -332,12 +358,15 @@ async fn renew_until_stopped<B: Backend>(
     mut deadline: Instant,
     state: watch::Sender<State>,
     mut stop: watch::Receiver<bool>,
+    holding: Arc<metrics::Holding>,
 ) {
     let retry_pause = (options.renew_every / 4).max(Duration::from_millis(10));
     let mut next = Instant::now() + options.renew_every; // validated: well inside the ttl
     let lose = |reason: LossReason| {
         tracing::warn_span!("pg_fence.lease_lost", key = %key, token, ?reason)
             .in_scope(|| tracing::warn!("lease lost: stop the work it protects"));
+        holding.end();
+        metrics::lost(&reason);
         let _ = state.send(State::Lost(reason));
     };
     loop {
@@ -359,6 +388,7 @@ async fn renew_until_stopped<B: Backend>(
         };
         match renewed {
             Ok(Ok(Some(expires_at))) => {
+                metrics::renewal(metrics::Renewal::Renewed);
                 deadline = sent + options.ttl.saturating_sub(options.safety_margin);
                 next = sent + options.renew_every;
                 let _ = state.send(State::Held {
@@ -367,16 +397,24 @@ async fn renew_until_stopped<B: Backend>(
                 });
                 tracing::trace!(key, token, "pg_fence.renewed");
             }
-            Ok(Ok(None)) => return lose(LossReason::NotLive),
+            Ok(Ok(None)) => {
+                metrics::renewal(metrics::Renewal::NotLive);
+                return lose(LossReason::NotLive);
+            }
             Ok(Err(error @ (Error::NotOwner { .. } | Error::InvalidArgument { .. }))) => {
-                return lose(LossReason::Refused(error.to_string()))
+                metrics::renewal(metrics::Renewal::Refused);
+                return lose(LossReason::Refused(error.to_string()));
             }
             // A transient failure: retry while the deadline holds.
             Ok(Err(error)) => {
+                metrics::renewal(metrics::Renewal::Error);
                 tracing::debug!(key, token, %error, "renew failed; retrying");
                 next = Instant::now() + retry_pause;
             }
-            Err(_timed_out) => return lose(LossReason::DeadlinePassed),
+            Err(_timed_out) => {
+                metrics::renewal(metrics::Renewal::Timeout);
+                return lose(LossReason::DeadlinePassed);
+            }
         }
     }
 }

@@ -43,6 +43,7 @@ pub mod advisory;
 pub mod backend;
 mod error;
 mod lease;
+pub mod metrics;
 pub mod once;
 pub mod rows;
 pub mod sql;
