@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing pg_fence needs, on a Debian 12 machine
 # that has only the Rust toolchain: PostgreSQL 15 and its server headers,
+# Prometheus' PostgreSQL exporter,
 # libclang (pgrx's bindgen), sudo (cargo-pgrx runs `sudo` for --runas),
 # the pinned cargo-pgrx, and `cargo pgrx init` against the system PostgreSQL.
 # Idempotent: it only does what is missing, so `make` targets call it freely.
@@ -9,7 +10,10 @@ cd "$(dirname "$0")/.."
 
 PGRX_VERSION=$(sed -n 's/^pgrx = "=\(.*\)"$/\1/p' Cargo.toml)
 PG_MAJOR=15
-APT_PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo pkg-config)
+# prometheus-postgres-exporter: the exporter tier (tests/tests/exporter.rs)
+# runs the real one with monitoring/postgres_exporter_queries.yaml.
+APT_PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo pkg-config
+              prometheus-postgres-exporter)
 # `scripts/setup.sh --bench` (make bench) also wants Redis, the other side of
 # one comparison, and gnuplot for the hot-key latency plot.
 if [ "${1:-}" = "--bench" ]; then
