@@ -80,6 +80,7 @@ pub(crate) fn lost(reason: &LossReason) {
 /// One held lease, for the gauge and the hold time: counted in when made,
 /// out exactly once, by whichever comes first of release, drop and loss.
 pub(crate) struct Holding {
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     since: Instant,
     ended: AtomicBool,
 }
@@ -95,14 +96,14 @@ impl Holding {
     }
 
     pub(crate) fn end(&self) {
-        if self.ended.swap(true, Ordering::AcqRel) {
-            return;
-        }
+        let first = !self.ended.swap(true, Ordering::AcqRel);
         #[cfg(feature = "metrics")]
-        {
+        if first {
             ::metrics::gauge!("pg_fence_client_leases_held").decrement(1.0);
             ::metrics::histogram!("pg_fence_client_hold_seconds")
                 .record(self.since.elapsed().as_secs_f64());
         }
+        #[cfg(not(feature = "metrics"))]
+        let _ = first;
     }
 }
