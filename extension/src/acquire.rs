@@ -39,6 +39,9 @@ pub enum Attempt {
     Busy { retry_in_ms: i64 },
     /// Lost a race to create the key's row; retry at once.
     Again,
+    /// Someone queued for the key arrived first (preload mode, G7): sleep
+    /// until woken, which the queue does when it is this caller's turn.
+    Queued,
 }
 
 fn now_micros() -> i64 {
@@ -95,18 +98,21 @@ pub fn acquire(
             wait::reset_latch();
             wait::advertise(event);
         }
-        match with_spi(|client, plans| attempt(client, plans, key, &holder, ttl, role))? {
+        let queued = waiting.as_ref();
+        match with_spi(|client, plans| attempt(client, plans, key, &holder, ttl, role, queued))? {
             Attempt::Granted {
                 lease,
                 regrant,
                 expired_after_micros,
             } => break (Some(lease), regrant, expired_after_micros),
             Attempt::Again => continue,
-            Attempt::Busy { retry_in_ms } => {
+            busy @ (Attempt::Busy { .. } | Attempt::Queued) => {
                 contended = true;
                 let left_ms = (deadline.saturating_sub(now_micros()) + 999) / 1000;
                 if left_ms <= 0 {
-                    if wait_micros > 0 {
+                    // In the queue, leaving it wakes the next waiter (the
+                    // guard's drop); without one, pass on a wake-up we got.
+                    if wait_micros > 0 && waiting.is_none() {
                         wait::pass_on_wakeup(event);
                     }
                     break (None, false, None);
@@ -114,6 +120,10 @@ pub fn acquire(
                 if waiting.is_none() {
                     waiting = waiters::enter(key, waiters::Mode::Exclusive, role, deadline);
                 }
+                let retry_in_ms = match busy {
+                    Attempt::Busy { retry_in_ms } => retry_in_ms,
+                    _ => wait::QUEUED_RECHECK_INTERVAL_MS,
+                };
                 wait::sleep(event, retry_in_ms.min(left_ms));
             }
         }
@@ -141,6 +151,7 @@ pub fn acquire(
     Ok(outcome)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn attempt(
     client: &mut SpiClient<'_>,
     plans: &Plans,
@@ -148,13 +159,23 @@ fn attempt(
     holder: &str,
     ttl: Interval,
     role: pg_sys::Oid,
+    queued: Option<&waiters::Waiting>,
 ) -> Result<Attempt, Failure> {
     // Look first, without locking: a key someone else holds costs no lock.
     // (A statement would first make this transaction's earlier changes
     // visible; so does the probe.)
     // SAFETY: inside a transaction (every pg_extern is), outside any scan.
     unsafe { pg_sys::CommandCounterIncrement() };
-    let Some(row) = probe::lease_row(key, probe::Snapshot::Statement, true)? else {
+    let row = probe::lease_row(key, probe::Snapshot::Statement, true)?;
+    let own_live_lease = row
+        .as_ref()
+        .is_some_and(|row| row.live && row.holder.as_deref() == Some(holder));
+    // G7: whoever queued for the key first takes it first; only the holder
+    // extending its own lease (G6) grants nothing new and passes.
+    if !own_live_lease && waiters::someone_ahead(key, queued) {
+        return Ok(Attempt::Queued);
+    }
+    let Some(row) = row else {
         // No row yet: create it. The key lock also keeps out another first
         // acquire inserting it right now; an insert that conflicts anyway
         // found it created (and committed) by someone else since we looked.

@@ -70,6 +70,9 @@ pub struct Header {
     pub dropped: AtomicU64,
     /// Arrival numbers for waiters (waiters.rs): the order of the queue.
     pub arrivals: AtomicU64,
+    /// Filled waiter slots, all databases: 0 lets an acquire skip looking
+    /// for a queue (waiters.rs).
+    pub queued: AtomicU32,
     /// Entries in use in each table (written under its exclusive lock).
     classes_used: AtomicU32,
     tables_used: AtomicU32,

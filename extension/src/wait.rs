@@ -27,14 +27,19 @@ use crate::key;
 
 /// Longest sleep between two attempts while the key looks held.
 pub const RECHECK_INTERVAL_MS: i64 = 50;
+/// Longest sleep of a queued waiter that is not the head of its key's
+/// queue (preload mode): the queue wakes it when its turn comes, so this is
+/// only a safety net, and waiting costs nothing meanwhile.
+pub const QUEUED_RECHECK_INTERVAL_MS: i64 = 1000;
 /// Sleep while the key's lock is held by another transaction (a grant in
 /// flight, a fenced write, an uncommitted renew or release) or its row is
 /// locked: nobody signals when those end.
 pub const LOCKED_ROW_RETRY_MS: i64 = 2;
 
 thread_local! {
-    /// Wait events to signal when the current transaction commits.
-    static PENDING_WAKEUPS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// Keys (and their wait events) to wake waiters of when the current
+    /// transaction commits.
+    static PENDING_WAKEUPS: RefCell<Vec<(u32, String)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The wait event that stands for `lock_key`: its hash (key.rs), folded to
@@ -90,8 +95,8 @@ pub fn wake_after_commit(lock_key: &str) {
     let event = wait_event_for(lock_key);
     PENDING_WAKEUPS.with(|pending| {
         let mut pending = pending.borrow_mut();
-        if !pending.contains(&event) {
-            pending.push(event);
+        if !pending.iter().any(|(_, key)| key == lock_key) {
+            pending.push((event, lock_key.to_owned()));
         }
     });
 }
@@ -121,10 +126,14 @@ pub fn on_resource_release(
     }
     let events = PENDING_WAKEUPS.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
     if is_commit {
-        for event in events {
-            // SAFETY: called in a backend attached to shared memory, outside
-            // any critical section, as the commit path is here.
-            unsafe { wake_one_waiting_on(event) };
+        for (event, key) in events {
+            // Preload mode: the head of the key's queue (G7). Otherwise one
+            // backend advertising the key's wait event.
+            if !crate::waiters::wake_head(&key) {
+                // SAFETY: called in a backend attached to shared memory,
+                // outside any critical section, as the commit path is here.
+                unsafe { wake_one_waiting_on(event) };
+            }
         }
     }
 }

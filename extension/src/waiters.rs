@@ -1,8 +1,16 @@
-//! Who waits for which key (preload mode): one slot per backend in shared
-//! memory (shmem.rs), filled while a `lock_acquire` waits, read by the view
-//! `fence.waiters`. A waiter's place in the queue (`position`, 1 = next) is
-//! its arrival order among the waiters for the same key: arrival numbers
-//! come from one counter in the segment.
+//! Who waits for which key, in which order (preload mode; G7): one slot per
+//! backend in shared memory (shmem.rs), filled while a `lock_acquire` waits,
+//! read by the view `fence.waiters`. A waiter's place in the key's queue
+//! (`position`, 1 = next) is its arrival order among the waiters for the
+//! same key: arrival numbers come from one counter in the segment.
+//!
+//! The queue is what makes waiting fair. Only its head may take a free key:
+//! an acquire that finds a free key while someone queued for it arrived
+//! earlier is busy ([`someone_ahead`]; a holder's re-acquire of its own
+//! live lease, G6, is exempt, as it grants nothing new). A release wakes the
+//! head ([`wake_head`]); a head that leaves the queue, granted or not,
+//! wakes the next one, which then sleeps until the lease it finds expires
+//! or is released. The others sleep until they are woken.
 //!
 //! A slot is filled under the waiters lock in exclusive mode and read under
 //! it in share mode, so a reader never sees half a slot. It is emptied when
@@ -42,7 +50,26 @@ pub struct Slot {
     since: AtomicI64,
     until: AtomicI64,
     arrival: AtomicU64,
+    /// The key's hash under the segment's seed, with the database: compared
+    /// before the key itself.
+    hash: AtomicU64,
     key: UnsafeCell<[u8; MAX_KEY_BYTES]>,
+}
+
+impl Slot {
+    /// Whether this slot is a live backend waiting for this key (waiters
+    /// lock held).
+    fn waits_for(&self, number: usize, database: u32, hash: u64, key: &[u8]) -> bool {
+        let pid = self.pid.load(Ordering::Relaxed);
+        pid != 0
+            && self.hash.load(Ordering::Relaxed) == hash
+            && self.database.load(Ordering::Relaxed) == database
+            && self.length.load(Ordering::Relaxed) as usize == key.len()
+            // SAFETY: the waiters lock is held, so the slot's backend is
+            // not writing its key.
+            && unsafe { &(&*self.key.get())[..key.len()] } == key
+            && backend_pid(number) == Some(pid)
+    }
 }
 
 // SAFETY: `key` is written only under the waiters lock in exclusive mode by
@@ -77,7 +104,9 @@ fn backend_pid(number: usize) -> Option<i32> {
 }
 
 /// A filled waiter slot; emptied on drop.
-pub struct Waiting(());
+pub struct Waiting {
+    arrival: u64,
+}
 
 /// Enter `key`'s queue, waiting until `until` (a timestamp); None without
 /// preload (or for a backend without a slot).
@@ -90,6 +119,7 @@ pub fn enter(key: &str, mode: Mode, role: pg_sys::Oid, until: i64) -> Option<Wai
         EXIT_CALLBACK.set(true);
     }
     let bytes = &key.as_bytes()[..key.len().min(MAX_KEY_BYTES)];
+    let hash = segment.hash(database_id(), bytes);
     let _held = segment.lock(Lock::Waiters, true);
     // SAFETY: the waiters lock is held exclusively, so nobody reads the key.
     unsafe { (&mut *slot.key.get())[..bytes.len()].copy_from_slice(bytes) };
@@ -103,11 +133,80 @@ pub fn enter(key: &str, mode: Mode, role: pg_sys::Oid, until: i64) -> Option<Wai
     slot.since
         .store(unsafe { pg_sys::GetCurrentTimestamp() }, Ordering::Relaxed);
     slot.until.store(until, Ordering::Relaxed);
+    slot.hash.store(hash, Ordering::Relaxed);
     let arrival = segment.header().arrivals.fetch_add(1, Ordering::Relaxed) + 1;
     slot.arrival.store(arrival, Ordering::Relaxed);
     slot.pid.store(pid, Ordering::Relaxed);
+    segment.header().queued.fetch_add(1, Ordering::Relaxed);
     FILLED.set(true);
-    Some(Waiting(()))
+    Some(Waiting { arrival })
+}
+
+fn database_id() -> u32 {
+    // SAFETY: a backend-local global, set at connection.
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
+}
+
+/// Whether someone queued for `key` arrived before `me` (or, for a caller
+/// not queued, at all): then the key is theirs to take first.
+pub fn someone_ahead(key: &str, me: Option<&Waiting>) -> bool {
+    let Some(segment) = shmem::segment() else {
+        return false;
+    };
+    if segment.header().queued.load(Ordering::Relaxed) == 0 {
+        return false;
+    }
+    let bytes = &key.as_bytes()[..key.len().min(MAX_KEY_BYTES)];
+    let (database, hash) = (database_id(), segment.hash(database_id(), bytes));
+    let mine = me.map_or(u64::MAX, |me| me.arrival);
+    let _held = segment.lock(Lock::Waiters, false);
+    segment
+        .waiter_slots()
+        .iter()
+        .enumerate()
+        .any(|(number, slot)| {
+            slot.arrival.load(Ordering::Relaxed) < mine
+                && slot.waits_for(number, database, hash, bytes)
+        })
+}
+
+/// Wake the head of `key`'s queue (set its latch), other than this
+/// backend; false if nobody else is queued for it.
+pub fn wake_head(key: &str) -> bool {
+    let Some(segment) = shmem::segment() else {
+        return false;
+    };
+    if segment.header().queued.load(Ordering::Relaxed) == 0 {
+        return false;
+    }
+    let _held = segment.lock(Lock::Waiters, false);
+    wake_head_locked(&segment, key)
+}
+
+/// [`wake_head`] with the waiters lock held (either mode).
+fn wake_head_locked(segment: &shmem::Segment, key: &str) -> bool {
+    let bytes = &key.as_bytes()[..key.len().min(MAX_KEY_BYTES)];
+    let (database, hash) = (database_id(), segment.hash(database_id(), bytes));
+    let mine = my_slot();
+    let head = segment
+        .waiter_slots()
+        .iter()
+        .enumerate()
+        .filter(|(number, slot)| {
+            Some(*number) != mine && slot.waits_for(*number, database, hash, bytes)
+        })
+        .min_by_key(|(_, slot)| slot.arrival.load(Ordering::Relaxed));
+    let Some((number, _)) = head else {
+        return false;
+    };
+    // SAFETY: slot numbers are PGPROC numbers below MaxBackends, inside
+    // allProcs; setting another backend's latch is safe in any state it is
+    // in (condition variables do it), and SetLatch raises no error.
+    unsafe {
+        let procs = (*pg_sys::ProcGlobal).allProcs;
+        pg_sys::SetLatch(&raw mut (*procs.add(number)).procLatch);
+    }
+    true
 }
 
 impl Drop for Waiting {
@@ -116,7 +215,10 @@ impl Drop for Waiting {
     }
 }
 
-/// Empty this backend's slot, if it is filled.
+/// Empty this backend's slot, if it is filled, and wake whoever is now
+/// the head of its key's queue: if this backend was the head, the next
+/// waiter may take the key (or must watch its lease) now. Waking when it
+/// was not the head costs that head one look; it never loses a wake-up.
 fn leave() {
     if !FILLED.get() {
         return;
@@ -127,6 +229,13 @@ fn leave() {
     if let Some(slot) = my_slot().and_then(|number| segment.waiter_slots().get(number)) {
         let _held = segment.lock(Lock::Waiters, true);
         slot.pid.store(0, Ordering::Relaxed);
+        segment.header().queued.fetch_sub(1, Ordering::Relaxed);
+        let length = slot.length.load(Ordering::Relaxed) as usize;
+        // SAFETY: our own slot, under the exclusive lock.
+        let key = unsafe { &(&*slot.key.get())[..length] };
+        if let Ok(key) = std::str::from_utf8(key) {
+            wake_head_locked(&segment, key);
+        }
     }
     FILLED.set(false);
 }
