@@ -40,8 +40,9 @@ pub enum Attempt {
     /// Lost a race to create the key's row; retry at once.
     Again,
     /// Someone queued for the key arrived first (preload mode, G7): sleep
-    /// until woken, which the queue does when it is this caller's turn.
-    Queued,
+    /// until woken (the queue wakes its head), or at most this long (until
+    /// the lease seen expires, capped), to learn whether it is our turn.
+    Queued { retry_in_ms: i64 },
 }
 
 fn now_micros() -> i64 {
@@ -106,7 +107,7 @@ pub fn acquire(
                 expired_after_micros,
             } => break (Some(lease), regrant, expired_after_micros),
             Attempt::Again => continue,
-            busy @ (Attempt::Busy { .. } | Attempt::Queued) => {
+            Attempt::Busy { retry_in_ms } | Attempt::Queued { retry_in_ms } => {
                 contended = true;
                 let left_ms = (deadline.saturating_sub(now_micros()) + 999) / 1000;
                 if left_ms <= 0 {
@@ -120,14 +121,15 @@ pub fn acquire(
                 if waiting.is_none() {
                     waiting = waiters::enter(key, waiters::Mode::Exclusive, role, deadline);
                 }
-                let retry_in_ms = match busy {
-                    Attempt::Busy { retry_in_ms } => retry_in_ms,
-                    _ => wait::QUEUED_RECHECK_INTERVAL_MS,
-                };
                 wait::sleep(event, retry_in_ms.min(left_ms));
             }
         }
     };
+    // A waiter granted the key leaves the queue without waking the next:
+    // the key is held now, and its release wakes the next head.
+    if let (Some(waiting), Some(_)) = (waiting.as_mut(), &outcome) {
+        waiting.granted();
+    }
     drop(waiting);
     if wait_micros > 0 {
         wait::stop_advertising();
@@ -173,7 +175,16 @@ fn attempt(
     // G7: whoever queued for the key first takes it first; only the holder
     // extending its own lease (G6) grants nothing new and passes.
     if !own_live_lease && waiters::someone_ahead(key, queued) {
-        return Ok(Attempt::Queued);
+        let expires_at = row
+            .as_ref()
+            .filter(|row| row.live)
+            .map(|row| row.expires_at);
+        let retry_in_ms = expires_at
+            .and_then(|at| TimestampWithTimeZone::try_from(at).ok())
+            .map_or(wait::QUEUED_RECHECK_INTERVAL_MS, |at| {
+                millis_until(at, wait::QUEUED_RECHECK_INTERVAL_MS)
+            });
+        return Ok(Attempt::Queued { retry_in_ms });
     }
     let Some(row) = row else {
         // No row yet: create it. The key lock also keeps out another first

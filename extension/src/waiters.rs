@@ -8,9 +8,11 @@
 //! an acquire that finds a free key while someone queued for it arrived
 //! earlier is busy ([`someone_ahead`]; a holder's re-acquire of its own
 //! live lease, G6, is exempt, as it grants nothing new). A release wakes the
-//! head ([`wake_head`]); a head that leaves the queue, granted or not,
-//! wakes the next one, which then sleeps until the lease it finds expires
-//! or is released. The others sleep until they are woken.
+//! head ([`wake_head`]); a waiter that leaves without the key (timed out,
+//! cancelled, an error, its backend exiting) wakes the new head, which may
+//! take the key at once. The others, and a head whose predecessor took the
+//! key, sleep until they are woken or the lease they saw expires (at most
+//! `QUEUED_RECHECK_INTERVAL_MS`), and look again.
 //!
 //! A slot is filled under the waiters lock in exclusive mode and read under
 //! it in share mode, so a reader never sees half a slot. It is emptied when
@@ -106,6 +108,15 @@ fn backend_pid(number: usize) -> Option<i32> {
 /// A filled waiter slot; emptied on drop.
 pub struct Waiting {
     arrival: u64,
+    granted: bool,
+}
+
+impl Waiting {
+    /// This waiter got the key: leaving, it wakes nobody (the key is held,
+    /// and its release wakes the next head).
+    pub fn granted(&mut self) {
+        self.granted = true;
+    }
 }
 
 /// Enter `key`'s queue, waiting until `until` (a timestamp); None without
@@ -139,7 +150,10 @@ pub fn enter(key: &str, mode: Mode, role: pg_sys::Oid, until: i64) -> Option<Wai
     slot.pid.store(pid, Ordering::Relaxed);
     segment.header().queued.fetch_add(1, Ordering::Relaxed);
     FILLED.set(true);
-    Some(Waiting { arrival })
+    Some(Waiting {
+        arrival,
+        granted: false,
+    })
 }
 
 fn database_id() -> u32 {
@@ -211,15 +225,18 @@ fn wake_head_locked(segment: &shmem::Segment, key: &str) -> bool {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        leave();
+        leave(!self.granted);
     }
 }
 
-/// Empty this backend's slot, if it is filled, and wake whoever is now
-/// the head of its key's queue: if this backend was the head, the next
-/// waiter may take the key (or must watch its lease) now. Waking when it
-/// was not the head costs that head one look; it never loses a wake-up.
-fn leave() {
+/// Empty this backend's slot, if it is filled, and (`wake`: it leaves
+/// without the key) wake whoever is now the head of its key's queue: if
+/// this backend was the head, the next waiter may take the key now. Waking
+/// when it was not the head costs that head one look; it never loses a
+/// wake-up. A waiter that got the key wakes nobody: the new head learns of
+/// its lease at its next look (within `QUEUED_RECHECK_INTERVAL_MS`), and
+/// its release wakes it.
+fn leave(wake: bool) {
     if !FILLED.get() {
         return;
     }
@@ -233,7 +250,7 @@ fn leave() {
         let length = slot.length.load(Ordering::Relaxed) as usize;
         // SAFETY: our own slot, under the exclusive lock.
         let key = unsafe { &(&*slot.key.get())[..length] };
-        if let Ok(key) = std::str::from_utf8(key) {
+        if let (true, Ok(key)) = (wake, std::str::from_utf8(key)) {
             wake_head_locked(&segment, key);
         }
     }
@@ -242,12 +259,12 @@ fn leave() {
 
 /// At a transaction's abort: an error that skipped the guard's drop.
 pub fn on_abort() {
-    leave();
+    leave(true);
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_exit(_code: i32, _arg: pg_sys::Datum) {
-    leave();
+    leave(true);
 }
 
 type WaiterRow = (
