@@ -77,6 +77,7 @@ pub extern "C-unwind" fn _PG_init() {
     // functions of this library, which is never unloaded.
     unsafe {
         pgrx::pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
+        pgrx::pg_sys::RegisterSubXactCallback(Some(on_subxact_event), std::ptr::null_mut());
         pgrx::pg_sys::RegisterResourceReleaseCallback(
             Some(on_resource_release),
             std::ptr::null_mut(),
@@ -116,9 +117,21 @@ unsafe extern "C-unwind" fn on_xact_event(
     durability::on_xact_event(event);
     statement::on_xact_event(event);
     wait::on_xact_event(event);
+    stats::on_xact_event(event);
     if event == pgrx::pg_sys::XactEvent::XACT_EVENT_ABORT {
         waiters::on_abort();
     }
+}
+
+/// The one subtransaction callback: statistics that wait for commit.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact_event(
+    event: pgrx::pg_sys::SubXactEvent::Type,
+    _my_subid: pgrx::pg_sys::SubTransactionId,
+    _parent_subid: pgrx::pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    stats::on_subxact_event(event);
 }
 
 /// Required by `cargo pgrx test`.

@@ -15,12 +15,16 @@
 //! sees a half-counted call. A call counts when it returns, whatever its
 //! transaction does afterwards (as pg_stat_statements counts statements);
 //! a call that fails with an error counts nothing, except a fenced write
-//! refused with FN001, which is what `stale_writes` counts.
+//! refused with FN001, which is what `stale_writes` counts. What counts
+//! leases rather than calls (`expirations`, `hold_seconds_total`) counts
+//! when the transaction that ended the lease commits (or prepares): a grant
+//! or release that rolls back (to a savepoint, too) ended nothing.
 //!
 //! The rows live in memory only: a restart (or a crash, which restarts
 //! every process) starts them from zero, as `fence.lock_stats_reset()` does
 //! for one database. `fence.track_stats = off` stops counting.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use pgrx::datum::TimestampWithTimeZone;
@@ -128,9 +132,16 @@ pub struct TableRow {
     refused: AtomicU64,
 }
 
-/// The class of a key: up to its first `:`, or all of it.
+/// The class of a key: up to its first `:`, or all of it; at most
+/// [`MAX_KEY_BYTES`] (a fenced table's key, prefix and column value, can be
+/// longer than a lease's), cut at a character boundary.
 pub fn class_of(key: &str) -> &str {
-    key.split_once(':').map_or(key, |(class, _)| class)
+    let class = key.split_once(':').map_or(key, |(class, _)| class);
+    let mut end = class.len().min(MAX_KEY_BYTES);
+    while !class.is_char_boundary(end) {
+        end -= 1;
+    }
+    &class[..end]
 }
 
 const OVERFLOW: &[u8] = b"*";
@@ -252,11 +263,10 @@ pub fn acquire(key: &str, call: &Acquired) {
             .position(|&bound| call.micros <= bound)
             .unwrap_or(BUCKETS.len());
         add(&row.buckets[bucket], 1);
-        if let Some(held) = call.expired_after_micros {
-            row.add(Counter::Expirations, 1);
-            row.add(Counter::HoldMicros, held);
-        }
     });
+    if let Some(held) = call.expired_after_micros {
+        at_commit(key, 1, held);
+    }
 }
 
 /// A `lock_renew` that extended the lease (`true`) or found it not live.
@@ -276,20 +286,102 @@ pub fn renewal(key: &str, renewed: bool) {
 /// A `lock_release` that ended the lease after `held` (`Some`), or found
 /// it not live (`None`).
 pub fn release(key: &str, held_micros: Option<u64>) {
-    count(key, |row| match held_micros {
-        Some(held) => {
-            row.add(Counter::Releases, 1);
-            row.add(Counter::HoldMicros, held);
-        }
-        None => row.add(Counter::ReleasesLost, 1),
+    count(key, |row| {
+        row.add(
+            if held_micros.is_some() {
+                Counter::Releases
+            } else {
+                Counter::ReleasesLost
+            },
+            1,
+        )
     });
+    if let Some(held) = held_micros {
+        at_commit(key, 0, held);
+    }
 }
 
 /// A `lock_force_release` that ended a lease held this long.
 pub fn forced(key: &str, held_micros: u64) {
-    count(key, |row| {
-        row.add(Counter::Forced, 1);
-        row.add(Counter::HoldMicros, held_micros);
+    count(key, |row| row.add(Counter::Forced, 1));
+    at_commit(key, 0, held_micros);
+}
+
+/// Counts of leases that ended, waiting for the end of the transaction (or
+/// subtransaction) that ended them.
+struct Ended {
+    key: String,
+    /// The (sub)transaction nesting level that counted it.
+    level: i32,
+    expirations: u64,
+    hold_micros: u64,
+}
+
+thread_local! {
+    static ENDED: RefCell<Vec<Ended>> = const { RefCell::new(Vec::new()) };
+}
+
+fn nest_level() -> i32 {
+    // SAFETY: a backend-local read, inside a transaction.
+    unsafe { pg_sys::GetCurrentTransactionNestLevel() }
+}
+
+/// Count a lease's end (an expiry seen by the grant that replaced it, and
+/// how long it was held) once this transaction commits.
+fn at_commit(key: &str, expirations: u64, hold_micros: u64) {
+    if !counting() {
+        return;
+    }
+    let level = nest_level();
+    ENDED.with(|ended| {
+        ended.borrow_mut().push(Ended {
+            key: key.to_owned(),
+            level,
+            expirations,
+            hold_micros,
+        })
+    });
+}
+
+/// Called by the extension's transaction callback (lib.rs): count at
+/// commit (and at PREPARE, whose outcome is another session's), forget at
+/// abort.
+pub fn on_xact_event(event: pg_sys::XactEvent::Type) {
+    use pg_sys::XactEvent::*;
+    let commit = match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PREPARE => true,
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => false,
+        _ => return,
+    };
+    let ended = ENDED.with(|ended| std::mem::take(&mut *ended.borrow_mut()));
+    if commit {
+        for lease in ended {
+            count(&lease.key, |row| {
+                row.add(Counter::Expirations, lease.expirations);
+                row.add(Counter::HoldMicros, lease.hold_micros);
+            });
+        }
+    }
+}
+
+/// Called by the extension's subtransaction callback (lib.rs): a
+/// subtransaction's counts go with it at its abort, and to its parent at
+/// its commit.
+pub fn on_subxact_event(event: pg_sys::SubXactEvent::Type) {
+    let level = nest_level();
+    ENDED.with(|ended| {
+        let mut ended = ended.borrow_mut();
+        match event {
+            pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
+                ended.retain(|lease| lease.level < level)
+            }
+            pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
+                for lease in ended.iter_mut().filter(|lease| lease.level >= level) {
+                    lease.level = level - 1;
+                }
+            }
+            _ => {}
+        }
     });
 }
 

@@ -305,22 +305,6 @@ async fn queue(db: &Client, key: &str) -> Vec<(i32, i64)> {
     .collect()
 }
 
-/// Wait, up to 10 s, until `pid` is (or is no longer) in fence.waiters.
-async fn until_listed(db: &Client, pid: i32, listed: bool) {
-    for _ in 0..1000 {
-        let found = count(
-            db,
-            &format!("SELECT count(*) FROM fence.waiters WHERE pid = {pid}"),
-        )
-        .await;
-        if (found == 1) == listed {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("waiter {pid} never became listed = {listed}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn waiters_are_listed_in_arrival_order_and_leave_however_their_wait_ends() {
     const DB: &str = "pg_fence_stats_waiters";
@@ -404,4 +388,73 @@ async fn waiters_are_listed_in_arrival_order_and_leave_however_their_wait_ends()
     // The cancelled and terminated calls failed: they count nothing.
     assert_eq!(counter(&row, "acquires"), 3);
     assert_eq!(counter(&row, "timeouts"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_write_with_a_key_longer_than_a_lease_key_is_fn001_and_counted() {
+    const DB: &str = "pg_fence_stats_long_key";
+    let db = stats_database(DB).await;
+    db.batch_execute(
+        "CREATE TABLE notes (id text PRIMARY KEY, v int);
+         SELECT fence.protect('notes', key_column => 'id');",
+    )
+    .await
+    .unwrap();
+    // The key is the column's value: 2000 bytes, more than any lease's key,
+    // so no lease can be live for it.
+    let (state, message) =
+        expect_error(&db, "INSERT INTO notes VALUES (repeat('y', 2000), 1)").await;
+    assert_eq!(state, "FN001", "{message}");
+    // Counted under its class, cut to the longest key.
+    let class = "y".repeat(1024);
+    assert_eq!(counter(&stats(&db, &class).await, "stale_writes"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expiries_and_hold_times_count_only_when_the_ending_transaction_commits() {
+    const DB: &str = "pg_fence_stats_rollback";
+    let db = stats_database(DB).await;
+    let expired = |row: &tokio_postgres::Row| -> (i64, f64) {
+        (row.get("expirations"), row.get("hold_seconds_total"))
+    };
+    acquire(&db, "roll:1", "100 milliseconds", Some("a"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Two grants that take over the expired lease roll back (one of them to
+    // a savepoint): they ended nothing.
+    db.batch_execute(
+        "BEGIN; SELECT fence.lock_acquire('roll:1', '10 seconds', 'b'); ROLLBACK;
+         BEGIN; SAVEPOINT s; SELECT fence.lock_acquire('roll:1', '10 seconds', 'c');
+                ROLLBACK TO SAVEPOINT s; COMMIT;",
+    )
+    .await
+    .unwrap();
+    assert_eq!(expired(&stats(&db, "roll").await), (0, 0.0));
+    // A grant that commits (inside a released savepoint) ended it: once,
+    // after exactly its ttl.
+    db.batch_execute(
+        "BEGIN; SAVEPOINT s; SELECT fence.lock_acquire('roll:1', '10 seconds', 'd');
+                RELEASE SAVEPOINT s; COMMIT;",
+    )
+    .await
+    .unwrap();
+    assert_eq!(expired(&stats(&db, "roll").await), (1, 0.1));
+    // A release that rolls back ended nothing either; the one that commits
+    // counts the hold time.
+    let token = live_token(&db, "roll:1").await.unwrap();
+    db.batch_execute(&format!(
+        "BEGIN; SELECT fence.lock_release('roll:1', {token}); ROLLBACK;"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(expired(&stats(&db, "roll").await), (1, 0.1));
+    assert!(release(&db, "roll:1", token).await.unwrap());
+    let (expirations, hold) = expired(&stats(&db, "roll").await);
+    assert_eq!(expirations, 1);
+    assert!(hold > 0.1, "the released lease's time counted: {hold}");
+    // The calls themselves counted as they returned, committed or not.
+    let row = stats(&db, "roll").await;
+    assert_eq!((counter(&row, "grants"), counter(&row, "releases")), (4, 2));
 }
