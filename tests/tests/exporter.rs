@@ -1,8 +1,8 @@
 //! Prometheus for the database side: Debian's prometheus-postgres-exporter
 //! (installed by scripts/setup.sh) runs with monitoring/
-//! postgres_exporter_queries.yaml against a database of the test cluster
-//! after a known workload, and every pg_fence series it serves matches the
-//! views it was read from.
+//! postgres_exporter_queries.yaml against two databases of the test cluster
+//! (the same key class in both) after a known workload, and every pg_fence
+//! series it serves matches the views it was read from.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -13,6 +13,7 @@ use std::time::Duration;
 use pg_fence_tests::*;
 
 const DB: &str = "pg_fence_exporter";
+const OTHER_DB: &str = "pg_fence_exporter_b";
 const EXPORTER_PORT: u16 = 28897;
 
 struct Exporter(Child);
@@ -30,12 +31,19 @@ fn start_exporter() -> Exporter {
         .arg(format!("--extend.query-path={}", queries.display()))
         .arg(format!("--web.listen-address=127.0.0.1:{EXPORTER_PORT}"))
         .args(["--disable-default-metrics", "--disable-settings-metrics"])
+        // Two databases of one server: the exporter's own server-wide
+        // collectors would serve their series twice (and fail the scrape).
+        .args(["--no-collector.database", "--no-collector.bgwriter"])
         .env(
             "DATA_SOURCE_NAME",
-            format!(
-                "postgresql://postgres@127.0.0.1:{}/{DB}?sslmode=disable",
-                port()
-            ),
+            [DB, OTHER_DB]
+                .map(|db| {
+                    format!(
+                        "postgresql://postgres@127.0.0.1:{}/{db}?sslmode=disable",
+                        port()
+                    )
+                })
+                .join(","),
         )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -70,6 +78,18 @@ fn series(body: &str) -> HashMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_exporter_serves_the_views() {
+    let other = fresh_database(OTHER_DB).await;
+    other
+        .batch_execute("CREATE EXTENSION pg_fence")
+        .await
+        .unwrap();
+    // The same class in the other database: its series must not collide.
+    for _ in 0..2 {
+        acquire(&other, "order:1", "1 minute", Some("b"), "0")
+            .await
+            .unwrap()
+            .unwrap();
+    }
     let db = fresh_database(DB).await;
     db.batch_execute(
         "CREATE EXTENSION pg_fence;
@@ -121,7 +141,9 @@ async fn the_exporter_serves_the_views() {
     for _ in 0..100 {
         if let Some(body) = scrape() {
             found = series(&body);
-            if found.contains_key("pg_fence_lock_acquires{key_class=\"order\"}") {
+            if found.contains_key(
+                "pg_fence_lock_acquires{datname=\"pg_fence_exporter\",key_class=\"order\"}",
+            ) {
                 break;
             }
         }
@@ -158,13 +180,21 @@ async fn the_exporter_serves_the_views() {
     ] {
         let value: i64 = row.get(column);
         assert_eq!(
-            get(&format!("pg_fence_lock_{column}{{key_class=\"order\"}}")),
+            get(&format!(
+                "pg_fence_lock_{column}{{datname=\"pg_fence_exporter\",key_class=\"order\"}}"
+            )),
             value as f64,
             "{column}"
         );
     }
-    assert_eq!(get("pg_fence_lock_acquires{key_class=\"order\"}"), 5.0);
-    assert_eq!(get("pg_fence_lock_stale_writes{key_class=\"order\"}"), 2.0);
+    assert_eq!(
+        get("pg_fence_lock_acquires{datname=\"pg_fence_exporter\",key_class=\"order\"}"),
+        5.0
+    );
+    assert_eq!(
+        get("pg_fence_lock_stale_writes{datname=\"pg_fence_exporter\",key_class=\"order\"}"),
+        2.0
+    );
     // The histogram: each bucket as the view counts it, and the total.
     for bucket in db
         .query(
@@ -175,28 +205,43 @@ async fn the_exporter_serves_the_views() {
         .unwrap()
     {
         let (le, count): (String, i64) = (bucket.get(0), bucket.get(1));
-        let name = format!("pg_fence_lock_wait_seconds_bucket{{key_class=\"order\",le=\"{le}\"}}");
+        let name = format!("pg_fence_lock_wait_seconds_bucket{{datname=\"pg_fence_exporter\",key_class=\"order\",le=\"{le}\"}}");
         assert_eq!(get(&name), count as f64, "{name}");
     }
     assert_eq!(
-        get("pg_fence_lock_wait_seconds_bucket{key_class=\"order\",le=\"+Inf\"}"),
+        get("pg_fence_lock_wait_seconds_bucket{datname=\"pg_fence_exporter\",key_class=\"order\",le=\"+Inf\"}"),
         5.0
     );
     assert_eq!(
-        get("pg_fence_lock_wait_seconds_count{key_class=\"order\"}"),
+        get("pg_fence_lock_wait_seconds_count{datname=\"pg_fence_exporter\",key_class=\"order\"}"),
         5.0
     );
-    assert_eq!(get("pg_fence_leases_live{key_class=\"order\"}"), 1.0);
-    assert_eq!(get("pg_fence_waiters_waiting{key_class=\"order\"}"), 1.0);
     assert_eq!(
-        get("pg_fence_protected_table_refused_writes{tbl=\"orders\"}"),
+        get("pg_fence_leases_live{datname=\"pg_fence_exporter\",key_class=\"order\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("pg_fence_waiters_waiting{datname=\"pg_fence_exporter\",key_class=\"order\"}"),
+        1.0
+    );
+    assert_eq!(
+        get(
+            "pg_fence_protected_table_refused_writes{datname=\"pg_fence_exporter\",tbl=\"orders\"}"
+        ),
         2.0
     );
     assert_eq!(
-        get("pg_fence_protected_table_enforced{tbl=\"orders\"}"),
+        get("pg_fence_protected_table_enforced{datname=\"pg_fence_exporter\",tbl=\"orders\"}"),
         1.0
     );
-    assert!(get("pg_fence_stats_classes_used") >= 1.0);
+    let other_acquires =
+        "pg_fence_lock_acquires{datname=\"pg_fence_exporter_b\",key_class=\"order\"}";
+    assert_eq!(get(other_acquires), 2.0, "the other database's own count");
+    assert_eq!(
+        get("pg_fence_lock_regrants{datname=\"pg_fence_exporter_b\",key_class=\"order\"}"),
+        1.0
+    );
+    assert!(get("pg_fence_stats_classes_used{datname=\"pg_fence_exporter\"}") >= 1.0);
 
     assert!(release(&db, "order:9", token).await.unwrap());
     assert!(waiting.await.unwrap().unwrap().is_some());
