@@ -258,6 +258,23 @@ pub async fn until_waiting(observer: &Client, pid: i32) {
     panic!("session {pid} never started waiting");
 }
 
+/// Wait, up to 10 s, until session `pid` is listed in `fence.waiters` (in
+/// the queue of a key, preload mode), or with `listed = false` no longer.
+pub async fn until_listed(db: &Client, pid: i32, listed: bool) {
+    for _ in 0..1000 {
+        let found = count(
+            db,
+            &format!("SELECT count(*) FROM fence.waiters WHERE pid = {pid}"),
+        )
+        .await;
+        if (found == 1) == listed {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("waiter {pid} never became listed = {listed}");
+}
+
 /// The single `bigint` a query returns (a `count(*)`, say).
 pub async fn count(db: &Client, sql: &str) -> i64 {
     db.query_one(sql, &[]).await.unwrap().get(0)

@@ -8,22 +8,6 @@ use std::time::{Duration, Instant};
 
 use pg_fence_tests::*;
 
-/// Wait, up to 10 s, until `pid` is listed in fence.waiters (or no longer).
-async fn until_listed(db: &Client, pid: i32, listed: bool) {
-    for _ in 0..1000 {
-        let found = count(
-            db,
-            &format!("SELECT count(*) FROM fence.waiters WHERE pid = {pid}"),
-        )
-        .await;
-        if (found == 1) == listed {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("waiter {pid} never became listed = {listed}");
-}
-
 /// A session that queues for `key` (waiting up to `wait`), listed in
 /// fence.waiters before this returns; its task yields the token it got
 /// (releasing it at once) and when.
