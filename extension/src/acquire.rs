@@ -130,6 +130,10 @@ pub fn acquire(
     if let (Some(waiting), Some(_)) = (waiting.as_mut(), &outcome) {
         waiting.granted();
     }
+    // If this grant is rolled back, the key is free again: wake the queue.
+    if outcome.is_some() && !regrant {
+        wait::wake_if_rolled_back(key);
+    }
     drop(waiting);
     if wait_micros > 0 {
         wait::stop_advertising();
@@ -173,17 +177,21 @@ fn attempt(
         .as_ref()
         .is_some_and(|row| row.live && row.holder.as_deref() == Some(holder));
     // G7: whoever queued for the key first takes it first; only the holder
-    // extending its own lease (G6) grants nothing new and passes.
-    if !own_live_lease && waiters::someone_ahead(key, queued) {
-        let expires_at = row
-            .as_ref()
-            .filter(|row| row.live)
-            .map(|row| row.expires_at);
-        let retry_in_ms = expires_at
-            .and_then(|at| TimestampWithTimeZone::try_from(at).ok())
-            .map_or(wait::QUEUED_RECHECK_INTERVAL_MS, |at| {
-                millis_until(at, wait::QUEUED_RECHECK_INTERVAL_MS)
-            });
+    // extending its own lease (G6) grants nothing new and passes. So does a
+    // transaction that already holds the key's lock (it released the lease,
+    // or wrote under it, earlier): nobody ahead can be granted the key
+    // before it ends, so queueing it behind them would only stall both.
+    if !own_live_lease && waiters::someone_ahead(key, queued) && !keylock::held_by_me(key) {
+        // Asleep until woken, or until the lease it sees ends. Seeing none,
+        // the head is about to take the key: look again soon, to learn of
+        // the new lease (and so of its expiry) rather than a second late.
+        let retry_in_ms = match row.as_ref().filter(|row| row.live) {
+            Some(row) => TimestampWithTimeZone::try_from(row.expires_at)
+                .map_or(wait::QUEUED_RECHECK_INTERVAL_MS, |at| {
+                    millis_until(at, wait::QUEUED_RECHECK_INTERVAL_MS)
+                }),
+            None => wait::RECHECK_INTERVAL_MS,
+        };
         return Ok(Attempt::Queued { retry_in_ms });
     }
     let Some(row) = row else {

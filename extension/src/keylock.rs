@@ -90,3 +90,16 @@ pub fn release_share(lock_key: &str) {
     // contract).
     unsafe { pg_sys::LockRelease(&tag, pg_sys::ShareLock as i32, false) };
 }
+
+/// Whether this transaction holds the key's lock, in either mode (a grant,
+/// a fenced write, a renew or release of it earlier in the transaction).
+/// Nobody else can be granted the key before this transaction ends then,
+/// so a fair queue must not make it wait behind them (waiters.rs).
+pub fn held_by_me(lock_key: &str) -> bool {
+    let tag = tag(lock_key);
+    // SAFETY: a lookup in this backend's local lock table, no side effects.
+    unsafe {
+        pg_sys::LockHeldByMe(&tag, pg_sys::ShareLock as i32)
+            || pg_sys::LockHeldByMe(&tag, pg_sys::ExclusiveLock as i32)
+    }
+}

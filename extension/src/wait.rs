@@ -40,6 +40,10 @@ thread_local! {
     /// Keys (and their wait events) to wake waiters of when the current
     /// transaction commits.
     static PENDING_WAKEUPS: RefCell<Vec<(u32, String)>> = const { RefCell::new(Vec::new()) };
+    /// Keys granted in the current transaction (preload mode): if it, or
+    /// the subtransaction of a grant, aborts, the key is free again and its
+    /// queue's head must hear of it.
+    static GRANTED: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The wait event that stands for `lock_key`: its hash (key.rs), folded to
@@ -101,6 +105,20 @@ pub fn wake_after_commit(lock_key: &str) {
     });
 }
 
+/// Remember a key this transaction was granted, to wake its queue's head
+/// if the grant is rolled back (preload mode; no queue otherwise).
+pub fn wake_if_rolled_back(lock_key: &str) {
+    if crate::shmem::segment().is_none() {
+        return;
+    }
+    GRANTED.with(|granted| {
+        let mut granted = granted.borrow_mut();
+        if !granted.iter().any(|key| key == lock_key) {
+            granted.push(lock_key.to_owned());
+        }
+    });
+}
+
 /// Called by the extension's transaction callback (lib.rs).
 pub fn on_xact_event(event: pg_sys::XactEvent::Type) {
     if let pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PREPARE = event {
@@ -121,7 +139,27 @@ pub fn on_resource_release(
     is_commit: bool,
     is_top_level: bool,
 ) {
-    if !is_top_level || phase != pg_sys::ResourceReleasePhase::RESOURCE_RELEASE_AFTER_LOCKS {
+    if phase != pg_sys::ResourceReleasePhase::RESOURCE_RELEASE_AFTER_LOCKS {
+        return;
+    }
+    // An abort, of the transaction or of a subtransaction, has let go of
+    // its locks: a grant it rolled back left its key free. Waking the head
+    // of every key granted in the transaction is at worst a look too many.
+    if !is_commit {
+        let granted = GRANTED.with(|granted| {
+            if is_top_level {
+                std::mem::take(&mut *granted.borrow_mut())
+            } else {
+                granted.borrow().clone()
+            }
+        });
+        for key in granted {
+            crate::waiters::wake_head(&key);
+        }
+    } else if is_top_level {
+        GRANTED.with(|granted| granted.borrow_mut().clear());
+    }
+    if !is_top_level {
         return;
     }
     let events = PENDING_WAKEUPS.with(|pending| std::mem::take(&mut *pending.borrow_mut()));

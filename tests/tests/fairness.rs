@@ -182,3 +182,102 @@ async fn racing_clients_get_equal_turns() {
         "unequal turns: {grants:?} (fewest / most {ratio:.3})"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transaction_that_holds_the_keys_lock_is_not_queued_behind_a_waiter() {
+    let db = connect().await;
+    let holder = connect().await;
+    let key = unique_key("own_lock");
+    let token = acquire(&holder, &key, "1 minute", Some("h1"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let (_, waiter) = queue_up(&db, &key, "20 seconds").await;
+    // Release and take the key again in one transaction: the release holds
+    // the key's lock until it commits, so the waiter cannot be granted
+    // before then; queued behind it, this transaction would wait for a
+    // waiter that waits for it.
+    holder.batch_execute("BEGIN").await.unwrap();
+    assert!(release(&holder, &key, token).await.unwrap());
+    let started = Instant::now();
+    let again = acquire(&holder, &key, "1 minute", Some("h2"), "3 seconds")
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    holder.batch_execute("COMMIT").await.unwrap();
+    let again = again.expect("granted at once, not after its wait");
+    assert!(took < Duration::from_secs(1), "waited {took:?}");
+    assert!(release(&holder, &key, again).await.unwrap());
+    assert!(waiter.await.unwrap().0.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grant_that_rolls_back_hands_the_key_to_the_next_waiter() {
+    let db = connect().await;
+    let key = unique_key("rolled_back");
+    let first = acquire(&db, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    // The head is granted inside a transaction that then rolls back.
+    let head = connect().await;
+    let head_pid = backend_pid(&head).await;
+    let head_key = key.clone();
+    let head_task = tokio::spawn(async move {
+        head.batch_execute("BEGIN").await.unwrap();
+        let granted = acquire(&head, &head_key, "1 minute", None, "20 seconds")
+            .await
+            .unwrap();
+        assert!(granted.is_some());
+        head.batch_execute("ROLLBACK").await.unwrap();
+        Instant::now()
+    });
+    until_listed(&db, head_pid, true).await;
+    let (_, next) = queue_up(&db, &key, "20 seconds").await;
+    assert!(release(&db, &key, first).await.unwrap());
+    let rolled_back = head_task.await.unwrap();
+    let (granted, at) = next.await.unwrap();
+    assert!(granted.unwrap().is_some());
+    let took = at.saturating_duration_since(rolled_back);
+    assert!(
+        took < Duration::from_millis(300),
+        "the key sat free for {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_expiry_hands_the_key_to_the_next_waiter_at_once() {
+    let db = connect().await;
+    let key = unique_key("expiries");
+    // Leases of 300 ms that nobody releases: each waiter in turn gets the
+    // key when the one before expires.
+    acquire(&db, &key, "300 milliseconds", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..4 {
+        let client = connect().await;
+        let pid = backend_pid(&client).await;
+        let key = key.clone();
+        queued.push(tokio::spawn(async move {
+            let granted = acquire(&client, &key, "300 milliseconds", None, "20 seconds")
+                .await
+                .unwrap();
+            assert!(granted.is_some());
+            Instant::now()
+        }));
+        until_listed(&db, pid, true).await;
+    }
+    let mut grants = Vec::new();
+    for task in queued {
+        grants.push(task.await.unwrap());
+    }
+    for pair in grants.windows(2) {
+        let gap = pair[1].duration_since(pair[0]);
+        assert!(
+            gap < Duration::from_millis(600),
+            "a 300 ms lease handed on after {gap:?}"
+        );
+    }
+}
