@@ -107,8 +107,20 @@ pub fn wake_after_commit(lock_key: &str) {
 
 /// Remember a key this transaction was granted, to wake its queue's head
 /// if the grant is rolled back (preload mode; no queue otherwise).
+///
+/// Only while someone is queued (a grant in every other case costs no
+/// allocation): a waiter that queues later, while this grant is still
+/// uncommitted, finds the key's lock taken and, as the head, retries every
+/// `LOCKED_ROW_RETRY_MS` without needing a wake-up.
 pub fn wake_if_rolled_back(lock_key: &str) {
-    if crate::shmem::segment().is_none() {
+    let queued = crate::shmem::segment().is_some_and(|segment| {
+        segment
+            .header()
+            .queued
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    });
+    if !queued {
         return;
     }
     GRANTED.with(|granted| {
