@@ -131,7 +131,9 @@ pub struct Lease<B: Backend> {
     holder: String,
     token: i64,
     state: watch::Receiver<State>,
-    stop: watch::Sender<bool>,
+    /// Shared with the renewal task; whoever ends the lease first says how
+    /// (see [`settle`]).
+    report: Arc<watch::Sender<State>>,
     renewal: Option<JoinHandle<()>>,
     /// Released (or being released) by `release`: Drop has nothing to do.
     settled: bool,
@@ -213,20 +215,19 @@ impl<B: Backend> Lease<B> {
             + remaining
                 .min(options.ttl + wait)
                 .saturating_sub(options.safety_margin);
-        let (state_tx, state) = watch::channel(State::Held {
+        let (report, state) = watch::channel(State::Held {
             deadline,
             expires_at,
         });
-        let (stop, stop_rx) = watch::channel(false);
+        let report = Arc::new(report);
         let holding = Arc::new(metrics::Holding::start());
-        let renewal = tokio::spawn(renew_until_stopped(
+        let renewal = tokio::spawn(renew(
             backend.clone(),
             key.to_owned(),
             token,
             options.clone(),
             deadline,
-            state_tx,
-            stop_rx,
+            report.clone(),
             holding.clone(),
         ));
         Ok(Some(Lease {
@@ -235,7 +236,7 @@ impl<B: Backend> Lease<B> {
             holder,
             token,
             state,
-            stop,
+            report,
             renewal: Some(renewal),
             settled: false,
             holding,
@@ -308,16 +309,19 @@ impl<B: Backend> Lease<B> {
 
     /// Stop renewing and release: true if the lease was still live.
     ///
-    /// Cancel safety: dropped while renewal is stopping, the guard's drop
-    /// still releases best-effort; dropped once the release request is on its
-    /// way, the lease is released or simply expires after its ttl.
+    /// Renewal is stopped at once (aborted, not awaited: a renewal cut off
+    /// in flight either extended the lease before this release ends it, or
+    /// reaches the server after it and finds nothing live to extend).
+    ///
+    /// Cancel safety: dropped before the release request is on its way, the
+    /// lease simply expires after its ttl; after, it is released or expires.
     #[tracing::instrument(name = "pg_fence.release", skip(self), fields(key = %self.key, token = self.token))]
     pub async fn release(mut self) -> Result<bool, Error> {
         self.holding.end();
-        let _ = self.stop.send(true);
         if let Some(task) = self.renewal.take() {
-            let _ = task.await;
+            task.abort();
         }
+        settle(&self.report, State::Released);
         self.settled = true;
         self.backend.release(&self.key, self.token).await
     }
@@ -326,8 +330,8 @@ impl<B: Backend> Lease<B> {
 impl<B: Backend> Drop for Lease<B> {
     fn drop(&mut self) {
         self.holding.end();
-        // No stop signal: an aborted renewal leaves the state Held, which a
-        // lost() future still running elsewhere reports as Abandoned.
+        // The state stays Held: a lost() future still running elsewhere
+        // reports Abandoned once the renewal task is gone.
         if let Some(task) = self.renewal.take() {
             task.abort();
         }
@@ -350,14 +354,15 @@ impl<B: Backend> Drop for Lease<B> {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn renew_until_stopped<B: Backend>(
+/// The renewal task: renews until the lease is lost, or until the guard
+/// aborts it (release or drop).
+async fn renew<B: Backend>(
     backend: B,
     key: String,
     token: i64,
     options: LeaseOptions,
     mut deadline: Instant,
-    state: watch::Sender<State>,
-    mut stop: watch::Receiver<bool>,
+    state: Arc<watch::Sender<State>>,
     holding: Arc<metrics::Holding>,
 ) {
     let retry_pause = (options.renew_every / 4).max(Duration::from_millis(10));
@@ -367,13 +372,10 @@ async fn renew_until_stopped<B: Backend>(
             .in_scope(|| tracing::warn!("lease lost: stop the work it protects"));
         holding.end();
         metrics::lost(&reason);
-        let _ = state.send(State::Lost(reason));
+        settle(&state, State::Lost(reason));
     };
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep_until(next.min(deadline)) => {}
-            _ = stop.changed() => return stopped(&state, &stop),
-        }
+        tokio::time::sleep_until(next.min(deadline)).await;
         let sent = Instant::now();
         if sent >= deadline {
             return lose(LossReason::DeadlinePassed);
@@ -382,18 +384,22 @@ async fn renew_until_stopped<B: Backend>(
             backend.renew(&key, token, options.ttl),
             tracing::debug_span!("pg_fence.renew", key = %key, token),
         );
-        let renewed = tokio::select! {
-            renewed = tokio::time::timeout(deadline - sent, renew) => renewed,
-            _ = stop.changed() => return stopped(&state, &stop),
-        };
+        let renewed = tokio::time::timeout(deadline - sent, renew).await;
         match renewed {
             Ok(Ok(Some(expires_at))) => {
                 metrics::renewal(metrics::Renewal::Renewed);
                 deadline = sent + options.ttl.saturating_sub(options.safety_margin);
                 next = sent + options.renew_every;
-                let _ = state.send(State::Held {
-                    deadline,
-                    expires_at,
+                // Not over a release that won the race with this renewal.
+                state.send_if_modified(|now| {
+                    let held = matches!(now, State::Held { .. });
+                    if held {
+                        *now = State::Held {
+                            deadline,
+                            expires_at,
+                        };
+                    }
+                    held
                 });
                 tracing::trace!(key, token, "pg_fence.renewed");
             }
@@ -419,13 +425,17 @@ async fn renew_until_stopped<B: Backend>(
     }
 }
 
-/// The renewal was told to stop: by `release()` (the stop flag set) the lease
-/// is being released; by the guard going away, it is abandoned (state left
-/// as is, which `lost()` reports once the task is gone).
-fn stopped(state: &watch::Sender<State>, stop: &watch::Receiver<bool>) {
-    if *stop.borrow() {
-        let _ = state.send(State::Released);
-    }
+/// End the lease's state, once: the first of a release (`Released`) and a
+/// loss the renewal task saw (`Lost`) is what holders are told; a renewal
+/// task still running when it was aborted cannot overwrite it.
+fn settle(state: &watch::Sender<State>, end: State) {
+    state.send_if_modified(|now| {
+        let held = matches!(now, State::Held { .. });
+        if held {
+            *now = end;
+        }
+        held
+    });
 }
 
 /// How [`run`] ended.

@@ -463,3 +463,34 @@ async fn a_loss_future_outliving_its_guard_reports_abandoned<B: Backend>(backend
         .expect("resolves");
     assert_eq!(reason, LossReason::Abandoned);
 }
+
+through_both_backends!(a_release_that_cuts_a_renewal_short_ends_the_lease);
+/// `release()` aborts the renewal task rather than waiting for it: released
+/// while renewals are in flight, the lease must still end (a renewal that
+/// reaches the server after the release finds nothing live to extend), be
+/// reported released (never lost), and leave the pool's connections usable.
+async fn a_release_that_cuts_a_renewal_short_ends_the_lease<B: Backend>(backend: B, _app: String) {
+    let key = unique_key("client-release-mid-renewal");
+    // Renewing every millisecond: nearly every release lands on one in flight.
+    let options = LeaseOptions::new(Duration::from_secs(5)).renew_every(Duration::from_millis(1));
+    let observer = connect().await;
+    for round in 0..40u64 {
+        let lease = Lease::try_acquire(&backend, &key, &options)
+            .await
+            .unwrap()
+            .expect("free");
+        let lost = lease.lost();
+        tokio::time::sleep(Duration::from_micros(300 * (round % 7))).await;
+        assert!(lease.release().await.unwrap(), "round {round}: was live");
+        assert_eq!(live_token(&observer, &key).await, None, "round {round}");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), lost)
+                .await
+                .is_err(),
+            "round {round}: a released lease is never reported lost"
+        );
+    }
+    // No renewal cut off in flight comes back to life later either.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(live_token(&observer, &key).await, None);
+}
