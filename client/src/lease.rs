@@ -131,9 +131,11 @@ pub struct Lease<B: Backend> {
     holder: String,
     token: i64,
     state: watch::Receiver<State>,
-    /// Shared with the renewal task; whoever ends the lease first says how
-    /// (see [`settle`]).
-    report: Arc<watch::Sender<State>>,
+    /// The renewal task's sender of the state, which only the task owns:
+    /// once the task is gone (aborted, panicked, its runtime shut down), so
+    /// is the sender, and `lost()` reports `Abandoned` unless the state
+    /// says `Released`. `release()` settles it through this (see [`settle`]).
+    report: std::sync::Weak<watch::Sender<State>>,
     renewal: Option<JoinHandle<()>>,
     /// Released (or being released) by `release`: Drop has nothing to do.
     settled: bool,
@@ -221,13 +223,14 @@ impl<B: Backend> Lease<B> {
         });
         let report = Arc::new(report);
         let holding = Arc::new(metrics::Holding::start());
+        let weak_report = Arc::downgrade(&report);
         let renewal = tokio::spawn(renew(
             backend.clone(),
             key.to_owned(),
             token,
             options.clone(),
             deadline,
-            report.clone(),
+            report,
             holding.clone(),
         ));
         Ok(Some(Lease {
@@ -236,7 +239,7 @@ impl<B: Backend> Lease<B> {
             holder,
             token,
             state,
-            report,
+            report: weak_report,
             renewal: Some(renewal),
             settled: false,
             holding,
@@ -309,19 +312,28 @@ impl<B: Backend> Lease<B> {
 
     /// Stop renewing and release: true if the lease was still live.
     ///
-    /// Renewal is stopped at once (aborted, not awaited: a renewal cut off
-    /// in flight either extended the lease before this release ends it, or
-    /// reaches the server after it and finds nothing live to extend).
+    /// Renewal is stopped at once, aborted rather than awaited, so a release
+    /// never waits behind a slow renewal. A renewal cut off in flight either
+    /// extended the lease before the release ends it, or reaches the server
+    /// after the release and finds nothing live to extend (the server counts
+    /// it in `renewals_lost`). If the release itself never reaches the
+    /// server, the lease expires after at most one ttl from its last renewal.
     ///
-    /// Cancel safety: dropped before the release request is on its way, the
-    /// lease simply expires after its ttl; after, it is released or expires.
+    /// Cancel safety: dropped before it is first polled, the guard's drop
+    /// releases best-effort in the background; dropped later, the release
+    /// request may or may not have reached the server: the lease is released
+    /// or expires as above.
     #[tracing::instrument(name = "pg_fence.release", skip(self), fields(key = %self.key, token = self.token))]
     pub async fn release(mut self) -> Result<bool, Error> {
         self.holding.end();
+        // Settled before the abort: an aborted task dropped on another
+        // worker first would leave a released lease reported `Abandoned`.
+        if let Some(report) = self.report.upgrade() {
+            settle(&report, State::Released);
+        }
         if let Some(task) = self.renewal.take() {
             task.abort();
         }
-        settle(&self.report, State::Released);
         self.settled = true;
         self.backend.release(&self.key, self.token).await
     }
@@ -368,11 +380,13 @@ async fn renew<B: Backend>(
     let retry_pause = (options.renew_every / 4).max(Duration::from_millis(10));
     let mut next = Instant::now() + options.renew_every; // validated: well inside the ttl
     let lose = |reason: LossReason| {
-        tracing::warn_span!("pg_fence.lease_lost", key = %key, token, ?reason)
-            .in_scope(|| tracing::warn!("lease lost: stop the work it protects"));
-        holding.end();
-        metrics::lost(&reason);
-        settle(&state, State::Lost(reason));
+        // Not a loss if a release settled the state first.
+        if settle(&state, State::Lost(reason.clone())) {
+            tracing::warn_span!("pg_fence.lease_lost", key = %key, token, ?reason)
+                .in_scope(|| tracing::warn!("lease lost: stop the work it protects"));
+            holding.end();
+            metrics::lost(&reason);
+        }
     };
     loop {
         tokio::time::sleep_until(next.min(deadline)).await;
@@ -427,15 +441,16 @@ async fn renew<B: Backend>(
 
 /// End the lease's state, once: the first of a release (`Released`) and a
 /// loss the renewal task saw (`Lost`) is what holders are told; a renewal
-/// task still running when it was aborted cannot overwrite it.
-fn settle(state: &watch::Sender<State>, end: State) {
+/// task still running when it was aborted cannot overwrite it. True if this
+/// call settled it.
+fn settle(state: &watch::Sender<State>, end: State) -> bool {
     state.send_if_modified(|now| {
         let held = matches!(now, State::Held { .. });
         if held {
             *now = end;
         }
         held
-    });
+    })
 }
 
 /// How [`run`] ended.

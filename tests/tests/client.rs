@@ -494,3 +494,48 @@ async fn a_release_that_cuts_a_renewal_short_ends_the_lease<B: Backend>(backend:
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(live_token(&observer, &key).await, None);
 }
+
+/// A guard whose renewal task is gone while the guard lives on (its runtime
+/// shut down; a panic in the task is the same) must tell the holder:
+/// nobody renews the lease any more, so `lost()` resolves `Abandoned`
+/// rather than never.
+fn a_guard_that_outlives_its_renewal_task_reports_abandoned<B, F>(make: fn(String) -> F)
+where
+    B: Backend + 'static,
+    F: std::future::Future<Output = B>,
+{
+    let key = unique_key("client-task-gone");
+    let first = tokio::runtime::Runtime::new().unwrap();
+    let (lease, lost) = first.block_on(async {
+        let backend = make(unique_table("task-gone")).await;
+        let lease = Lease::try_acquire(&backend, &key, &LeaseOptions::default())
+            .await
+            .unwrap()
+            .expect("free");
+        let lost = lease.lost();
+        (lease, lost)
+    });
+    // Shutting the runtime down drops the renewal task; the guard lives on.
+    first.shutdown_timeout(Duration::from_secs(2));
+    let second = tokio::runtime::Runtime::new().unwrap();
+    let reason =
+        second.block_on(async { tokio::time::timeout(Duration::from_secs(2), lost).await });
+    assert_eq!(reason, Ok(LossReason::Abandoned));
+    // Its pool belonged to the runtime that is gone: nothing can release it
+    // (the key is unique; it expires).
+    std::mem::forget(lease);
+}
+
+#[test]
+fn a_guard_that_outlives_its_renewal_task_reports_abandoned_sqlx() {
+    a_guard_that_outlives_its_renewal_task_reports_abandoned(
+        |app| async move { sqlx_pool(&app).await },
+    );
+}
+
+#[test]
+fn a_guard_that_outlives_its_renewal_task_reports_abandoned_deadpool() {
+    a_guard_that_outlives_its_renewal_task_reports_abandoned(|app| async move {
+        deadpool_pool(&app).await
+    });
+}
