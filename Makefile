@@ -92,6 +92,7 @@ bench:
 	bench/lease_cycle.sh
 	bench/fence_write.sh
 	bench/hot_key.sh
+	bench/handoff_floor.sh
 	bench/client.sh
 	bench/stats_cost.sh
 	bench/scale.sh   # last: it drops and re-creates the extension
