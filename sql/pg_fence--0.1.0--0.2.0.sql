@@ -170,6 +170,27 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'lock_stats_reset_wrapper';
 
+CREATE FUNCTION fence."semaphore_acquire"(
+	"name" TEXT,
+	"permits" INT,
+	"ttl" interval DEFAULT '30 seconds',
+	"holder" TEXT DEFAULT NULL,
+	"wait" interval DEFAULT '0'
+) RETURNS fence.lease /* Option < :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox ::
+AllocatedByRust > > */
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'semaphore_acquire_wrapper';
+
+CREATE FUNCTION fence."semaphore_status"(
+	"name" TEXT
+) RETURNS SETOF fence.lease /* :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox :: AllocatedByRust
+> */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'semaphore_status_wrapper';
+
 -- sql/fence.sql as of 0.2.0: protect() needs fence_admin and trusted
 -- columns, fences reach partitions and inheritance children, the DDL event
 -- triggers, fence.blockers, refused writes in fence.protected_tables.

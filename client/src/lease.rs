@@ -12,6 +12,17 @@ use tokio::time::Instant;
 use crate::backend::{Backend, Grant};
 use crate::{metrics, Error};
 
+/// What a lease is on.
+#[derive(Clone, Copy)]
+pub(crate) enum Target<'a> {
+    Key(&'a str),
+    /// Any one permit of a semaphore (`fence.semaphore_acquire`).
+    Permit {
+        name: &'a str,
+        permits: i32,
+    },
+}
+
 /// How a lease is taken and kept: the one place its policy lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseOptions {
@@ -166,9 +177,20 @@ impl<B: Backend> Lease<B> {
         options: &LeaseOptions,
         wait: Duration,
     ) -> Result<Option<Lease<B>>, Error> {
+        Lease::acquire_target(backend, Target::Key(key), options, wait).await
+    }
+
+    /// A lease on `target` (a key, or a semaphore's permit), with the
+    /// metrics of an acquire.
+    pub(crate) async fn acquire_target(
+        backend: &B,
+        target: Target<'_>,
+        options: &LeaseOptions,
+        wait: Duration,
+    ) -> Result<Option<Lease<B>>, Error> {
         options.validate()?;
         let started = Instant::now();
-        let outcome = Lease::acquire_as(backend, key, options, wait).await;
+        let outcome = Lease::acquire_as(backend, target, options, wait).await;
         let kind = match &outcome {
             Ok(Some(_)) => metrics::Acquired::Granted,
             Ok(None) => metrics::Acquired::Busy,
@@ -180,7 +202,7 @@ impl<B: Backend> Lease<B> {
 
     async fn acquire_as(
         backend: &B,
-        key: &str,
+        target: Target<'_>,
         options: &LeaseOptions,
         wait: Duration,
     ) -> Result<Option<Lease<B>>, Error> {
@@ -191,7 +213,18 @@ impl<B: Backend> Lease<B> {
         let mut attempts = 0;
         let (sent, grant) = loop {
             let sent = Instant::now();
-            match backend.acquire(key, options.ttl, &holder, wait).await {
+            let granted = match target {
+                Target::Key(key) => backend
+                    .acquire(key, options.ttl, &holder, wait)
+                    .await
+                    .map(|grant| grant.map(|grant| (key.to_owned(), grant))),
+                Target::Permit { name, permits } => {
+                    backend
+                        .acquire_permit(name, permits, options.ttl, &holder, wait)
+                        .await
+                }
+            };
+            match granted {
                 Ok(grant) => break (sent, grant),
                 // The reply was lost: ask again as the same holder, which
                 // returns the lease if the first request had granted it.
@@ -202,11 +235,14 @@ impl<B: Backend> Lease<B> {
                 Err(error) => return Err(error),
             }
         };
-        let Some(Grant {
-            token,
-            remaining,
-            expires_at,
-        }) = grant
+        let Some((
+            key,
+            Grant {
+                token,
+                remaining,
+                expires_at,
+            },
+        )) = grant
         else {
             return Ok(None);
         };
@@ -226,7 +262,7 @@ impl<B: Backend> Lease<B> {
         let weak_report = Arc::downgrade(&report);
         let renewal = tokio::spawn(renew(
             backend.clone(),
-            key.to_owned(),
+            key.clone(),
             token,
             options.clone(),
             deadline,
@@ -235,7 +271,7 @@ impl<B: Backend> Lease<B> {
         ));
         Ok(Some(Lease {
             backend: backend.clone(),
-            key: key.to_owned(),
+            key,
             holder,
             token,
             state,

@@ -46,6 +46,7 @@ mod lease;
 pub mod metrics;
 pub mod once;
 pub mod rows;
+mod semaphore;
 pub mod sql;
 
 pub use advisory::{AdvisoryKey, Wait};
@@ -54,3 +55,4 @@ pub use error::Error;
 pub use lease::{run, Lease, LeaseOptions, LossReason, RunOutcome};
 pub use once::Once;
 pub use rows::{Cas, RowLock, Table};
+pub use semaphore::Semaphore;

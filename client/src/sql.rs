@@ -13,6 +13,14 @@ pub const ACQUIRE: &str = "SELECT l.token, \
    FROM fence.lock_acquire($1, make_interval(secs => $2::float8 / 1000), $3, \
                            make_interval(secs => $4::float8 / 1000)) AS l";
 
+/// `$1` semaphore name, `$2` permits, `$3` ttl ms, `$4` holder, `$5` wait
+/// ms: as [`ACQUIRE`], the permit's key first (NULLs if none was granted).
+pub const SEMAPHORE_ACQUIRE: &str = "SELECT l.lock_key, l.token, \
+        (extract(epoch FROM l.expires_at - statement_timestamp()) * 1000)::bigint AS remaining_ms, \
+        extract(epoch FROM l.expires_at)::float8 AS expires_at \
+   FROM fence.semaphore_acquire($1, $2, make_interval(secs => $3::float8 / 1000), $4, \
+                                make_interval(secs => $5::float8 / 1000)) AS l";
+
 /// `$1` key, `$2` token, `$3` ttl ms: the new expiry (Unix seconds, server
 /// clock), NULL when the lease was no longer live.
 pub const RENEW: &str =

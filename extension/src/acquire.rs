@@ -24,7 +24,14 @@ use crate::lease::{granted, Lease};
 use crate::plans::{with_spi, Plans};
 use crate::roles::{caller_role, is_fence_admin, not_owner, refuse_security_restricted};
 use crate::subxact::in_subtransaction;
-use crate::{keylock, probe, stats, wait, waiters};
+use crate::{keylock, probe, semaphore, stats, wait, waiters};
+
+/// What an acquire is for: one key, or any one permit of a semaphore.
+#[derive(Clone, Copy)]
+pub enum Target<'a> {
+    Key(&'a str),
+    Semaphore { name: &'a str, permits: i32 },
+}
 
 pub enum Attempt {
     Granted {
@@ -68,28 +75,47 @@ pub fn acquire(
     wait: Option<Interval>,
 ) -> Result<Option<Lease>, Failure> {
     const F: &str = "lock_acquire";
-    refuse_security_restricted(F)?;
     let key = check_key(F, lock_key)?;
-    let ttl = exact_ttl(F, &required(F, "ttl", ttl)?)?;
-    let wait = required(F, "wait", wait)?;
+    run(F, Target::Key(key), ttl, holder, wait)
+}
+
+/// The acquire loop of `lock_acquire` and `semaphore_acquire` (F): attempt,
+/// and while busy and `wait` lasts, queue (preload mode) and sleep until
+/// woken or the lease seen ends.
+pub fn run(
+    function: &'static str,
+    target: Target<'_>,
+    ttl: Option<Interval>,
+    holder: Option<&str>,
+    wait: Option<Interval>,
+) -> Result<Option<Lease>, Failure> {
+    refuse_security_restricted(function)?;
+    // A key's waiters queue under the key; a semaphore's under its queue key.
+    let (queue_key, counted_as) = match target {
+        Target::Key(key) => (std::borrow::Cow::Borrowed(key), key),
+        Target::Semaphore { name, .. } => (semaphore::queue_key(name).into(), name),
+    };
+    let ttl = exact_ttl(function, &required(function, "ttl", ttl)?)?;
+    let wait = required(function, "wait", wait)?;
     let wait_micros = interval_micros(&wait);
     if wait_micros < 0 {
         return fail(FenceError::InvalidArgument {
-            function: F,
+            function,
             argument: "wait",
             problem: "must not be negative".into(),
         });
     }
     if wait_micros > 0 && uses_transaction_snapshot() {
         return fail(FenceError::WaitNeedsReadCommitted {
-            lock_key: key.to_owned(),
+            lock_key: counted_as.to_owned(),
         });
     }
+    let holder_given = holder.is_some();
     let holder = check_holder(holder)?;
     let role = caller_role();
     let started = now_micros();
     let deadline = started.saturating_add(i64::try_from(wait_micros).unwrap_or(i64::MAX));
-    let event = wait::wait_event_for(key);
+    let event = wait::wait_event_for(&queue_key);
     let mut contended = false;
     // In fence.waiters while it sleeps; leaves on drop, whatever the exit.
     let mut waiting: Option<waiters::Waiting> = None;
@@ -100,7 +126,21 @@ pub fn acquire(
             wait::advertise(event);
         }
         let queued = waiting.as_ref();
-        match with_spi(|client, plans| attempt(client, plans, key, &holder, ttl, role, queued))? {
+        let outcome = with_spi(|client, plans| match target {
+            Target::Key(key) => attempt(client, plans, key, &holder, ttl, role, queued),
+            Target::Semaphore { name, permits } => semaphore::attempt(
+                client,
+                plans,
+                name,
+                permits,
+                &holder,
+                holder_given,
+                ttl,
+                role,
+                queued,
+            ),
+        })?;
+        match outcome {
             Attempt::Granted {
                 lease,
                 regrant,
@@ -119,20 +159,21 @@ pub fn acquire(
                     break (None, false, None);
                 }
                 if waiting.is_none() {
-                    waiting = waiters::enter(key, waiters::Mode::Exclusive, role, deadline);
+                    waiting = waiters::enter(&queue_key, waiters::Mode::Exclusive, role, deadline);
                 }
                 wait::sleep(event, retry_in_ms.min(left_ms));
             }
         }
     };
     // A waiter granted the key leaves the queue without waking the next:
-    // the key is held now, and its release wakes the next head.
-    if let (Some(waiting), Some(_)) = (waiting.as_mut(), &outcome) {
+    // the key is held now, and its release wakes the next head. A
+    // semaphore's waiter does wake the next: another permit may be free.
+    if let (Some(waiting), Some(_), Target::Key(_)) = (waiting.as_mut(), &outcome, target) {
         waiting.granted();
     }
     // If this grant is rolled back, the key is free again: wake the queue.
-    if outcome.is_some() && !regrant {
-        wait::wake_if_rolled_back(key);
+    if let (Some(lease), false) = (&outcome, regrant) {
+        wait::wake_if_rolled_back(&lease.lock_key);
     }
     drop(waiting);
     if wait_micros > 0 {
@@ -140,7 +181,7 @@ pub fn acquire(
     }
     if stats::counting() {
         stats::acquire(
-            key,
+            counted_as,
             &stats::Acquired {
                 outcome: match (&outcome, regrant) {
                     (None, _) => stats::Outcome::Busy,
@@ -158,7 +199,7 @@ pub fn acquire(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn attempt(
+pub fn attempt(
     client: &mut SpiClient<'_>,
     plans: &Plans,
     key: &str,

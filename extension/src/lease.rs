@@ -239,6 +239,25 @@ pub fn status(lock_key: Option<&str>) -> Result<Option<Lease>, Failure> {
     })
 }
 
+/// The live leases on keys from `from` up to, not including, `to` (in the
+/// keys' "C" order), by key.
+pub fn live_between(from: &str, to: &str) -> Result<Vec<Lease>, Failure> {
+    with_spi(|client, plans| {
+        let rows = client.select(&plans.live_between, None, &[from.into(), to.into()])?;
+        let mut leases = Vec::with_capacity(rows.len());
+        for row in rows {
+            leases.push(Lease {
+                lock_key: required_col(row.get(1)?)?,
+                holder: required_col(row.get(2)?)?,
+                token: required_col(row.get(3)?)?,
+                acquired_at: required_col(row.get(4)?)?,
+                expires_at: required_col(row.get(5)?)?,
+            });
+        }
+        Ok(leases)
+    })
+}
+
 pub fn token_of(lock_key: Option<&str>) -> Result<Option<i64>, Failure> {
     let key = check_key("current_token", lock_key)?;
     with_spi(|client, plans| {

@@ -31,6 +31,7 @@ pub mod plans;
 pub mod probe;
 pub mod reach;
 pub mod roles;
+pub mod semaphore;
 pub mod settings;
 pub mod shmem;
 pub mod statement;

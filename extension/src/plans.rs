@@ -25,6 +25,7 @@ pub struct Plans {
     pub force_release: OwnedPreparedStatement,
     pub live_owner: OwnedPreparedStatement,
     pub live_lease: OwnedPreparedStatement,
+    pub live_between: OwnedPreparedStatement,
     pub token_of: OwnedPreparedStatement,
 }
 
@@ -126,6 +127,14 @@ impl Plans {
                       WHERE l.lock_key = $1 AND {LIVE}"
                 ),
                 &[TEXTOID],
+            )?,
+            live_between: prep(
+                format!(
+                    "SELECT l.lock_key, l.holder, l.token, l.acquired_at, l.expires_at FROM fence.leases AS l \
+                      WHERE l.lock_key >= $1 COLLATE pg_catalog.\"C\" AND l.lock_key < $2 COLLATE pg_catalog.\"C\" \
+                        AND {LIVE} ORDER BY l.lock_key"
+                ),
+                &[TEXTOID, TEXTOID],
             )?,
             token_of: prep("SELECT l.token FROM fence.leases AS l WHERE l.lock_key = $1".into(), &[TEXTOID])?,
         })

@@ -167,6 +167,9 @@ pub fn on_resource_release(
         });
         for key in granted {
             crate::waiters::wake_head(&key);
+            if let Some(name) = crate::semaphore::semaphore_of(&key) {
+                crate::waiters::wake_head(&crate::semaphore::queue_key(name));
+            }
         }
     } else if is_top_level {
         GRANTED.with(|granted| granted.borrow_mut().clear());
@@ -177,14 +180,23 @@ pub fn on_resource_release(
     let events = PENDING_WAKEUPS.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
     if is_commit {
         for (event, key) in events {
-            // Preload mode: the head of the key's queue (G7). Otherwise one
-            // backend advertising the key's wait event.
-            if !crate::waiters::wake_head(&key) {
-                // SAFETY: called in a backend attached to shared memory,
-                // outside any critical section, as the commit path is here.
-                unsafe { wake_one_waiting_on(event) };
+            wake_one_of(event, &key);
+            // A semaphore's permit: its semaphore's waiters want it too.
+            if let Some(name) = crate::semaphore::semaphore_of(&key) {
+                let queue = crate::semaphore::queue_key(name);
+                wake_one_of(wait_event_for(&queue), &queue);
             }
         }
+    }
+}
+
+/// Wake one waiter of `key`: in preload mode the head of its queue (G7);
+/// otherwise (or with nobody queued) one backend advertising its wait event.
+fn wake_one_of(event: u32, key: &str) {
+    if !crate::waiters::wake_head(key) {
+        // SAFETY: called in a backend attached to shared memory, outside
+        // any critical section, as the commit path is here.
+        unsafe { wake_one_waiting_on(event) };
     }
 }
 

@@ -354,6 +354,26 @@ impl<B: Backend> Backend for LostFirstReply<B> {
         Ok(grant)
     }
 
+    async fn acquire_permit(
+        &self,
+        name: &str,
+        permits: i32,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+    ) -> Result<Option<(String, pg_fence_client::Grant)>, Error> {
+        let permit = self
+            .inner
+            .acquire_permit(name, permits, ttl, holder, wait)
+            .await?;
+        if !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Connection(
+                "connection reset before the reply".into(),
+            ));
+        }
+        Ok(permit)
+    }
+
     async fn renew(
         &self,
         key: &str,
@@ -391,6 +411,35 @@ async fn a_lost_acquire_reply_is_retried_as_the_same_holder<B: Backend>(backend:
         "one lease, the first request's"
     );
     assert!(lease.release().await.unwrap());
+}
+
+through_both_backends!(a_lost_permit_reply_is_retried_as_the_same_holder);
+/// As for a key: a semaphore acquire whose reply was lost is retried as the
+/// same holder and gets the permit its first request was granted (G6 per
+/// permit), not a second one.
+async fn a_lost_permit_reply_is_retried_as_the_same_holder<B: Backend>(backend: B, _app: String) {
+    let semaphore = pg_fence_client::Semaphore::new(unique_key("client-lost-permit"), 3).unwrap();
+    let flaky = LostFirstReply {
+        inner: backend,
+        lost: Default::default(),
+    };
+    let permit = semaphore
+        .try_acquire(&flaky, &LeaseOptions::default())
+        .await
+        .unwrap()
+        .expect("G6: our own permit back");
+    assert!(flaky.lost.load(std::sync::atomic::Ordering::SeqCst));
+    let live: i64 = connect()
+        .await
+        .query_one(
+            "SELECT count(*) FROM fence.semaphore_status($1)",
+            &[&semaphore.name()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(live, 1, "one permit, the first request's");
+    assert!(permit.release().await.unwrap());
 }
 
 through_both_backends!(a_lease_won_after_a_long_wait_is_not_reported_lost);
@@ -538,4 +587,107 @@ fn a_guard_that_outlives_its_renewal_task_reports_abandoned_deadpool() {
     a_guard_that_outlives_its_renewal_task_reports_abandoned(|app| async move {
         deadpool_pool(&app).await
     });
+}
+
+through_both_backends!(a_semaphore_never_has_more_than_n_permit_guards_at_once);
+/// `Semaphore`: permits are lease guards; racing tasks never hold more
+/// than N at once and all N get used.
+async fn a_semaphore_never_has_more_than_n_permit_guards_at_once<B: Backend>(
+    backend: B,
+    _app: String,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const PERMITS: usize = 2;
+    let semaphore =
+        pg_fence_client::Semaphore::new(unique_key("client-sem"), PERMITS as u32).unwrap();
+    let inside = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let stop = Instant::now() + Duration::from_secs(2);
+    let mut tasks = Vec::new();
+    // Four tasks: a waiting acquire holds one of the pool's four connections
+    // while it waits, and a release needs one too.
+    for _ in 0..4 {
+        let (backend, semaphore, inside, most) = (
+            backend.clone(),
+            semaphore.clone(),
+            inside.clone(),
+            most.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut grants = 0;
+            while Instant::now() < stop {
+                let permit = semaphore
+                    .acquire(&backend, &LeaseOptions::default(), Duration::from_secs(10))
+                    .await
+                    .unwrap()
+                    .expect("a permit within 10 s");
+                assert!(
+                    permit.key().starts_with(semaphore.name()),
+                    "{}",
+                    permit.key()
+                );
+                let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                assert!(now <= PERMITS, "{now} permits held");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+                assert!(permit.release().await.unwrap());
+                grants += 1;
+            }
+            grants
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    assert_eq!(most.load(Ordering::SeqCst), PERMITS);
+    assert!(total > 20, "{total} grants");
+}
+
+through_both_backends!(a_permit_guard_renews_and_its_drop_gives_the_permit_back);
+async fn a_permit_guard_renews_and_its_drop_gives_the_permit_back<B: Backend>(
+    backend: B,
+    _app: String,
+) {
+    let semaphore = pg_fence_client::Semaphore::new(unique_key("client-sem-one"), 1).unwrap();
+    let options = LeaseOptions::new(Duration::from_millis(600));
+    let permit = semaphore
+        .try_acquire(&backend, &options)
+        .await
+        .unwrap()
+        .expect("free");
+    let lost = permit.lost();
+    // Held well past its ttl: renewed in the background.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        live_token(&connect().await, permit.key()).await,
+        Some(permit.token())
+    );
+    assert!(semaphore
+        .try_acquire(&backend, &options)
+        .await
+        .unwrap()
+        .is_none());
+    // Dropped: released in the background, and the permit is free again.
+    drop(permit);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let again = loop {
+        if let Some(permit) = semaphore.try_acquire(&backend, &options).await.unwrap() {
+            break permit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dropped permit never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        tokio::time::timeout(Duration::from_millis(100), lost).await,
+        Ok(LossReason::Abandoned)
+    );
+    assert!(again.release().await.unwrap());
+    let error = pg_fence_client::Semaphore::new("s", 0).unwrap_err();
+    assert!(matches!(error, Error::InvalidArgument { .. }), "{error:?}");
 }

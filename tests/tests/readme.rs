@@ -43,3 +43,8 @@ fn excerpt_is_the_goldens_output(golden_name: &str) {
         "the README's {golden_name} excerpt is not what the golden prints:\n{excerpt}"
     );
 }
+
+#[test]
+fn the_readme_semaphore_excerpt_is_the_goldens_output() {
+    excerpt_is_the_goldens_output("semaphore.out");
+}

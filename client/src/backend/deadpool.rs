@@ -24,6 +24,30 @@ impl Backend for Pool {
         Ok(grant(row.get(0), row.get(1), row.get(2)))
     }
 
+    async fn acquire_permit(
+        &self,
+        name: &str,
+        permits: i32,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+    ) -> Result<Option<(String, Grant)>, Error> {
+        let client = self.get().await.map_err(pool_error)?;
+        let statement = client
+            .prepare_cached(sql::SEMAPHORE_ACQUIRE)
+            .await
+            .map_err(error)?;
+        let row = client
+            .query_one(
+                &statement,
+                &[&name, &permits, &millis(ttl), &holder, &millis(wait)],
+            )
+            .await
+            .map_err(error)?;
+        let key: Option<String> = row.get(0);
+        Ok(key.zip(grant(row.get(1), row.get(2), row.get(3))))
+    }
+
     async fn renew(
         &self,
         key: &str,

@@ -38,6 +38,16 @@ pub trait Backend: Clone + Send + Sync + 'static {
         holder: &str,
         wait: Duration,
     ) -> impl Future<Output = Result<Option<Grant>, Error>> + Send;
+    /// `fence.semaphore_acquire`: the permit's key and grant, `None` when no
+    /// permit was free for `wait`.
+    fn acquire_permit(
+        &self,
+        name: &str,
+        permits: i32,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Option<(String, Grant)>, Error>> + Send;
     /// `fence.lock_renew`: the new expiry (server clock), `None` when the
     /// lease is no longer live.
     fn renew(

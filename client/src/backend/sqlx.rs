@@ -7,6 +7,9 @@ use sqlx::PgPool;
 use super::{grant, millis, unix_seconds, Backend, Grant};
 use crate::{sql, Error};
 
+/// A permit's row: its key, token, time left (ms) and expiry (Unix seconds).
+type Permit = (Option<String>, Option<i64>, Option<i64>, Option<f64>);
+
 impl Backend for PgPool {
     async fn acquire(
         &self,
@@ -25,6 +28,26 @@ impl Backend for PgPool {
                 .await
                 .map_err(error)?;
         Ok(grant(token, remaining, expires_at))
+    }
+
+    async fn acquire_permit(
+        &self,
+        name: &str,
+        permits: i32,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+    ) -> Result<Option<(String, Grant)>, Error> {
+        let (key, token, remaining, expires_at): Permit = sqlx::query_as(sql::SEMAPHORE_ACQUIRE)
+            .bind(name)
+            .bind(permits)
+            .bind(millis(ttl))
+            .bind(holder)
+            .bind(millis(wait))
+            .fetch_one(self)
+            .await
+            .map_err(error)?;
+        Ok(key.zip(grant(token, remaining, expires_at)))
     }
 
     async fn renew(
