@@ -85,7 +85,7 @@ impl Semaphore {
     /// Wait up to `wait` (inside the server, in arrival order in preload
     /// mode) for a permit: `None` if none came free. Cancel safety: as
     /// [`Semaphore::try_acquire`].
-    #[tracing::instrument(name = "pg_fence.semaphore_acquire", skip(backend, options), fields(name = %self.name, permits = self.permits))]
+    #[tracing::instrument(name = "pg_fence.semaphore_acquire", skip(backend, options), fields(name = %self.name, permits = self.permits, token))]
     pub async fn acquire<B: Backend>(
         &self,
         backend: &B,

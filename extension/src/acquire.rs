@@ -75,13 +75,15 @@ pub fn acquire(
     wait: Option<Interval>,
 ) -> Result<Option<Lease>, Failure> {
     const F: &str = "lock_acquire";
+    refuse_security_restricted(F)?;
     let key = check_key(F, lock_key)?;
     run(F, Target::Key(key), ttl, holder, wait)
 }
 
-/// The acquire loop of `lock_acquire` and `semaphore_acquire` (F): attempt,
-/// and while busy and `wait` lasts, queue (preload mode) and sleep until
-/// woken or the lease seen ends.
+/// The acquire loop of `lock_acquire` and `semaphore_acquire` (`function`,
+/// which has refused a security-restricted caller and checked the target):
+/// attempt, and while busy and `wait` lasts, queue (preload mode) and sleep
+/// until woken or the lease seen ends.
 pub fn run(
     function: &'static str,
     target: Target<'_>,
@@ -89,11 +91,18 @@ pub fn run(
     holder: Option<&str>,
     wait: Option<Interval>,
 ) -> Result<Option<Lease>, Failure> {
-    refuse_security_restricted(function)?;
     // A key's waiters queue under the key; a semaphore's under its queue key.
-    let (queue_key, counted_as) = match target {
-        Target::Key(key) => (std::borrow::Cow::Borrowed(key), key),
-        Target::Semaphore { name, .. } => (semaphore::queue_key(name).into(), name),
+    let (queue_key, mode, counted_as) = match target {
+        Target::Key(key) => (
+            std::borrow::Cow::Borrowed(key),
+            waiters::Mode::Exclusive,
+            key,
+        ),
+        Target::Semaphore { name, .. } => (
+            semaphore::queue_key(name).into(),
+            waiters::Mode::Semaphore,
+            name,
+        ),
     };
     let ttl = exact_ttl(function, &required(function, "ttl", ttl)?)?;
     let wait = required(function, "wait", wait)?;
@@ -111,7 +120,7 @@ pub fn run(
         });
     }
     let holder_given = holder.is_some();
-    let holder = check_holder(holder)?;
+    let holder = check_holder(function, holder)?;
     let role = caller_role();
     let started = now_micros();
     let deadline = started.saturating_add(i64::try_from(wait_micros).unwrap_or(i64::MAX));
@@ -159,7 +168,7 @@ pub fn run(
                     break (None, false, None);
                 }
                 if waiting.is_none() {
-                    waiting = waiters::enter(&queue_key, waiters::Mode::Exclusive, role, deadline);
+                    waiting = waiters::enter(&queue_key, mode, role, deadline);
                 }
                 wait::sleep(event, retry_in_ms.min(left_ms));
             }
@@ -167,9 +176,13 @@ pub fn run(
     };
     // A waiter granted the key leaves the queue without waking the next:
     // the key is held now, and its release wakes the next head. A
-    // semaphore's waiter does wake the next: another permit may be free.
-    if let (Some(waiting), Some(_), Target::Key(_)) = (waiting.as_mut(), &outcome, target) {
+    // semaphore's waiter wakes the next once its grant has committed (and
+    // let go of the permit's lock): another permit may be free.
+    if let (Some(waiting), Some(lease)) = (waiting.as_mut(), &outcome) {
         waiting.granted();
+        if let Target::Semaphore { .. } = target {
+            wait::wake_after_commit(&lease.lock_key);
+        }
     }
     // If this grant is rolled back, the key is free again: wake the queue.
     if let (Some(lease), false) = (&outcome, regrant) {
@@ -222,7 +235,10 @@ pub fn attempt(
     // transaction that already holds the key's lock (it released the lease,
     // or wrote under it, earlier): nobody ahead can be granted the key
     // before it ends, so queueing it behind them would only stall both.
-    if !own_live_lease && waiters::someone_ahead(key, queued) && !keylock::held_by_me(key) {
+    if !own_live_lease
+        && waiters::someone_ahead(key, waiters::Mode::Exclusive, queued)
+        && !keylock::held_by_me(key)
+    {
         // Asleep until woken, or until the lease it sees ends. Seeing none,
         // the head is about to take the key: look again soon, to learn of
         // the new lease (and so of its expiry) rather than a second late.
@@ -294,6 +310,15 @@ pub fn attempt(
 /// Whether an attempt's subtransaction is kept: only a grant is.
 fn granted_a_lease(attempt: &Attempt) -> bool {
     matches!(attempt, Attempt::Granted { .. })
+}
+
+/// How long to sleep for a lease that expires at `expires_at`: until then,
+/// at most [`wait::RECHECK_INTERVAL_MS`].
+pub fn retry_until(expires_at: pg_sys::TimestampTz) -> i64 {
+    match TimestampWithTimeZone::try_from(expires_at) {
+        Ok(at) => millis_until(at, wait::RECHECK_INTERVAL_MS),
+        Err(_) => wait::RECHECK_INTERVAL_MS,
+    }
 }
 
 fn busy_until(expires_at: Option<TimestampWithTimeZone>) -> Attempt {

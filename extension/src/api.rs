@@ -1,7 +1,8 @@
 //! The SQL-callable lease functions, in one place so that what runs with the
 //! extension owner's rights (`SECURITY DEFINER`, each with a pinned
 //! `search_path`) can be audited at a glance. Each wrapper hands its
-//! arguments to the logic (acquire.rs, lease.rs, operations.rs) and raises
+//! arguments to the logic (acquire.rs, lease.rs, semaphore.rs,
+//! operations.rs) and raises
 //! any error at the top (errors.rs). Triggers are in fence.rs.
 
 use pgrx::datum::{Interval, TimestampWithTimeZone};
@@ -9,7 +10,7 @@ use pgrx::prelude::*;
 
 use crate::errors::or_raise;
 use crate::lease::Lease;
-use crate::{acquire, lease, operations};
+use crate::{acquire, lease, operations, semaphore};
 
 /// Grant a lease on `lock_key`, waiting up to `wait` for it to free. NULL if
 /// not granted in time. The same `holder` re-acquiring its live lease gets the
@@ -66,6 +67,38 @@ fn lock_status(lock_key: Option<&str>) -> Option<pgrx::composite_type!('static, 
 #[pg_extern(stable, parallel_unsafe)]
 fn current_token(lock_key: Option<&str>) -> Option<i64> {
     or_raise(lease::token_of(lock_key))
+}
+
+/// One of `permits` permits of semaphore `name`: a lease on the permit's
+/// own key (`lock_key`), renewed and released as any lease. NULL if none
+/// was free within `wait`.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn semaphore_acquire(
+    name: Option<&str>,
+    permits: Option<i32>,
+    ttl: default!(Option<Interval>, "'30 seconds'"),
+    holder: default!(Option<&str>, "NULL"),
+    wait: default!(Option<Interval>, "'0'"),
+) -> Option<pgrx::composite_type!('static, "fence.lease")> {
+    or_raise(
+        semaphore::acquire(name, permits, ttl, holder, wait)
+            .and_then(|lease| lease.map(Lease::into_composite).transpose()),
+    )
+}
+
+/// The live permits of semaphore `name`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn semaphore_status(
+    name: Option<&str>,
+) -> SetOfIterator<'static, pgrx::composite_type!('static, "fence.lease")> {
+    let leases = or_raise(semaphore::status(name).and_then(|leases| {
+        leases
+            .into_iter()
+            .map(Lease::into_composite)
+            .collect::<Result<Vec<_>, _>>()
+    }));
+    SetOfIterator::new(leases)
 }
 
 /// Claim `op_key` for the calling role in the current transaction: true if

@@ -61,16 +61,16 @@ pub fn exact_ttl(function: &'static str, ttl: &Interval) -> Result<Interval, Fai
     Interval::new(0, 0, micros as i64).or_else(|_| fail(invalid("is out of range".into())))
 }
 
-pub fn check_holder(holder: Option<&str>) -> Result<String, Failure> {
+pub fn check_holder(function: &'static str, holder: Option<&str>) -> Result<String, Failure> {
     match holder {
         None => Ok(random_holder()),
         Some("") => fail(FenceError::InvalidArgument {
-            function: "lock_acquire",
+            function,
             argument: "holder",
             problem: "must not be empty (pass NULL for a fresh random holder)".into(),
         }),
         Some(h) if h.len() > key::MAX_KEY_BYTES => fail(FenceError::InvalidArgument {
-            function: "lock_acquire",
+            function,
             argument: "holder",
             problem: format!(
                 "is {} bytes long, the limit is {}",

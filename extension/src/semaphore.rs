@@ -24,7 +24,7 @@ use pgrx::prelude::*;
 
 use crate::acquire::{self, Attempt, Target};
 use crate::args::required;
-use crate::errors::{fail, or_raise, Failure, FenceError};
+use crate::errors::{fail, Failure, FenceError};
 use crate::key::{check_text_key, MAX_KEY_BYTES};
 use crate::lease::{self, Lease};
 use crate::probe;
@@ -95,6 +95,7 @@ pub fn acquire(
     wait: Option<Interval>,
 ) -> Result<Option<Lease>, Failure> {
     const F: &str = "semaphore_acquire";
+    crate::roles::refuse_security_restricted(F)?;
     let name = check_name(F, name)?;
     let permits = check_permits(F, permits)?;
     acquire::run(F, Target::Semaphore { name, permits }, ttl, holder, wait)
@@ -115,35 +116,59 @@ pub fn attempt(
     queued: Option<&crate::waiters::Waiting>,
 ) -> Result<Attempt, Failure> {
     let keys: Vec<String> = (1..=permits).map(|i| permit_key(name, i)).collect();
-    // G6 per permit: a retry by a holder that already has a live permit
-    // gets that one back, never a second. Looked for before queueing only:
-    // a holder waiting in the queue found none, and none is granted to it
-    // while it waits but by its own attempt.
-    if holder_given && queued.is_none() {
-        // SAFETY: inside a transaction, outside any scan.
-        unsafe { pg_sys::CommandCounterIncrement() };
-        for key in &keys {
-            let row = probe::lease_row(key, probe::Snapshot::Statement, true)?;
-            if row.is_some_and(|row| row.live && row.holder.as_deref() == Some(holder)) {
-                return acquire::attempt(client, plans, key, holder, ttl, role, None);
-            }
-        }
-    }
-    // G7 for the semaphore: its queue's earlier arrivals first, unless this
-    // transaction holds a permit key's lock (it released one earlier: the
-    // queue's head could not take that permit before it ends anyway). The
-    // ones behind the head sleep until woken: the head wakes the next when
-    // it leaves the queue, with a permit or without.
-    if crate::waiters::someone_ahead(&queue_key(name), queued)
-        && !keys.iter().any(|key| crate::keylock::held_by_me(key))
-    {
-        return Ok(Attempt::Queued {
-            retry_in_ms: crate::wait::QUEUED_RECHECK_INTERVAL_MS,
-        });
-    }
-    let mut retry_in_ms = crate::wait::QUEUED_RECHECK_INTERVAL_MS;
-    let mut again = false;
+    // Every attempt reads each permit's row once, as committed now (under
+    // REPEATABLE READ too: a permit granted after the snapshot counts).
+    // G6 per permit: a holder that has a live permit among these gets that
+    // one back, never a second, on every attempt: a retry of a request that
+    // is still queued (a lost reply) may find the first one granted since.
+    // SAFETY: inside a transaction, outside any scan.
+    unsafe { pg_sys::CommandCounterIncrement() };
+    let mut live = Vec::with_capacity(keys.len());
     for key in &keys {
+        let row = probe::lease_row(key, probe::Snapshot::Latest, holder_given)?;
+        let row_live = row.as_ref().is_some_and(|row| row.live);
+        if row_live
+            && holder_given
+            && row.as_ref().and_then(|row| row.holder.as_deref()) == Some(holder)
+        {
+            return acquire::attempt(client, plans, key, holder, ttl, role, None);
+        }
+        live.push(row.filter(|row| row.live).map(|row| row.expires_at));
+    }
+    // G7 for the semaphore: its queue's earlier arrivals first. Past them
+    // goes only a permit whose lock this transaction holds (it released it,
+    // or wrote under it, earlier): nobody can take that one before this
+    // transaction ends anyway. The ones behind the head sleep until woken:
+    // a waiter leaving the queue wakes the next, once its grant commits.
+    let candidates: Vec<&String> =
+        if crate::waiters::someone_ahead(&queue_key(name), crate::waiters::Mode::Semaphore, queued)
+        {
+            let mine: Vec<&String> = keys
+                .iter()
+                .filter(|key| crate::keylock::held_by_me(key))
+                .collect();
+            if mine.is_empty() {
+                return Ok(Attempt::Queued {
+                    retry_in_ms: crate::wait::QUEUED_RECHECK_INTERVAL_MS,
+                });
+            }
+            mine
+        } else {
+            keys.iter().collect()
+        };
+    // Busy until the earliest expiry seen, looked at again within 50 ms.
+    let mut retry_in_ms = live
+        .iter()
+        .flatten()
+        .map(|expires_at| acquire::retry_until(*expires_at))
+        .min()
+        .unwrap_or(crate::wait::RECHECK_INTERVAL_MS);
+    let mut again = false;
+    for key in candidates {
+        let index = keys.iter().position(|k| k == key).unwrap_or(0);
+        if live.get(index).is_some_and(Option::is_some) {
+            continue;
+        }
         match acquire::attempt(client, plans, key, holder, ttl, role, None)? {
             granted @ Attempt::Granted { .. } => return Ok(granted),
             Attempt::Again => again = true,
@@ -172,38 +197,6 @@ pub fn status(name: Option<&str>) -> Result<Vec<Lease>, Failure> {
         .into_iter()
         .filter(|lease| semaphore_of(&lease.lock_key) == Some(name))
         .collect())
-}
-
-#[pg_extern(volatile, security_definer, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
-/// One of `permits` permits of semaphore `name`: a lease on the permit's
-/// own key (`lock_key`), renewed and released as any lease. NULL if none
-/// was free within `wait`.
-fn semaphore_acquire(
-    name: Option<&str>,
-    permits: Option<i32>,
-    ttl: default!(Option<Interval>, "'30 seconds'"),
-    holder: default!(Option<&str>, "NULL"),
-    wait: default!(Option<Interval>, "'0'"),
-) -> Option<pgrx::composite_type!('static, "fence.lease")> {
-    or_raise(
-        acquire(name, permits, ttl, holder, wait)
-            .and_then(|lease| lease.map(Lease::into_composite).transpose()),
-    )
-}
-
-#[pg_extern(volatile, parallel_unsafe)]
-/// The live permits of semaphore `name`.
-fn semaphore_status(
-    name: Option<&str>,
-) -> SetOfIterator<'static, pgrx::composite_type!('static, "fence.lease")> {
-    let leases = or_raise(status(name).and_then(|leases| {
-        leases
-            .into_iter()
-            .map(Lease::into_composite)
-            .collect::<Result<Vec<_>, _>>()
-    }));
-    SetOfIterator::new(leases)
 }
 
 #[cfg(any(test, feature = "pg_test"))]

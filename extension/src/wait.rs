@@ -24,6 +24,7 @@ use std::cell::RefCell;
 use pgrx::pg_sys;
 
 use crate::key;
+use crate::waiters::Mode;
 
 /// Longest sleep between two attempts while the key looks held.
 pub const RECHECK_INTERVAL_MS: i64 = 50;
@@ -166,9 +167,9 @@ pub fn on_resource_release(
             }
         });
         for key in granted {
-            crate::waiters::wake_head(&key);
+            crate::waiters::wake_head(&key, Mode::Exclusive);
             if let Some(name) = crate::semaphore::semaphore_of(&key) {
-                crate::waiters::wake_head(&crate::semaphore::queue_key(name));
+                crate::waiters::wake_head(&crate::semaphore::queue_key(name), Mode::Semaphore);
             }
         }
     } else if is_top_level {
@@ -180,11 +181,11 @@ pub fn on_resource_release(
     let events = PENDING_WAKEUPS.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
     if is_commit {
         for (event, key) in events {
-            wake_one_of(event, &key);
+            wake_one_of(event, &key, Mode::Exclusive);
             // A semaphore's permit: its semaphore's waiters want it too.
             if let Some(name) = crate::semaphore::semaphore_of(&key) {
                 let queue = crate::semaphore::queue_key(name);
-                wake_one_of(wait_event_for(&queue), &queue);
+                wake_one_of(wait_event_for(&queue), &queue, Mode::Semaphore);
             }
         }
     }
@@ -192,8 +193,8 @@ pub fn on_resource_release(
 
 /// Wake one waiter of `key`: in preload mode the head of its queue (G7);
 /// otherwise (or with nobody queued) one backend advertising its wait event.
-fn wake_one_of(event: u32, key: &str) {
-    if !crate::waiters::wake_head(key) {
+fn wake_one_of(event: u32, key: &str, mode: Mode) {
+    if !crate::waiters::wake_head(key, mode) {
         // SAFETY: called in a backend attached to shared memory, outside
         // any critical section, as the commit path is here.
         unsafe { wake_one_waiting_on(event) };

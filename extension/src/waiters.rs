@@ -37,7 +37,29 @@ use crate::shmem::{self, Lock};
 /// How a waiter wants the key.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// `lock_acquire`: the key itself.
     Exclusive = 1,
+    /// `semaphore_acquire`: any permit of a semaphore, queued under the
+    /// semaphore's queue key; never the same queue as a key's, whatever the
+    /// key is called.
+    Semaphore = 2,
+}
+
+impl Mode {
+    fn from_slot(value: u32) -> Option<Mode> {
+        match value {
+            1 => Some(Mode::Exclusive),
+            2 => Some(Mode::Semaphore),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Exclusive => "exclusive",
+            Mode::Semaphore => "semaphore",
+        }
+    }
 }
 
 /// One backend's waiter slot (in shared memory, zeroed at start).
@@ -59,12 +81,13 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// Whether this slot is a live backend waiting for this key (waiters
-    /// lock held).
-    fn waits_for(&self, number: usize, database: u32, hash: u64, key: &[u8]) -> bool {
+    /// Whether this slot is a live backend waiting for this key in this
+    /// mode (waiters lock held).
+    fn waits_for(&self, number: usize, database: u32, hash: u64, key: &[u8], mode: Mode) -> bool {
         let pid = self.pid.load(Ordering::Relaxed);
         pid != 0
             && self.hash.load(Ordering::Relaxed) == hash
+            && self.mode.load(Ordering::Relaxed) == mode as u32
             && self.database.load(Ordering::Relaxed) == database
             && self.length.load(Ordering::Relaxed) as usize == key.len()
             // SAFETY: the waiters lock is held, so the slot's backend is
@@ -161,9 +184,9 @@ fn database_id() -> u32 {
     unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
 
-/// Whether someone queued for `key` arrived before `me` (or, for a caller
-/// not queued, at all): then the key is theirs to take first.
-pub fn someone_ahead(key: &str, me: Option<&Waiting>) -> bool {
+/// Whether someone queued for `key` in `mode` arrived before `me` (or, for
+/// a caller not queued, at all): then the key is theirs to take first.
+pub fn someone_ahead(key: &str, mode: Mode, me: Option<&Waiting>) -> bool {
     let Some(segment) = shmem::segment() else {
         return false;
     };
@@ -180,13 +203,13 @@ pub fn someone_ahead(key: &str, me: Option<&Waiting>) -> bool {
         .enumerate()
         .any(|(number, slot)| {
             slot.arrival.load(Ordering::Relaxed) < mine
-                && slot.waits_for(number, database, hash, bytes)
+                && slot.waits_for(number, database, hash, bytes, mode)
         })
 }
 
-/// Wake the head of `key`'s queue (set its latch), other than this
-/// backend; false if nobody else is queued for it.
-pub fn wake_head(key: &str) -> bool {
+/// Wake the head of `key`'s queue in `mode` (set its latch), other than
+/// this backend; false if nobody else is queued for it.
+pub fn wake_head(key: &str, mode: Mode) -> bool {
     let Some(segment) = shmem::segment() else {
         return false;
     };
@@ -194,11 +217,11 @@ pub fn wake_head(key: &str) -> bool {
         return false;
     }
     let _held = segment.lock(Lock::Waiters, false);
-    wake_head_locked(&segment, key)
+    wake_head_locked(&segment, key, mode)
 }
 
 /// [`wake_head`] with the waiters lock held (either mode).
-fn wake_head_locked(segment: &shmem::Segment, key: &str) -> bool {
+fn wake_head_locked(segment: &shmem::Segment, key: &str, mode: Mode) -> bool {
     let bytes = &key.as_bytes()[..key.len().min(MAX_KEY_BYTES)];
     let (database, hash) = (database_id(), segment.hash(database_id(), bytes));
     let mine = my_slot();
@@ -207,7 +230,7 @@ fn wake_head_locked(segment: &shmem::Segment, key: &str) -> bool {
         .iter()
         .enumerate()
         .filter(|(number, slot)| {
-            Some(*number) != mine && slot.waits_for(*number, database, hash, bytes)
+            Some(*number) != mine && slot.waits_for(*number, database, hash, bytes, mode)
         })
         .min_by_key(|(_, slot)| slot.arrival.load(Ordering::Relaxed));
     let Some((number, _)) = head else {
@@ -248,10 +271,11 @@ fn leave(wake: bool) {
         slot.pid.store(0, Ordering::Relaxed);
         segment.header().queued.fetch_sub(1, Ordering::Relaxed);
         let length = slot.length.load(Ordering::Relaxed) as usize;
+        let mode = Mode::from_slot(slot.mode.load(Ordering::Relaxed));
         // SAFETY: our own slot, under the exclusive lock.
         let key = unsafe { &(&*slot.key.get())[..length] };
-        if let (true, Ok(key)) = (wake, std::str::from_utf8(key)) {
-            wake_head_locked(&segment, key);
+        if let (true, Ok(key), Some(mode)) = (wake, std::str::from_utf8(key), mode) {
+            wake_head_locked(&segment, key, mode);
         }
     }
     FILLED.set(false);
@@ -307,7 +331,8 @@ fn rows() -> Result<Vec<WaiterRow>, Failure> {
                         slot.pid.load(Ordering::Relaxed),
                         pg_sys::Oid::from(slot.role.load(Ordering::Relaxed)),
                         String::from_utf8_lossy(key).into_owned(),
-                        "exclusive",
+                        Mode::from_slot(slot.mode.load(Ordering::Relaxed))
+                            .map_or("unknown", Mode::name),
                         at(&slot.since),
                         at(&slot.until),
                         0,
@@ -316,12 +341,19 @@ fn rows() -> Result<Vec<WaiterRow>, Failure> {
             })
             .collect()
     };
-    waiting.sort_by(|a, b| (&a.1 .2, a.0).cmp(&(&b.1 .2, b.0)));
+    // One queue per key and mode, in arrival order.
+    waiting.sort_by(|a, b| (&a.1 .2, a.1 .3, a.0).cmp(&(&b.1 .2, b.1 .3, b.0)));
     let mut rows = Vec::with_capacity(waiting.len());
     let mut position = 0;
     for (i, (_, mut row)) in waiting.into_iter().enumerate() {
         position = match rows.last() {
-            Some(previous) if i > 0 && (previous as &WaiterRow).2 == row.2 => position + 1,
+            Some(previous)
+                if i > 0
+                    && (previous as &WaiterRow).2 == row.2
+                    && (previous as &WaiterRow).3 == row.3 =>
+            {
+                position + 1
+            }
             _ => 1,
         };
         row.6 = position;

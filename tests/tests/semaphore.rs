@@ -367,4 +367,133 @@ async fn bad_inputs_get_their_sqlstates() {
         .unwrap()
         .unwrap();
     assert!(release(&db, &key, token).await.unwrap());
+    // Its largest permit key, permit 1024, is a valid key.
+    let last = format!("{longest}:permit:1024");
+    assert_eq!(last.len(), 1024);
+    let token = acquire(&db, &last, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .expect("a valid key");
+    assert!(release(&db, &last, token).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queued_retry_by_the_same_holder_gets_the_permit_its_first_request_got() {
+    // A lost reply behind a reset connection: the first request is still
+    // queued when the client retries as the same holder. Whichever of the
+    // two is granted first, the other gets that permit back (G6), never a
+    // second one.
+    let db = connect().await;
+    let name = unique_key("sem-g6-queued");
+    let one = take(&db, &name, 2, "1 minute", Some("x1"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let two = take(&db, &name, 2, "1 minute", Some("x2"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let mut requests = Vec::new();
+    for _ in 0..2 {
+        let client = connect().await;
+        let pid = backend_pid(&client).await;
+        let name = name.clone();
+        requests.push(tokio::spawn(async move {
+            take(&client, &name, 2, "1 minute", Some("h"), "30 seconds")
+                .await
+                .unwrap()
+                .expect("granted")
+        }));
+        until_listed(&db, pid, true).await;
+    }
+    assert!(release(&db, &two.0, two.1).await.unwrap());
+    let first = requests.remove(0).await.unwrap();
+    assert!(release(&db, &one.0, one.1).await.unwrap());
+    let retry = requests.remove(0).await.unwrap();
+    assert_eq!(retry, first, "the retry got a second permit");
+    let live = live_permits(&db, &name).await;
+    assert_eq!(live, vec![first.clone()], "one permit for holder h");
+    assert!(release(&db, &first.0, first.1).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_named_like_a_semaphores_queue_is_just_a_key() {
+    let db = connect().await;
+    let name = unique_key("sem-queue-name");
+    let held = take(&db, &name, 1, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let waiter = connect().await;
+    let pid = backend_pid(&waiter).await;
+    let name_ = name.clone();
+    let queued = tokio::spawn(async move {
+        take(&waiter, &name_, 1, "1 minute", None, "30 seconds")
+            .await
+            .unwrap()
+    });
+    until_listed(&db, pid, true).await;
+    // Nobody holds this key; the semaphore's waiters are another queue.
+    let key = format!("{name}:permit:*");
+    let token = acquire(&db, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .expect("a free key, whatever its name");
+    let mode: String = db
+        .query_one("SELECT mode FROM fence.waiters WHERE pid = $1", &[&pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mode, "semaphore");
+    assert!(release(&db, &key, token).await.unwrap());
+    assert!(release(&db, &held.0, held.1).await.unwrap());
+    let permit = queued.await.unwrap().expect("the waiter's turn");
+    assert!(release(&db, &permit.0, permit.1).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn holding_one_permits_lock_does_not_let_a_transaction_past_the_queue_for_another() {
+    let db = connect().await;
+    let a = connect().await;
+    let b = connect().await;
+    let name = unique_key("sem-own-lock");
+    let mine = take(&a, &name, 2, "1 minute", Some("a"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    for round in 0..20 {
+        let other = take(&b, &name, 2, "1 minute", None, "0")
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("round {round}: the second permit was not free"));
+        let waiter = connect().await;
+        let pid = backend_pid(&waiter).await;
+        let name_ = name.clone();
+        let queued = tokio::spawn(async move {
+            let permit = take(&waiter, &name_, 2, "1 minute", None, "30 seconds")
+                .await
+                .unwrap()
+                .expect("the waiter's turn");
+            release(&waiter, &permit.0, permit.1).await.unwrap();
+            permit.1
+        });
+        until_listed(&db, pid, true).await;
+        // a's transaction holds its own permit's lock (a renewal), then
+        // asks for another just as b frees one: that one is the waiter's.
+        a.batch_execute("BEGIN").await.unwrap();
+        assert!(renew(&a, &mine.0, mine.1).await.unwrap());
+        assert!(release(&b, &other.0, other.1).await.unwrap());
+        let again = take(&a, &name, 2, "1 minute", None, "0").await.unwrap();
+        a.batch_execute("COMMIT").await.unwrap();
+        if let Some((key, token)) = &again {
+            assert!(release(&a, key, *token).await.unwrap());
+        }
+        let waiters_token = queued.await.unwrap();
+        if let Some((_, token)) = again {
+            assert!(
+                token > waiters_token,
+                "round {round}: a transaction holding another permit barged ({token} before {waiters_token})"
+            );
+        }
+    }
 }

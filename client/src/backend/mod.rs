@@ -39,7 +39,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
         wait: Duration,
     ) -> impl Future<Output = Result<Option<Grant>, Error>> + Send;
     /// `fence.semaphore_acquire`: the permit's key and grant, `None` when no
-    /// permit was free for `wait`.
+    /// permit was free for `wait`. Both backends implement it; another
+    /// implementation that does not gets `0A000` from [`crate::Semaphore`].
     fn acquire_permit(
         &self,
         name: &str,
@@ -47,7 +48,13 @@ pub trait Backend: Clone + Send + Sync + 'static {
         ttl: Duration,
         holder: &str,
         wait: Duration,
-    ) -> impl Future<Output = Result<Option<(String, Grant)>, Error>> + Send;
+    ) -> impl Future<Output = Result<Option<(String, Grant)>, Error>> + Send {
+        let _ = (name, permits, ttl, holder, wait);
+        std::future::ready(Err(Error::InvalidArgument {
+            sqlstate: "0A000".into(),
+            message: "this Backend does not implement acquire_permit (semaphores)".into(),
+        }))
+    }
     /// `fence.lock_renew`: the new expiry (server clock), `None` when the
     /// lease is no longer live.
     fn renew(
