@@ -42,6 +42,25 @@ async fn live_permits(client: &Client, name: &str) -> Vec<(String, i64)> {
         .collect()
 }
 
+/// A session queued for a permit of `name` (listed in fence.waiters before
+/// this returns); its task gives the permit back at once and yields its
+/// token.
+async fn queue_for_a_permit(db: &Client, name: &str, permits: i32) -> tokio::task::JoinHandle<i64> {
+    let waiter = connect().await;
+    let pid = backend_pid(&waiter).await;
+    let name = name.to_owned();
+    let queued = tokio::spawn(async move {
+        let permit = take(&waiter, &name, permits, "1 minute", None, "30 seconds")
+            .await
+            .unwrap()
+            .expect("the waiter's turn");
+        release(&waiter, &permit.0, permit.1).await.unwrap();
+        permit.1
+    });
+    until_listed(db, pid, true).await;
+    queued
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn never_more_than_n_live_permits_and_all_n_used_under_load() {
     const PERMITS: i32 = 3;
@@ -183,18 +202,7 @@ async fn a_releaser_does_not_barge_past_a_queued_waiter() {
             .await
             .unwrap()
             .unwrap_or_else(|| panic!("round {round}: the permit was not free"));
-        let waiter = connect().await;
-        let pid = backend_pid(&waiter).await;
-        let name_ = name.clone();
-        let queued = tokio::spawn(async move {
-            let permit = take(&waiter, &name_, 1, "1 minute", None, "30 seconds")
-                .await
-                .unwrap()
-                .expect("the waiter's turn");
-            release(&waiter, &permit.0, permit.1).await.unwrap();
-            permit.1
-        });
-        until_listed(&db, pid, true).await;
+        let queued = queue_for_a_permit(&db, &name, 1).await;
         // Release and at once ask again: the permit is the waiter's, whose
         // wake-up is still on its way (the waiter gives it back as soon as
         // it has it, so the releaser may get it after the waiter's turn).
@@ -466,18 +474,7 @@ async fn holding_one_permits_lock_does_not_let_a_transaction_past_the_queue_for_
             .await
             .unwrap()
             .unwrap_or_else(|| panic!("round {round}: the second permit was not free"));
-        let waiter = connect().await;
-        let pid = backend_pid(&waiter).await;
-        let name_ = name.clone();
-        let queued = tokio::spawn(async move {
-            let permit = take(&waiter, &name_, 2, "1 minute", None, "30 seconds")
-                .await
-                .unwrap()
-                .expect("the waiter's turn");
-            release(&waiter, &permit.0, permit.1).await.unwrap();
-            permit.1
-        });
-        until_listed(&db, pid, true).await;
+        let queued = queue_for_a_permit(&db, &name, 2).await;
         // a's transaction holds its own permit's lock (a renewal), then
         // asks for another just as b frees one: that one is the waiter's.
         a.batch_execute("BEGIN").await.unwrap();
