@@ -316,24 +316,53 @@ impl<B: Backend> Lease<B> {
         }
     }
 
-    /// Why the lease was lost, if it was.
+    /// Why the lease was lost, if it was: the truth at the moment of the
+    /// call. Past the local deadline the lease is lost (`DeadlinePassed`)
+    /// whatever the renewal task has managed to report: on a starved
+    /// runtime, after a pause or a freeze, it may not have run at all.
     pub fn loss(&self) -> Option<LossReason> {
+        if let Some(report) = self.report.upgrade() {
+            declare_deadline_passed(&report, &self.holding, &self.key, self.token);
+        }
         match &*self.state.borrow() {
             State::Lost(reason) => Some(reason.clone()),
+            State::Held { deadline, .. } if Instant::now() >= *deadline => {
+                Some(LossReason::DeadlinePassed)
+            }
             _ => None,
         }
     }
 
-    /// Resolves when the lease is lost (never, once released). Race your work
-    /// against it with `tokio::select!`. Cancel safe.
+    /// Resolves when the lease is lost (never, once released): when the
+    /// renewal task reports a loss, and at the local deadline by itself
+    /// (the task may be starved). Race your work against it with
+    /// `tokio::select!`. Cancel safe.
     pub fn lost(&self) -> impl Future<Output = LossReason> + Send + 'static {
         let mut state = self.state.clone();
+        let report = self.report.clone();
+        let (holding, key, token) = (self.holding.clone(), self.key.clone(), self.token);
         async move {
             loop {
-                if let State::Lost(reason) = &*state.borrow_and_update() {
-                    return reason.clone();
+                let deadline = match &*state.borrow_and_update() {
+                    State::Lost(reason) => return reason.clone(),
+                    State::Held { deadline, .. } => Some(*deadline),
+                    State::Released => None,
+                };
+                if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                    let Some(report) = report.upgrade() else {
+                        // Nobody can renew it any more: it is past its deadline.
+                        return LossReason::DeadlinePassed;
+                    };
+                    declare_deadline_passed(&report, &holding, &key, token);
+                    // Lost now, or renewed in time after all: look again.
+                    continue;
                 }
-                if state.changed().await.is_err() {
+                let changed = tokio::select! {
+                    biased;
+                    changed = state.changed() => changed,
+                    _ = sleep_until_or_never(deadline) => continue,
+                };
+                if changed.is_err() {
                     // The renewal task is gone. Released: nothing to report.
                     // Otherwise (the guard was dropped, the runtime shut
                     // down): nobody keeps the lease any more.
@@ -418,14 +447,15 @@ async fn renew<B: Backend>(
     let lose = |reason: LossReason| {
         // Not a loss if a release settled the state first.
         if settle(&state, State::Lost(reason.clone())) {
-            tracing::warn_span!("pg_fence.lease_lost", key = %key, token, ?reason)
-                .in_scope(|| tracing::warn!("lease lost: stop the work it protects"));
-            holding.end();
-            metrics::lost(&reason);
+            report_loss(&holding, &key, token, &reason);
         }
     };
     loop {
         tokio::time::sleep_until(next.min(deadline)).await;
+        // The guard may have found the deadline passed first, or released.
+        if !matches!(*state.borrow(), State::Held { .. }) {
+            return;
+        }
         let sent = Instant::now();
         if sent >= deadline {
             return lose(LossReason::DeadlinePassed);
@@ -475,6 +505,47 @@ async fn renew<B: Backend>(
     }
 }
 
+/// Tell the holder's logs and metrics that the lease is lost (once: by
+/// whoever settled the state).
+fn report_loss(holding: &metrics::Holding, key: &str, token: i64, reason: &LossReason) {
+    tracing::warn_span!("pg_fence.lease_lost", key = %key, token, ?reason)
+        .in_scope(|| tracing::warn!("lease lost: stop the work it protects"));
+    holding.end();
+    metrics::lost(reason);
+}
+
+/// If the lease is held and its local deadline has passed, it is lost
+/// (`DeadlinePassed`): settle that, whoever notices first (the guard, a
+/// `lost()` future or the renewal task). A renewal acknowledged in time has
+/// moved the deadline already, so only a passed deadline ends it.
+fn declare_deadline_passed(
+    state: &watch::Sender<State>,
+    holding: &metrics::Holding,
+    key: &str,
+    token: i64,
+) -> bool {
+    let now = Instant::now();
+    let settled = state.send_if_modified(|current| match current {
+        State::Held { deadline, .. } if now >= *deadline => {
+            *current = State::Lost(LossReason::DeadlinePassed);
+            true
+        }
+        _ => false,
+    });
+    if settled {
+        report_loss(holding, key, token, &LossReason::DeadlinePassed);
+    }
+    settled
+}
+
+/// Sleep until `deadline`, or forever without one.
+async fn sleep_until_or_never(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// End the lease's state, once: the first of a release (`Released`) and a
 /// loss the renewal task saw (`Lost`) is what holders are told; a renewal
 /// task still running when it was aborted cannot overwrite it. True if this
@@ -498,7 +569,11 @@ pub enum RunOutcome<T> {
     /// was then released (best-effort: a failed release is logged, and the
     /// lease expires).
     Completed(T),
-    /// The lease was lost first; the work was dropped (cancelled) at that point.
+    /// The lease was lost first, and the work was dropped (cancelled) at
+    /// that point; or the work finished after the lease's local deadline, or
+    /// the lease was found no longer live at its release. Then the output is
+    /// dropped too: the work ran, at least in part, without the lease (a
+    /// fenced write under its token was refused, anything else was not).
     Lost(LossReason),
 }
 
@@ -527,14 +602,25 @@ where
         biased;
         reason = lost => Ok(RunOutcome::Lost(reason)),
         output = work(lease.token()) => {
-            // The work is done: report it even if the release fails (the
-            // lease then expires); never make a caller redo finished work.
-            match lease.release().await {
-                Ok(true) => {}
-                Ok(false) => tracing::warn!(key, "the lease was no longer live at release"),
-                Err(error) => tracing::warn!(key, %error, "release after the work failed; the lease will expire"),
+            // Done, but in time? Past the deadline the lease may be gone
+            // whatever the renewal task managed to say (a starved runtime).
+            if let Some(reason) = lease.loss() {
+                return Ok(RunOutcome::Lost(reason));
             }
-            Ok(RunOutcome::Completed(output))
+            // Report it even if the release fails (the lease then expires);
+            // but a release that finds the lease not live (forced, expired
+            // on the server) says the work did not finish under it.
+            match lease.release().await {
+                Ok(true) => Ok(RunOutcome::Completed(output)),
+                Ok(false) => {
+                    tracing::warn!(key, "the lease was no longer live at release");
+                    Ok(RunOutcome::Lost(LossReason::NotLive))
+                }
+                Err(error) => {
+                    tracing::warn!(key, %error, "release after the work failed; the lease will expire");
+                    Ok(RunOutcome::Completed(output))
+                }
+            }
         }
     }
 }

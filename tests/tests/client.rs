@@ -691,3 +691,136 @@ async fn a_permit_guard_renews_and_its_drop_gives_the_permit_back<B: Backend>(
     let error = pg_fence_client::Semaphore::new("s", 0).unwrap_err();
     assert!(matches!(error, Error::InvalidArgument { .. }), "{error:?}");
 }
+
+/// Issue 16, 1: the guard tells the truth at the moment it is asked. On a
+/// current-thread runtime blocked past the lease's local deadline the
+/// renewal task never ran; `loss()`, `lost()` and `run()` must still say
+/// the lease is lost.
+/// A test body run on the starved runtime.
+type Body = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+fn starved<B, F>(make: fn(String) -> F, body: fn(B, String) -> Body)
+where
+    B: Backend + 'static,
+    F: std::future::Future<Output = B>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let key = unique_key("client-starved");
+        let backend = make(unique_table("starved")).await;
+        body(backend, key).await;
+    });
+}
+
+fn short_lease() -> LeaseOptions {
+    // Local deadline 600 - 60 = 540 ms after the acquire was sent.
+    LeaseOptions::new(Duration::from_millis(600))
+}
+
+fn loss_is_told_past_the_deadline_though_the_renewal_task_never_ran<B: Backend>(
+    backend: B,
+    key: String,
+) -> Body {
+    Box::pin(async move {
+        let lease = Lease::try_acquire(&backend, &key, &short_lease())
+            .await
+            .unwrap()
+            .expect("free");
+        assert_eq!(lease.loss(), None);
+        // Blocking code: nothing else on this runtime runs meanwhile.
+        std::thread::sleep(Duration::from_millis(900));
+        assert_eq!(lease.loss(), Some(LossReason::DeadlinePassed));
+        let lost = tokio::time::timeout(Duration::from_millis(50), lease.lost()).await;
+        assert_eq!(lost, Ok(LossReason::DeadlinePassed));
+        drop(lease);
+    })
+}
+
+fn run_reports_work_that_outlived_the_deadline_as_lost<B: Backend>(
+    backend: B,
+    key: String,
+) -> Body {
+    Box::pin(async move {
+        let outcome = run(
+            &backend,
+            &key,
+            &short_lease(),
+            Duration::ZERO,
+            |_token| async {
+                std::thread::sleep(Duration::from_millis(900));
+                7
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(outcome, RunOutcome::Lost(LossReason::DeadlinePassed));
+    })
+}
+
+#[test]
+fn loss_is_told_past_the_deadline_on_a_starved_runtime_sqlx() {
+    starved(
+        |app| async move { sqlx_pool(&app).await },
+        loss_is_told_past_the_deadline_though_the_renewal_task_never_ran,
+    );
+}
+
+#[test]
+fn loss_is_told_past_the_deadline_on_a_starved_runtime_deadpool() {
+    starved(
+        |app| async move { deadpool_pool(&app).await },
+        loss_is_told_past_the_deadline_though_the_renewal_task_never_ran,
+    );
+}
+
+#[test]
+fn run_reports_work_that_outlived_the_deadline_as_lost_sqlx() {
+    starved(
+        |app| async move { sqlx_pool(&app).await },
+        run_reports_work_that_outlived_the_deadline_as_lost,
+    );
+}
+
+#[test]
+fn run_reports_work_that_outlived_the_deadline_as_lost_deadpool() {
+    starved(
+        |app| async move { deadpool_pool(&app).await },
+        run_reports_work_that_outlived_the_deadline_as_lost,
+    );
+}
+
+through_both_backends!(run_reports_a_lease_forced_away_during_the_work_as_lost);
+/// Issue 16, 1: a release that finds the lease no longer live (forced, or
+/// expired on the server, before the next renewal could notice) means the
+/// work did not finish under it.
+async fn run_reports_a_lease_forced_away_during_the_work_as_lost<B: Backend>(
+    backend: B,
+    _app: String,
+) {
+    let key = unique_key("client-forced-in-run");
+    let admin = connect().await;
+    let outcome = run(
+        &backend,
+        &key,
+        &LeaseOptions::default(),
+        Duration::ZERO,
+        |_token| {
+            let (admin, key) = (&admin, key.clone());
+            async move {
+                let forced: bool = admin
+                    .query_one("SELECT fence.lock_force_release($1)", &[&key])
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert!(forced);
+                7
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome, RunOutcome::Lost(LossReason::NotLive));
+}
