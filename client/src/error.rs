@@ -54,6 +54,23 @@ pub enum Error {
         /// The server's message.
         message: String,
     },
+    /// `run_once`: the work left its transaction aborted (a SQL error it
+    /// caught and did not pass on), so its `COMMIT` would have rolled back:
+    /// neither the work nor its run-once record was committed, and a later
+    /// call runs it again.
+    #[error("the work's transaction was aborted, nothing was committed: {message}")]
+    WorkRolledBack {
+        /// The server's message for the aborted transaction.
+        message: String,
+    },
+    /// `run_once`: the reply to the `COMMIT` was lost. The work and its
+    /// record may or may not be committed: call `run_once` again with the
+    /// same key to find out (`AlreadyDone` if it was).
+    #[error("the commit's outcome is unknown: {message}")]
+    CommitAmbiguous {
+        /// What the driver said.
+        message: String,
+    },
     /// Not a server error: the connection or the pool failed (no answer, so
     /// the call may or may not have taken effect), or, more rarely, a value
     /// could not be encoded or decoded by the driver. Both count as
@@ -95,7 +112,8 @@ impl Error {
             Error::InvalidArgument { sqlstate, .. }
             | Error::Serialization { sqlstate, .. }
             | Error::Database { sqlstate, .. } => Some(sqlstate),
-            Error::Connection(_) => None,
+            Error::WorkRolledBack { .. } => Some("25P02"),
+            Error::Connection(_) | Error::CommitAmbiguous { .. } => None,
         }
     }
 
@@ -103,7 +121,7 @@ impl Error {
     /// retry (with the same holder, for an acquire) is the way to learn it.
     pub fn is_ambiguous(&self) -> bool {
         match self {
-            Error::Connection(_) => true,
+            Error::Connection(_) | Error::CommitAmbiguous { .. } => true,
             // Connection exceptions, and a backend terminated (fast
             // shutdown, failover, pg_terminate_backend) perhaps after its
             // commit, e.g. while waiting for a synchronous standby.

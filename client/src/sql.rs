@@ -52,6 +52,10 @@ pub const ADVISORY_PREPARE_WAIT: &str = "SELECT set_config('lock_timeout', $1, f
 /// Undo [`ADVISORY_PREPARE_WAIT`] before the connection goes back to the pool.
 pub const ADVISORY_RESET_WAIT: &str = "RESET lock_timeout; RESET client_connection_check_interval";
 
+/// Fails (25P02) in an aborted transaction: run before a `COMMIT` that would
+/// otherwise roll back without an error.
+pub const STILL_OPEN: &str = "SELECT 1";
+
 /// Claim a run-once operation key in the current transaction. `$1` the key:
 /// true if this transaction is the one to do the work.
 pub const CLAIM_OPERATION: &str = "SELECT fence.claim_operation($1)";

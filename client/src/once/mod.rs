@@ -13,13 +13,28 @@
 use std::future::Future;
 use std::pin::Pin;
 
-/// The work of a run-once call: a future borrowing the transaction.
-pub type Work<'t, T> = Pin<Box<dyn Future<Output = Result<T, crate::Error>> + Send + 't>>;
+/// The work of a run-once call: a future borrowing the transaction. Its
+/// error type is the caller's (`E`, which takes the client's own errors
+/// through `From<crate::Error>`); `crate::Error` by default.
+pub type Work<'t, T, E = crate::Error> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 't>>;
 
 #[cfg(feature = "deadpool-postgres")]
 pub mod deadpool;
 #[cfg(feature = "sqlx")]
 pub mod sqlx;
+
+/// A failed `COMMIT`: refused by the server (a deferred constraint, say:
+/// nothing committed), or with no answer or the session ended during it
+/// (the work may have committed): [`crate::Error::CommitAmbiguous`].
+pub(crate) fn commit_failed(error: crate::Error) -> crate::Error {
+    if error.is_ambiguous() {
+        crate::Error::CommitAmbiguous {
+            message: error.to_string(),
+        }
+    } else {
+        error
+    }
+}
 
 /// How a run-once call ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,14 +10,19 @@ pub use super::Work;
 
 /// Run `work` once per `op_key` (per database role): in one transaction with
 /// its run-once record. If the work fails, nothing is committed and a later
-/// call runs it again.
+/// call runs it again; the work's own error comes back as it is.
+///
+/// `Ran` means committed: work that left its transaction aborted (a SQL
+/// error it swallowed) gets [`Error::WorkRolledBack`], and a commit whose
+/// reply was lost [`Error::CommitAmbiguous`] (a retry tells).
 ///
 /// Cancel safety: dropping the future before the commit rolls everything
 /// back (sqlx rolls back a dropped transaction); dropped during the commit,
 /// the work may or may not have been committed, and a retry tells.
-pub async fn run_once<T, F>(pool: &PgPool, op_key: &str, work: F) -> Result<Once<T>, Error>
+pub async fn run_once<T, E, F>(pool: &PgPool, op_key: &str, work: F) -> Result<Once<T>, E>
 where
-    F: for<'t> FnOnce(&'t mut PgConnection) -> Work<'t, T>,
+    E: From<Error>,
+    F: for<'t> FnOnce(&'t mut PgConnection) -> Work<'t, T, E>,
 {
     let mut transaction = pool.begin().await.map_err(error)?;
     let claimed: bool = claim(&mut transaction, op_key).await.map_err(error)?;
@@ -26,8 +31,26 @@ where
         return Ok(Once::AlreadyDone);
     }
     let value = work(&mut transaction).await?;
-    transaction.commit().await.map_err(error)?;
-    Ok(Once::Ran(value))
+    // In an aborted transaction every statement fails (25P02), and COMMIT
+    // would roll back without an error.
+    if let Err(failed) = still_open(&mut transaction).await {
+        return Err(match failed.as_database_error() {
+            Some(db) if db.code().as_deref() == Some("25P02") => Error::WorkRolledBack {
+                message: db.message().to_owned(),
+            },
+            _ => error(failed),
+        }
+        .into());
+    }
+    match transaction.commit().await {
+        Ok(()) => Ok(Once::Ran(value)),
+        Err(failed) => Err(super::commit_failed(error(failed)).into()),
+    }
+}
+
+async fn still_open(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query(sql::STILL_OPEN).execute(connection).await?;
+    Ok(())
 }
 
 // A plain query(..) helper: query_scalar would make the future non-Send.
