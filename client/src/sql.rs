@@ -39,6 +39,13 @@ pub const ADVISORY_LOCK: &str = "SELECT pg_advisory_lock($1)";
 pub const ADVISORY_TRY_LOCK: &str = "SELECT pg_try_advisory_lock($1)";
 /// `$1` the key: true if it was held.
 pub const ADVISORY_UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
+/// `$1` the key: true if this session holds its session advisory lock now
+/// (a `bigint` key is `classid` = the high half, `objid` = the low half,
+/// `objsubid` = 1 in `pg_locks`).
+pub const ADVISORY_HELD: &str = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks \
+     WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid() AND granted \
+       AND mode = 'ExclusiveLock' AND objsubid = 1 \
+       AND classid::bigint = ($1::bigint >> 32) & 4294967295 AND objid::bigint = $1::bigint & 4294967295)";
 /// Transaction advisory locks, released at COMMIT or ROLLBACK. `$1` the key.
 pub const ADVISORY_XACT_LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
 /// `$1` the key: true if taken.

@@ -104,7 +104,7 @@ macro_rules! advisory_tests {
                 assert_eq!(winners.len(), 1);
                 assert!(held(&connect().await, key).await);
                 for lock in winners {
-                    lock.unlock().await.unwrap();
+                    assert!(lock.unlock().await.unwrap(), "it was held");
                 }
                 assert!(!held(&connect().await, key).await);
             }
@@ -130,7 +130,7 @@ macro_rules! advisory_tests {
                             );
                             tokio::time::sleep(Duration::from_millis(2)).await;
                             inside.fetch_sub(1, Ordering::SeqCst);
-                            lock.unlock().await.unwrap();
+                            assert!(lock.unlock().await.unwrap(), "it was held");
                         }
                     }));
                 }
@@ -150,7 +150,7 @@ macro_rules! advisory_tests {
                     .unwrap();
                 assert!(none.is_none());
                 assert!(started.elapsed() >= Duration::from_millis(300));
-                holder.unlock().await.unwrap();
+                assert!(holder.unlock().await.unwrap(), "it was held");
                 // Every pooled connection is back to the default lock_timeout.
                 for setting in $lock_timeouts(&pool).await {
                     assert_eq!(
@@ -185,7 +185,7 @@ macro_rules! advisory_tests {
                     );
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                holder.unlock().await.unwrap();
+                assert!(holder.unlock().await.unwrap(), "it was held");
                 // The abandoned wait must not turn into a lock held by nobody.
                 tokio::time::sleep(Duration::from_millis(600)).await;
                 let db = connect().await;
@@ -194,7 +194,7 @@ macro_rules! advisory_tests {
                     .await
                     .unwrap()
                     .expect("the key is free");
-                again.unlock().await.unwrap();
+                assert!(again.unlock().await.unwrap(), "it was held");
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,4 +255,81 @@ async fn lock_xact_through_each_driver() {
     assert!(held(&other, key).await);
     transaction.rollback().await.unwrap();
     assert!(!held(&other, key).await);
+}
+
+/// Issue 16, 6: a session lock whose session let go of it (a pooler's
+/// reset, `pg_advisory_unlock_all`) says so, in `is_held` and in `unlock`;
+/// one whose session is gone errs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lock_its_session_lost_says_so_deadpool() {
+    use pg_fence_client::advisory::deadpool::lock_session;
+    let pool = deadpool_pool(&unique_table("adv-lost")).await;
+    let key = fresh_key();
+    let lock = lock_session(&pool, key, Wait::No).await.unwrap().unwrap();
+    assert!(lock.is_held().await.unwrap());
+    // What a transaction pooler's DISCARD ALL does to the session.
+    lock.client()
+        .batch_execute("SELECT pg_advisory_unlock_all()")
+        .await
+        .unwrap();
+    assert!(!lock.is_held().await.unwrap());
+    assert!(!held(&connect().await, key).await);
+    assert!(!lock.unlock().await.unwrap(), "unlock says it was gone");
+    // A terminated session: the server let go of the lock, and is_held errs.
+    let lock = lock_session(&pool, key, Wait::No).await.unwrap().unwrap();
+    let pid: i32 = lock
+        .client()
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let db = connect().await;
+    db.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    while held(&db, key).await {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(lock.is_held().await.is_err());
+    drop(lock);
+    // is_held reads pg_locks' two halves of the key right, whatever its sign.
+    let base = fresh_key().0 & 0x0000_7fff_ffff_fff0;
+    for key in [-base - 1, base | 0x7fff_ffff, i64::MIN | base] {
+        let lock = lock_session(&pool, AdvisoryKey(key), Wait::No)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(lock.is_held().await.unwrap(), "{key}");
+        assert!(lock.unlock().await.unwrap(), "{key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lock_its_session_lost_says_so_sqlx() {
+    use pg_fence_client::advisory::sqlx::lock_session;
+    let pool = sqlx_pool(&unique_table("adv-lost")).await;
+    let key = fresh_key();
+    let mut lock = lock_session(&pool, key, Wait::No).await.unwrap().unwrap();
+    assert!(lock.is_held().await.unwrap());
+    ::sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(lock.connection())
+        .await
+        .unwrap();
+    assert!(!lock.is_held().await.unwrap());
+    assert!(!held(&connect().await, key).await);
+    assert!(!lock.unlock().await.unwrap(), "unlock says it was gone");
+    let mut lock = lock_session(&pool, key, Wait::No).await.unwrap().unwrap();
+    let pid: i32 = ::sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(lock.connection())
+        .await
+        .unwrap();
+    let db = connect().await;
+    db.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    while held(&db, key).await {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(lock.is_held().await.is_err());
+    drop(lock);
 }

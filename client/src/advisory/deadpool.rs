@@ -21,21 +21,42 @@ impl SessionLock {
         self.key
     }
 
-    /// Unlock and give the connection back to the pool. Cancel safety: if
+    /// The connection the lock is on, to run statements in its session.
+    pub fn client(&self) -> &Object {
+        self.connection.as_ref().expect("held until unlock")
+    }
+
+    /// Whether the session still holds the lock: false if it was let go of
+    /// (`pg_advisory_unlock_all`, `DISCARD ALL`, a pooler that reset the
+    /// session), an error if the session is gone (terminated, timed out by
+    /// `idle_session_timeout`, a failover: the server released the lock).
+    pub async fn is_held(&self) -> Result<bool, Error> {
+        Ok(self
+            .client()
+            .query_one(sql::ADVISORY_HELD, &[&self.key.0])
+            .await
+            .map_err(error)?
+            .get(0))
+    }
+
+    /// Unlock and give the connection back to the pool: true if the lock
+    /// was still held, false if the session had lost it already (then
+    /// whatever ran under it since was not protected). Cancel safety: if
     /// dropped mid-way, the connection is closed instead, which unlocks.
-    pub async fn unlock(mut self) -> Result<(), Error> {
+    pub async fn unlock(mut self) -> Result<bool, Error> {
         let connection = self.connection.as_ref().expect("held until unlock");
-        connection
+        let held: bool = connection
             .query_one(sql::ADVISORY_UNLOCK, &[&self.key.0])
             .await
-            .map_err(error)?;
+            .map_err(error)?
+            .get(0);
         connection
             .batch_execute(sql::ADVISORY_RESET_WAIT)
             .await
             .map_err(error)?;
         // Unlocked, settings reset: this connection may go back to the pool.
         drop(self.connection.take());
-        Ok(())
+        Ok(held)
     }
 }
 

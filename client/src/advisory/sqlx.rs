@@ -23,12 +23,30 @@ impl SessionLock {
         self.key
     }
 
-    /// Unlock and give the connection back to the pool. Cancel safety: if
+    /// The connection the lock is on, to run statements in its session.
+    pub fn connection(&mut self) -> &mut sqlx::PgConnection {
+        self.connection.as_mut().expect("held until unlock")
+    }
+
+    /// Whether the session still holds the lock: false if it was let go of
+    /// (`pg_advisory_unlock_all`, `DISCARD ALL`, a pooler that reset the
+    /// session), an error if the session is gone (terminated, timed out by
+    /// `idle_session_timeout`, a failover: the server released the lock).
+    pub async fn is_held(&mut self) -> Result<bool, Error> {
+        let key = self.key.0;
+        scalar_bool(self.connection(), sql::ADVISORY_HELD, key)
+            .await
+            .map_err(error)
+    }
+
+    /// Unlock and give the connection back to the pool: true if the lock
+    /// was still held, false if the session had lost it already (then
+    /// whatever ran under it since was not protected). Cancel safety: if
     /// dropped mid-way, the connection is closed instead, which unlocks.
-    pub async fn unlock(mut self) -> Result<(), Error> {
+    pub async fn unlock(mut self) -> Result<bool, Error> {
         let connection: &mut sqlx::PgConnection =
             self.connection.as_mut().expect("held until unlock");
-        execute_with(connection, sql::ADVISORY_UNLOCK, self.key.0)
+        let held = scalar_bool(connection, sql::ADVISORY_UNLOCK, self.key.0)
             .await
             .map_err(error)?;
         execute_raw(connection, sql::ADVISORY_RESET_WAIT)
@@ -36,7 +54,7 @@ impl SessionLock {
             .map_err(error)?;
         // Unlocked, settings reset: this connection may go back to the pool.
         drop(self.connection.take());
-        Ok(())
+        Ok(held)
     }
 }
 
