@@ -71,10 +71,26 @@ pub enum Error {
         /// What the driver said.
         message: String,
     },
+    /// An acquire whose replies were lost until its retry budget
+    /// (`LeaseOptions::ambiguous_retry_for`) ran out: the server may have
+    /// granted a lease to `holder` that nobody holds. The client goes on
+    /// trying, in the background (within a Tokio runtime), to release it as
+    /// that holder for up to a ttl; `holder` lets the caller do the same (a
+    /// `lock_acquire` as that holder returns the lease, G6).
+    #[error("the acquire's outcome is unknown (holder {holder}): {message}")]
+    AcquireAmbiguous {
+        /// The holder id the unacknowledged requests were sent with.
+        holder: String,
+        /// The last error.
+        message: String,
+    },
+    /// A value from the server could not be decoded (or one sent encoded):
+    /// a bug or a version mismatch, not a lost reply, so never retried.
+    #[error("decode: {0}")]
+    Decode(String),
     /// Not a server error: the connection or the pool failed (no answer, so
-    /// the call may or may not have taken effect), or, more rarely, a value
-    /// could not be encoded or decoded by the driver. Both count as
-    /// ambiguous, so a lease acquire retries them as the same holder.
+    /// the call may or may not have taken effect). Ambiguous: a lease
+    /// acquire retries it as the same holder.
     #[error("connection: {0}")]
     Connection(String),
 }
@@ -113,7 +129,10 @@ impl Error {
             | Error::Serialization { sqlstate, .. }
             | Error::Database { sqlstate, .. } => Some(sqlstate),
             Error::WorkRolledBack { .. } => Some("25P02"),
-            Error::Connection(_) | Error::CommitAmbiguous { .. } => None,
+            Error::Connection(_)
+            | Error::CommitAmbiguous { .. }
+            | Error::AcquireAmbiguous { .. }
+            | Error::Decode(_) => None,
         }
     }
 
@@ -121,7 +140,9 @@ impl Error {
     /// retry (with the same holder, for an acquire) is the way to learn it.
     pub fn is_ambiguous(&self) -> bool {
         match self {
-            Error::Connection(_) | Error::CommitAmbiguous { .. } => true,
+            Error::Connection(_)
+            | Error::CommitAmbiguous { .. }
+            | Error::AcquireAmbiguous { .. } => true,
             // Connection exceptions, and a backend terminated (fast
             // shutdown, failover, pg_terminate_backend) perhaps after its
             // commit, e.g. while waiting for a synchronous standby.

@@ -36,8 +36,11 @@ pub struct LeaseOptions {
     /// The holder id. Default: a fresh UUID per lease; the client retries an
     /// ambiguous acquire with it, so a lost reply does not lock you out (G6).
     pub holder: Option<String>,
-    /// How many times an acquire whose reply was lost is retried. Default 3.
-    pub ambiguous_retries: u32,
+    /// How long an acquire whose reply was lost is retried (as the same
+    /// holder, with backoff from 25 ms to 1 s), from its first send: long
+    /// enough to ride out a restart or a failover. Default: the ttl (past
+    /// it, a lease the first request got would have expired anyway).
+    pub ambiguous_retry_for: Duration,
 }
 
 impl LeaseOptions {
@@ -48,7 +51,7 @@ impl LeaseOptions {
             renew_every: ttl / 3,
             safety_margin: ttl / 10,
             holder: None,
-            ambiguous_retries: 3,
+            ambiguous_retry_for: ttl,
         }
     }
 
@@ -61,6 +64,12 @@ impl LeaseOptions {
     /// Give up this much of the ttl to clock-rate differences.
     pub fn safety_margin(mut self, margin: Duration) -> LeaseOptions {
         self.safety_margin = margin;
+        self
+    }
+
+    /// Retry an acquire whose reply was lost for this long (see the field).
+    pub fn ambiguous_retry_for(mut self, budget: Duration) -> LeaseOptions {
+        self.ambiguous_retry_for = budget;
         self
     }
 
@@ -210,7 +219,9 @@ impl<B: Backend> Lease<B> {
             .holder
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let mut attempts = 0;
+        let mut attempts = 0u32;
+        let first_sent = Instant::now();
+        let mut pause = Duration::from_millis(25);
         let (sent, grant) = loop {
             let sent = Instant::now();
             let granted = match target {
@@ -228,9 +239,19 @@ impl<B: Backend> Lease<B> {
                 Ok(grant) => break (sent, grant),
                 // The reply was lost: ask again as the same holder, which
                 // returns the lease if the first request had granted it.
-                Err(error) if error.is_ambiguous() && attempts < options.ambiguous_retries => {
+                Err(error) if error.is_ambiguous() => {
                     attempts += 1;
+                    if first_sent.elapsed() + pause > options.ambiguous_retry_for {
+                        tracing::warn!(%error, attempts, holder, "acquire replies lost; giving up, releasing in the background");
+                        clean_up_after(backend, target, options, &holder, first_sent);
+                        return Err(Error::AcquireAmbiguous {
+                            holder,
+                            message: error.to_string(),
+                        });
+                    }
                     tracing::warn!(%error, attempts, "acquire reply lost; retrying as the same holder");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
                 }
                 Err(error) => return Err(error),
             }
@@ -503,6 +524,62 @@ async fn renew<B: Backend>(
             }
         }
     }
+}
+
+/// An acquire gave up with its outcome unknown: a lease may be held by
+/// `holder` that nobody holds. Until a ttl after the first request, keep
+/// trying (with backoff, in the background, if a Tokio runtime is running)
+/// to acquire as that holder, which returns that lease (G6), and release it.
+/// Nothing is left held longer than the server would have kept it anyway.
+fn clean_up_after<B: Backend>(
+    backend: &B,
+    target: Target<'_>,
+    options: &LeaseOptions,
+    holder: &str,
+    first_sent: Instant,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let (backend, holder, ttl) = (backend.clone(), holder.to_owned(), options.ttl);
+    let target = match target {
+        Target::Key(key) => (key.to_owned(), None),
+        Target::Permit { name, permits } => (name.to_owned(), Some(permits)),
+    };
+    runtime.spawn(async move {
+        let mut pause = Duration::from_millis(100);
+        while first_sent.elapsed() < ttl {
+            let found = match target.1 {
+                None => backend
+                    .acquire(&target.0, ttl, &holder, Duration::ZERO)
+                    .await
+                    .map(|grant| grant.map(|grant| (target.0.clone(), grant))),
+                Some(permits) => {
+                    backend
+                        .acquire_permit(&target.0, permits, ttl, &holder, Duration::ZERO)
+                        .await
+                }
+            };
+            match found {
+                Ok(Some((key, grant))) => {
+                    if let Err(error) = backend.release(&key, grant.token).await {
+                        tracing::warn!(%error, key, holder, "releasing an unacknowledged lease failed; it will expire");
+                    }
+                    return;
+                }
+                // Nothing of ours there (never granted, or expired).
+                Ok(None) => return,
+                Err(error) if error.is_ambiguous() => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, holder, "cannot release an unacknowledged lease; it will expire");
+                    return;
+                }
+            }
+        }
+    });
 }
 
 /// Tell the holder's logs and metrics that the lease is lost (once: by

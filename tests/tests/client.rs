@@ -824,3 +824,123 @@ async fn run_reports_a_lease_forced_away_during_the_work_as_lost<B: Backend>(
     .unwrap();
     assert_eq!(outcome, RunOutcome::Lost(LossReason::NotLive));
 }
+
+/// A backend whose acquire requests reach the server but whose replies are
+/// "lost" until `until`: a server restart or a failover, seen from the
+/// client.
+#[derive(Clone)]
+struct RepliesLostUntil<B> {
+    inner: B,
+    until: std::time::Instant,
+}
+
+impl<B: Backend> RepliesLostUntil<B> {
+    fn lost<T>(&self, outcome: Result<T, Error>) -> Result<T, Error> {
+        let outcome = outcome?;
+        if std::time::Instant::now() < self.until {
+            return Err(Error::Connection(
+                "connection reset before the reply".into(),
+            ));
+        }
+        Ok(outcome)
+    }
+}
+
+impl<B: Backend> Backend for RepliesLostUntil<B> {
+    async fn acquire(
+        &self,
+        key: &str,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+    ) -> Result<Option<pg_fence_client::Grant>, Error> {
+        self.lost(self.inner.acquire(key, ttl, holder, wait).await)
+    }
+
+    async fn acquire_permit(
+        &self,
+        name: &str,
+        permits: i32,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+    ) -> Result<Option<(String, pg_fence_client::Grant)>, Error> {
+        self.lost(
+            self.inner
+                .acquire_permit(name, permits, ttl, holder, wait)
+                .await,
+        )
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        token: i64,
+        ttl: Duration,
+    ) -> Result<Option<std::time::SystemTime>, Error> {
+        self.inner.renew(key, token, ttl).await
+    }
+
+    async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
+        self.inner.release(key, token).await
+    }
+}
+
+through_both_backends!(lost_replies_are_retried_with_backoff_until_the_server_answers);
+/// Issue 16, 3: replies lost for longer than a few immediate retries last
+/// (a restart, a failover) are retried with backoff, as the same holder,
+/// and the lease the first request got comes back.
+async fn lost_replies_are_retried_with_backoff_until_the_server_answers<B: Backend>(
+    backend: B,
+    _app: String,
+) {
+    let key = unique_key("client-lost-replies");
+    let flaky = RepliesLostUntil {
+        inner: backend,
+        until: std::time::Instant::now() + Duration::from_millis(1500),
+    };
+    let lease = Lease::try_acquire(&flaky, &key, &LeaseOptions::default())
+        .await
+        .unwrap()
+        .expect("our own lease back (G6)");
+    assert_eq!(
+        live_token(&connect().await, &key).await,
+        Some(lease.token())
+    );
+    assert!(lease.release().await.unwrap());
+}
+
+through_both_backends!(an_acquire_that_gives_up_leaves_nothing_held);
+/// Issue 16, 3: an acquire that runs out of its retry budget says its
+/// outcome is unknown, names the holder, and the lease its requests got is
+/// released once the server answers again, long before its ttl.
+async fn an_acquire_that_gives_up_leaves_nothing_held<B: Backend>(backend: B, _app: String) {
+    let key = unique_key("client-gave-up");
+    let flaky = RepliesLostUntil {
+        inner: backend,
+        until: std::time::Instant::now() + Duration::from_millis(1500),
+    };
+    let options =
+        LeaseOptions::new(Duration::from_secs(30)).ambiguous_retry_for(Duration::from_millis(300));
+    let error = Lease::try_acquire(&flaky, &key, &options)
+        .await
+        .err()
+        .expect("no answer within the budget");
+    assert!(
+        matches!(&error, Error::AcquireAmbiguous { holder, .. } if !holder.is_empty()),
+        "{error:?}"
+    );
+    let db = connect().await;
+    assert!(
+        live_token(&db, &key).await.is_some(),
+        "the first request did grant"
+    );
+    let started = Instant::now();
+    while live_token(&db, &key).await.is_some() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the unacknowledged lease was left held"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

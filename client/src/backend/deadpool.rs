@@ -21,7 +21,7 @@ impl Backend for Pool {
             .query_one(&statement, &[&key, &millis(ttl), &holder, &millis(wait)])
             .await
             .map_err(error)?;
-        Ok(grant(row.get(0), row.get(1), row.get(2)))
+        Ok(grant(get(&row, 0)?, get(&row, 1)?, get(&row, 2)?))
     }
 
     async fn acquire_permit(
@@ -44,8 +44,8 @@ impl Backend for Pool {
             )
             .await
             .map_err(error)?;
-        let key: Option<String> = row.get(0);
-        Ok(key.zip(grant(row.get(1), row.get(2), row.get(3))))
+        let key: Option<String> = get(&row, 0)?;
+        Ok(key.zip(grant(get(&row, 1)?, get(&row, 2)?, get(&row, 3)?)))
     }
 
     async fn renew(
@@ -60,17 +60,17 @@ impl Backend for Pool {
             .query_one(&statement, &[&key, &token, &millis(ttl)])
             .await
             .map_err(error)?;
-        Ok(row.get::<_, Option<f64>>(0).map(unix_seconds))
+        Ok(get::<Option<f64>>(&row, 0)?.map(unix_seconds))
     }
 
     async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
         let client = self.get().await.map_err(pool_error)?;
         let statement = client.prepare_cached(sql::RELEASE).await.map_err(error)?;
-        Ok(client
+        let row = client
             .query_one(&statement, &[&key, &token])
             .await
-            .map_err(error)?
-            .get(0))
+            .map_err(error)?;
+        get(&row, 0)
     }
 }
 
@@ -92,6 +92,16 @@ pub fn error(error: tokio_postgres::Error) -> Error {
         Some(db) => Error::from_sqlstate(db.code().code(), db.message().to_owned()),
         None => Error::Connection(error.to_string()),
     }
+}
+
+/// Column `index` of `row`: a value that does not decode is
+/// [`Error::Decode`] (tokio-postgres' `Row::get` would panic).
+fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    index: usize,
+) -> Result<T, Error> {
+    row.try_get(index)
+        .map_err(|failed| Error::Decode(failed.to_string()))
 }
 
 /// Map a pool error: a server error keeps its SQLSTATE.

@@ -97,6 +97,12 @@ pub fn error(error: sqlx::Error) -> Error {
             Some(code) => Error::from_sqlstate(&code, db.message().to_owned()),
             None => Error::Connection(error.to_string()),
         },
+        sqlx::Error::Decode(_)
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Encode(_)
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. } => Error::Decode(error.to_string()),
         _ => Error::Connection(error.to_string()),
     }
 }
