@@ -63,6 +63,11 @@ pub enum Error {
         /// The server's message for the aborted transaction.
         message: String,
     },
+    /// `run_once`: the work ended the run-once transaction itself (a
+    /// `COMMIT` or `ROLLBACK` of its own), so `run_once` cannot say whether
+    /// the work and its record committed together.
+    #[error("the work ended the run-once transaction itself")]
+    WorkEndedTransaction,
     /// `run_once`: the reply to the `COMMIT` was lost. The work and its
     /// record may or may not be committed: call `run_once` again with the
     /// same key to find out (`AlreadyDone` if it was).
@@ -132,6 +137,7 @@ impl Error {
             Error::Connection(_)
             | Error::CommitAmbiguous { .. }
             | Error::AcquireAmbiguous { .. }
+            | Error::WorkEndedTransaction
             | Error::Decode(_) => None,
         }
     }

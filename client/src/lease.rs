@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::ambiguous;
 use crate::backend::{Backend, Grant};
 use crate::{metrics, Error};
 
@@ -21,6 +22,16 @@ pub(crate) enum Target<'a> {
         name: &'a str,
         permits: i32,
     },
+}
+
+impl Target<'_> {
+    /// The key (or semaphore name) and, for a semaphore, its permits.
+    fn owned(self) -> (String, Option<i32>) {
+        match self {
+            Target::Key(key) => (key.to_owned(), None),
+            Target::Permit { name, permits } => (name.to_owned(), Some(permits)),
+        }
+    }
 }
 
 /// How a lease is taken and kept: the one place its policy lives.
@@ -164,7 +175,8 @@ pub struct Lease<B: Backend> {
 }
 
 impl<B: Backend> Lease<B> {
-    /// Try once: `None` if the key is held.
+    /// Try once: `None` if the key is held. (A request whose reply is lost is
+    /// still retried, for up to `ambiguous_retry_for`.)
     ///
     /// Cancel safety: if this future is dropped after the request was sent,
     /// the server may have granted a lease nobody holds; it expires after
@@ -219,8 +231,15 @@ impl<B: Backend> Lease<B> {
             .holder
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        // A cleanup still releasing what an earlier, unanswered acquire as
+        // this holder may have been granted must finish first, or it could
+        // release the lease this call is about to get back (G6).
+        let (name, permits) = target.owned();
+        ambiguous::wait_for_cleanup(&name, &holder).await;
         let mut attempts = 0u32;
         let first_sent = Instant::now();
+        // A request may wait in the server for `wait` before it grants.
+        let budget = options.ambiguous_retry_for.saturating_add(wait);
         let mut pause = Duration::from_millis(25);
         let (sent, grant) = loop {
             let sent = Instant::now();
@@ -241,9 +260,19 @@ impl<B: Backend> Lease<B> {
                 // returns the lease if the first request had granted it.
                 Err(error) if error.is_ambiguous() => {
                     attempts += 1;
-                    if first_sent.elapsed() + pause > options.ambiguous_retry_for {
+                    if first_sent.elapsed() + pause > budget {
                         tracing::warn!(%error, attempts, holder, "acquire replies lost; giving up, releasing in the background");
-                        clean_up_after(backend, target, options, &holder, first_sent);
+                        // A lease granted to the last request lives at most
+                        // until its wait and then its ttl have run out.
+                        let until = sent + wait + options.ttl;
+                        ambiguous::clean_up_after(
+                            backend,
+                            name,
+                            permits,
+                            options.ttl,
+                            &holder,
+                            until,
+                        );
                         return Err(Error::AcquireAmbiguous {
                             holder,
                             message: error.to_string(),
@@ -252,6 +281,14 @@ impl<B: Backend> Lease<B> {
                     tracing::warn!(%error, attempts, "acquire reply lost; retrying as the same holder");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                // The server answered and granted, but the reply did not
+                // decode: nobody knows the lease, so release it as for a
+                // lost reply.
+                Err(error @ Error::Decode(_)) => {
+                    let until = sent + wait + options.ttl;
+                    ambiguous::clean_up_after(backend, name, permits, options.ttl, &holder, until);
+                    return Err(error);
                 }
                 Err(error) => return Err(error),
             }
@@ -411,12 +448,14 @@ impl<B: Backend> Lease<B> {
     /// or expires as above.
     #[tracing::instrument(name = "pg_fence.release", skip(self), fields(key = %self.key, token = self.token))]
     pub async fn release(mut self) -> Result<bool, Error> {
-        self.holding.end();
         // Settled before the abort: an aborted task dropped on another
         // worker first would leave a released lease reported `Abandoned`.
+        // Past its deadline it was lost before this release: say so.
         if let Some(report) = self.report.upgrade() {
+            declare_deadline_passed(&report, &self.holding, &self.key, self.token);
             settle(&report, State::Released);
         }
+        self.holding.end();
         if let Some(task) = self.renewal.take() {
             task.abort();
         }
@@ -524,62 +563,6 @@ async fn renew<B: Backend>(
             }
         }
     }
-}
-
-/// An acquire gave up with its outcome unknown: a lease may be held by
-/// `holder` that nobody holds. Until a ttl after the first request, keep
-/// trying (with backoff, in the background, if a Tokio runtime is running)
-/// to acquire as that holder, which returns that lease (G6), and release it.
-/// Nothing is left held longer than the server would have kept it anyway.
-fn clean_up_after<B: Backend>(
-    backend: &B,
-    target: Target<'_>,
-    options: &LeaseOptions,
-    holder: &str,
-    first_sent: Instant,
-) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    let (backend, holder, ttl) = (backend.clone(), holder.to_owned(), options.ttl);
-    let target = match target {
-        Target::Key(key) => (key.to_owned(), None),
-        Target::Permit { name, permits } => (name.to_owned(), Some(permits)),
-    };
-    runtime.spawn(async move {
-        let mut pause = Duration::from_millis(100);
-        while first_sent.elapsed() < ttl {
-            let found = match target.1 {
-                None => backend
-                    .acquire(&target.0, ttl, &holder, Duration::ZERO)
-                    .await
-                    .map(|grant| grant.map(|grant| (target.0.clone(), grant))),
-                Some(permits) => {
-                    backend
-                        .acquire_permit(&target.0, permits, ttl, &holder, Duration::ZERO)
-                        .await
-                }
-            };
-            match found {
-                Ok(Some((key, grant))) => {
-                    if let Err(error) = backend.release(&key, grant.token).await {
-                        tracing::warn!(%error, key, holder, "releasing an unacknowledged lease failed; it will expire");
-                    }
-                    return;
-                }
-                // Nothing of ours there (never granted, or expired).
-                Ok(None) => return,
-                Err(error) if error.is_ambiguous() => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(2));
-                }
-                Err(error) => {
-                    tracing::warn!(%error, holder, "cannot release an unacknowledged lease; it will expire");
-                    return;
-                }
-            }
-        }
-    });
 }
 
 /// Tell the holder's logs and metrics that the lease is lost (once: by
@@ -691,6 +674,7 @@ where
                 Ok(true) => Ok(RunOutcome::Completed(output)),
                 Ok(false) => {
                     tracing::warn!(key, "the lease was no longer live at release");
+                    metrics::lost(&LossReason::NotLive);
                     Ok(RunOutcome::Lost(LossReason::NotLive))
                 }
                 Err(error) => {

@@ -40,6 +40,7 @@
 #![warn(missing_docs)]
 
 pub mod advisory;
+mod ambiguous;
 pub mod backend;
 mod error;
 mod lease;

@@ -8,7 +8,7 @@
 //! | `pg_fence_client_acquire_seconds` | histogram | `outcome`: `granted`, `busy`, `error` | a [`Lease::acquire`](crate::Lease::acquire) call, retries and waiting included |
 //! | `pg_fence_client_hold_seconds` | histogram | | from a grant until the guard let go: released, dropped or lost |
 //! | `pg_fence_client_renewals_total` | counter | `outcome`: `renewed`, `not_live`, `refused`, `error`, `timeout` | each renewal attempt of the background task |
-//! | `pg_fence_client_leases_lost_total` | counter | `reason`: `not_live`, `deadline_passed`, `refused` | leases the renewal task reported lost |
+//! | `pg_fence_client_leases_lost_total` | counter | `reason`: `not_live`, `deadline_passed`, `refused` | leases found lost: by the renewal task, by `loss()` / `lost()` / `release()` past the local deadline, or by `run()` finding the lease not live at its release |
 //! | `pg_fence_client_leases_held` | gauge | | guards holding a lease now (not yet released, dropped or lost) |
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -39,6 +39,9 @@ pub const ADVISORY_LOCK: &str = "SELECT pg_advisory_lock($1)";
 pub const ADVISORY_TRY_LOCK: &str = "SELECT pg_try_advisory_lock($1)";
 /// `$1` the key: true if it was held.
 pub const ADVISORY_UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
+/// Let go of every session advisory lock before a connection goes back to
+/// the pool (a lock taken twice on it, or another one taken through it).
+pub const ADVISORY_UNLOCK_ALL: &str = "SELECT pg_catalog.pg_advisory_unlock_all()";
 /// `$1` the key: true if this session holds its session advisory lock now
 /// (a `bigint` key is `classid` = the high half, `objid` = the low half,
 /// `objsubid` = 1 in `pg_locks`).
@@ -59,13 +62,17 @@ pub const ADVISORY_PREPARE_WAIT: &str = "SELECT set_config('lock_timeout', $1, f
 /// Undo [`ADVISORY_PREPARE_WAIT`] before the connection goes back to the pool.
 pub const ADVISORY_RESET_WAIT: &str = "RESET lock_timeout; RESET client_connection_check_interval";
 
-/// Fails (25P02) in an aborted transaction: run before a `COMMIT` that would
-/// otherwise roll back without an error.
-pub const STILL_OPEN: &str = "SELECT 1";
-
 /// Claim a run-once operation key in the current transaction. `$1` the key:
 /// true if this transaction is the one to do the work.
 pub const CLAIM_OPERATION: &str = "SELECT fence.claim_operation($1)";
+/// [`CLAIM_OPERATION`] for `run_once`, with the transaction's id (as text).
+pub const CLAIM_OPERATION_IN: &str =
+    "SELECT fence.claim_operation($1), pg_catalog.pg_current_xact_id()::text";
+/// The current transaction's id, if it has one (as text): run before the
+/// `COMMIT` of `run_once`. It fails (25P02) in an aborted transaction, whose
+/// `COMMIT` would roll back without an error, and answers another id or
+/// NULL once the work has ended the transaction itself.
+pub const STILL_OPEN: &str = "SELECT pg_catalog.pg_current_xact_id_if_assigned()::text";
 
 /// A possibly schema-qualified SQL name, quoted part by part (so it is taken
 /// exactly as written, case included, and cannot inject SQL).

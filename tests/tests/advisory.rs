@@ -292,6 +292,15 @@ async fn a_session_lock_its_session_lost_says_so_deadpool() {
     }
     assert!(lock.is_held().await.is_err());
     drop(lock);
+    // A lock taken again through the guard's connection goes with unlock():
+    // the connection goes back to the pool holding nothing.
+    let lock = lock_session(&pool, key, Wait::No).await.unwrap().unwrap();
+    lock.client()
+        .execute("SELECT pg_advisory_lock($1)", &[&key.0])
+        .await
+        .unwrap();
+    assert!(lock.unlock().await.unwrap());
+    assert!(!held(&db, key).await, "returned to the pool still locked");
     // is_held reads pg_locks' two halves of the key right, whatever its sign.
     let base = fresh_key().0 & 0x0000_7fff_ffff_fff0;
     for key in [-base - 1, base | 0x7fff_ffff, i64::MIN | base] {

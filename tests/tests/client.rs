@@ -944,3 +944,69 @@ async fn an_acquire_that_gives_up_leaves_nothing_held<B: Backend>(backend: B, _a
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+through_both_backends!(a_cleanup_never_releases_a_lease_its_holder_took_back);
+/// Issue 16, 3: after `AcquireAmbiguous`, a caller that acquires again as
+/// the same holder gets the lease back (G6), and the background cleanup
+/// must not release it from under them.
+async fn a_cleanup_never_releases_a_lease_its_holder_took_back<B: Backend>(
+    backend: B,
+    _app: String,
+) {
+    let key = unique_key("client-cleanup-adopted");
+    let flaky = RepliesLostUntil {
+        inner: backend.clone(),
+        until: std::time::Instant::now() + Duration::from_millis(1500),
+    };
+    let options = LeaseOptions::new(Duration::from_secs(30))
+        .holder("worker-h")
+        .ambiguous_retry_for(Duration::from_millis(300));
+    let error = Lease::try_acquire(&flaky, &key, &options)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(error, Error::AcquireAmbiguous { .. }), "{error:?}");
+    // The caller tries again as that holder, and holds the lease.
+    let lease = Lease::try_acquire(&backend, &key, &options)
+        .await
+        .unwrap()
+        .expect("its own lease back, or a fresh one");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        live_token(&connect().await, &key).await,
+        Some(lease.token()),
+        "the cleanup released a lease in use"
+    );
+    assert!(lease.release().await.unwrap());
+}
+
+fn a_release_past_the_deadline_tells_the_loss<B: Backend>(backend: B, key: String) -> Body {
+    Box::pin(async move {
+        let lease = Lease::try_acquire(&backend, &key, &short_lease())
+            .await
+            .unwrap()
+            .expect("free");
+        let lost = lease.lost();
+        std::thread::sleep(Duration::from_millis(900));
+        // Nobody asked before releasing: the release itself says it.
+        let _ = lease.release().await;
+        let lost = tokio::time::timeout(Duration::from_millis(50), lost).await;
+        assert_eq!(lost, Ok(LossReason::DeadlinePassed));
+    })
+}
+
+#[test]
+fn a_release_past_the_deadline_tells_the_loss_sqlx() {
+    starved(
+        |app| async move { sqlx_pool(&app).await },
+        a_release_past_the_deadline_tells_the_loss,
+    );
+}
+
+#[test]
+fn a_release_past_the_deadline_tells_the_loss_deadpool() {
+    starved(
+        |app| async move { deadpool_pool(&app).await },
+        a_release_past_the_deadline_tells_the_loss,
+    );
+}

@@ -329,3 +329,46 @@ async fn a_commit_without_a_reply_is_ambiguous() {
     }
     assert_eq!(retry, Some(Once::Ran(2)));
 }
+
+/// Review of issue 16, 4: work that ends the run-once transaction itself
+/// (a ROLLBACK or COMMIT of its own) is not reported as `Ran`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn work_that_ends_the_transaction_itself_is_not_reported_as_ran() {
+    {
+        use pg_fence_client::once::deadpool::run_once;
+        let pool = deadpool_pool(&unique_table("once-ended")).await;
+        let key = unique_key("once-ended-dpool");
+        let outcome = run_once(&pool, &key, |tx| {
+            Box::pin(async move {
+                tx.batch_execute("ROLLBACK")
+                    .await
+                    .map_err(pg_fence_client::backend::deadpool::error)?;
+                Ok::<_, ClientError>(1)
+            })
+        })
+        .await;
+        assert!(
+            matches!(outcome, Err(ClientError::WorkEndedTransaction)),
+            "{outcome:?}"
+        );
+    }
+    {
+        use pg_fence_client::once::sqlx::run_once;
+        let pool = sqlx_pool(&unique_table("once-ended")).await;
+        let key = unique_key("once-ended-sqlx");
+        let outcome = run_once(&pool, &key, |connection| {
+            Box::pin(async move {
+                ::sqlx::query("ROLLBACK")
+                    .execute(&mut *connection)
+                    .await
+                    .map_err(pg_fence_client::backend::sqlx::error)?;
+                Ok::<_, ClientError>(1)
+            })
+        })
+        .await;
+        assert!(
+            matches!(outcome, Err(ClientError::WorkEndedTransaction)),
+            "{outcome:?}"
+        );
+    }
+}

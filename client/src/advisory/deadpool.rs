@@ -22,6 +22,9 @@ impl SessionLock {
     }
 
     /// The connection the lock is on, to run statements in its session.
+    /// With `Wait::Up`, its `lock_timeout` stays at the wait until
+    /// `unlock()`. Advisory locks taken through it are let go of by
+    /// `unlock()`, so nothing goes back to the pool locked.
     pub fn client(&self) -> &Object {
         self.connection.as_ref().expect("held until unlock")
     }
@@ -50,6 +53,10 @@ impl SessionLock {
             .await
             .map_err(error)?
             .get(0);
+        connection
+            .execute(sql::ADVISORY_UNLOCK_ALL, &[])
+            .await
+            .map_err(error)?;
         connection
             .batch_execute(sql::ADVISORY_RESET_WAIT)
             .await

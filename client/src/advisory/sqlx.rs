@@ -24,6 +24,9 @@ impl SessionLock {
     }
 
     /// The connection the lock is on, to run statements in its session.
+    /// With `Wait::Up`, its `lock_timeout` stays at the wait until
+    /// `unlock()`. Advisory locks taken through it are let go of by
+    /// `unlock()`, so nothing goes back to the pool locked.
     pub fn connection(&mut self) -> &mut sqlx::PgConnection {
         self.connection.as_mut().expect("held until unlock")
     }
@@ -47,6 +50,9 @@ impl SessionLock {
         let connection: &mut sqlx::PgConnection =
             self.connection.as_mut().expect("held until unlock");
         let held = scalar_bool(connection, sql::ADVISORY_UNLOCK, self.key.0)
+            .await
+            .map_err(error)?;
+        execute_raw(connection, sql::ADVISORY_UNLOCK_ALL)
             .await
             .map_err(error)?;
         execute_raw(connection, sql::ADVISORY_RESET_WAIT)

@@ -90,6 +90,18 @@ pub async fn set_fence_token(transaction: &impl GenericClient, token: i64) -> Re
 pub fn error(error: tokio_postgres::Error) -> Error {
     match error.as_db_error() {
         Some(db) => Error::from_sqlstate(db.code().code(), db.message().to_owned()),
+        // tokio-postgres' encode, decode and row-count failures: the server
+        // answered, so not a lost reply.
+        None if [
+            "error serializing",
+            "error deserializing",
+            "query returned an unexpected number of rows",
+        ]
+        .iter()
+        .any(|prefix| error.to_string().starts_with(prefix)) =>
+        {
+            Error::Decode(error.to_string())
+        }
         None => Error::Connection(error.to_string()),
     }
 }

@@ -29,11 +29,12 @@ where
         .await
         .map_err(crate::backend::deadpool::pool_error)?;
     let transaction = client.transaction().await.map_err(error)?;
-    let claimed: bool = transaction
-        .query_one(sql::CLAIM_OPERATION, &[&op_key])
+    let claim = transaction
+        .query_one(sql::CLAIM_OPERATION_IN, &[&op_key])
         .await
-        .map_err(error)?
-        .get(0);
+        .map_err(error)?;
+    let claimed: bool = claim.try_get(0).map_err(error)?;
+    let xid: Option<String> = claim.try_get(1).map_err(error)?;
     if !claimed {
         transaction.rollback().await.map_err(error)?;
         return Ok(Once::AlreadyDone);
@@ -41,14 +42,21 @@ where
     let value = work(&transaction).await?;
     // In an aborted transaction every statement fails (25P02), and COMMIT
     // would roll back without an error.
-    if let Err(failed) = transaction.execute(sql::STILL_OPEN, &[]).await {
-        return Err(match failed.as_db_error() {
-            Some(db) if db.code().code() == "25P02" => Error::WorkRolledBack {
-                message: db.message().to_owned(),
-            },
-            _ => error(failed),
+    match transaction.query_one(sql::STILL_OPEN, &[]).await {
+        Ok(row) => {
+            if row.try_get::<_, Option<String>>(0).map_err(error)? != xid {
+                return Err(Error::WorkEndedTransaction.into());
+            }
         }
-        .into());
+        Err(failed) => {
+            return Err(match failed.as_db_error() {
+                Some(db) if db.code().code() == "25P02" => Error::WorkRolledBack {
+                    message: db.message().to_owned(),
+                },
+                _ => error(failed),
+            }
+            .into())
+        }
     }
     match transaction.commit().await {
         Ok(()) => Ok(Once::Ran(value)),

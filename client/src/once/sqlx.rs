@@ -25,7 +25,7 @@ where
     F: for<'t> FnOnce(&'t mut PgConnection) -> Work<'t, T, E>,
 {
     let mut transaction = pool.begin().await.map_err(error)?;
-    let claimed: bool = claim(&mut transaction, op_key).await.map_err(error)?;
+    let (claimed, xid) = claim(&mut transaction, op_key).await.map_err(error)?;
     if !claimed {
         transaction.rollback().await.map_err(error)?;
         return Ok(Once::AlreadyDone);
@@ -33,14 +33,18 @@ where
     let value = work(&mut transaction).await?;
     // In an aborted transaction every statement fails (25P02), and COMMIT
     // would roll back without an error.
-    if let Err(failed) = still_open(&mut transaction).await {
-        return Err(match failed.as_database_error() {
-            Some(db) if db.code().as_deref() == Some("25P02") => Error::WorkRolledBack {
-                message: db.message().to_owned(),
-            },
-            _ => error(failed),
+    match still_open(&mut transaction).await {
+        Ok(now) if now == xid => {}
+        Ok(_) => return Err(Error::WorkEndedTransaction.into()),
+        Err(failed) => {
+            return Err(match failed.as_database_error() {
+                Some(db) if db.code().as_deref() == Some("25P02") => Error::WorkRolledBack {
+                    message: db.message().to_owned(),
+                },
+                _ => error(failed),
+            }
+            .into())
         }
-        .into());
     }
     match transaction.commit().await {
         Ok(()) => Ok(Once::Ran(value)),
@@ -48,16 +52,21 @@ where
     }
 }
 
-async fn still_open(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query(sql::STILL_OPEN).execute(connection).await?;
-    Ok(())
-}
-
-// A plain query(..) helper: query_scalar would make the future non-Send.
-async fn claim(connection: &mut PgConnection, op_key: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query(sql::CLAIM_OPERATION)
-        .bind(op_key)
+async fn still_open(connection: &mut PgConnection) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query(sql::STILL_OPEN)
         .fetch_one(connection)
         .await?
         .try_get(0)
+}
+
+// A plain query(..) helper: query_scalar would make the future non-Send.
+async fn claim(
+    connection: &mut PgConnection,
+    op_key: &str,
+) -> Result<(bool, Option<String>), sqlx::Error> {
+    let row = sqlx::query(sql::CLAIM_OPERATION_IN)
+        .bind(op_key)
+        .fetch_one(connection)
+        .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
 }

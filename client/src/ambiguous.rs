@@ -1,0 +1,126 @@
+//! What becomes of an acquire whose replies were lost: once the client has
+//! given up, a background cleanup acquires as the same holder (the server
+//! returns that holder's lease, G6) and releases it, so no lease is left
+//! held by nobody. An acquire naming that holder again first stops the
+//! cleanup and waits for it, so the cleanup never releases a lease that
+//! call has just got back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::backend::Backend;
+
+/// A running cleanup: told to stop by the flag, awaited through its task.
+struct Cleanup {
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+/// Running cleanups by (key or semaphore name, holder).
+fn cleanups() -> &'static Mutex<HashMap<(String, String), Cleanup>> {
+    static CLEANUPS: OnceLock<Mutex<HashMap<(String, String), Cleanup>>> = OnceLock::new();
+    CLEANUPS.get_or_init(Default::default)
+}
+
+/// Stop the cleanup for `(name, holder)`, if one runs, and wait until it has
+/// finished what it was doing (a release in flight lands before we go on).
+pub(crate) async fn wait_for_cleanup(name: &str, holder: &str) {
+    let running = cleanups()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .remove(&(name.to_owned(), holder.to_owned()));
+    if let Some(cleanup) = running {
+        cleanup.stop.store(true, Ordering::SeqCst);
+        let _ = cleanup.task.await;
+    }
+}
+
+/// Release, in the background (if a Tokio runtime is running), whatever
+/// lease `holder` may hold on `name` (a key, or with `permits` a semaphore's
+/// permit), trying with backoff until `until`, when any such lease has
+/// expired anyway. Its acquire is a newcomer's: it takes nothing from
+/// queued waiters; on a free key it takes a fresh lease and releases it.
+pub(crate) fn clean_up_after<B: Backend>(
+    backend: &B,
+    name: String,
+    permits: Option<i32>,
+    ttl: Duration,
+    holder: &str,
+    until: Instant,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (backend, holder_id) = (backend.clone(), holder.to_owned());
+    let (task_name, task_stop) = (name.clone(), stop.clone());
+    let mut registry = cleanups()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let task = runtime.spawn(async move {
+        release_as(
+            &backend, &task_name, permits, ttl, &holder_id, until, &task_stop,
+        )
+        .await;
+    });
+    registry.insert((name, holder.to_owned()), Cleanup { stop, task });
+}
+
+async fn release_as<B: Backend>(
+    backend: &B,
+    name: &str,
+    permits: Option<i32>,
+    ttl: Duration,
+    holder: &str,
+    until: Instant,
+    stop: &AtomicBool,
+) {
+    let mut pause = Duration::from_millis(100);
+    while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+        let found = match permits {
+            None => backend
+                .acquire(name, ttl, holder, Duration::ZERO)
+                .await
+                .map(|grant| grant.map(|grant| (name.to_owned(), grant))),
+            Some(permits) => {
+                backend
+                    .acquire_permit(name, permits, ttl, holder, Duration::ZERO)
+                    .await
+            }
+        };
+        match found {
+            Ok(Some((key, grant))) => {
+                if let Err(error) = backend.release(&key, grant.token).await {
+                    tracing::warn!(%error, key, holder, "releasing an unacknowledged lease failed; it will expire");
+                }
+                break;
+            }
+            // Held by someone else (or queued for): nothing of ours is.
+            Ok(None) => break,
+            Err(error) if error.is_ambiguous() => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(error) => {
+                tracing::warn!(%error, holder, "cannot release an unacknowledged lease; it will expire");
+                break;
+            }
+        }
+    }
+    // Done: forget this cleanup, unless a newer one replaced it.
+    let mut registry = cleanups()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let key = (name.to_owned(), holder.to_owned());
+    if registry
+        .get(&key)
+        .is_some_and(|cleanup| std::ptr::eq(&*cleanup.stop, stop))
+    {
+        registry.remove(&key);
+    }
+}
