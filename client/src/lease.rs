@@ -107,6 +107,13 @@ impl LeaseOptions {
                 self.ttl, self.renew_every
             ));
         }
+        // The server's remaining time comes rounded to the millisecond.
+        if self.safety_margin < Duration::from_millis(1) {
+            return invalid(format!(
+                "safety_margin ({:?}) must be at least 1 ms: the server's time left is rounded to the millisecond",
+                self.safety_margin
+            ));
+        }
         if self.renew_every.saturating_add(self.safety_margin) >= self.ttl {
             return invalid(format!(
                 "renew_every ({:?}) + safety_margin ({:?}) must be less than ttl ({:?}), or the lease is lost before its first renewal",
@@ -441,13 +448,24 @@ impl<B: Backend> Lease<B> {
     /// after the release and finds nothing live to extend (the server counts
     /// it in `renewals_lost`). If the release itself never reaches the
     /// server, the lease expires after at most one ttl from its last renewal.
+    /// It waits for an answer until the lease's local deadline (at least
+    /// 250 ms), then gives up with a connection error, the release still
+    /// being sent in the background.
     ///
     /// Cancel safety: dropped before it is first polled, the guard's drop
     /// releases best-effort in the background; dropped later, the release
-    /// request may or may not have reached the server: the lease is released
-    /// or expires as above.
+    /// goes on in its own task (waiting for a pooled connection if need be).
     #[tracing::instrument(name = "pg_fence.release", skip(self), fields(key = %self.key, token = self.token))]
     pub async fn release(mut self) -> Result<bool, Error> {
+        // Past the local deadline the lease is assumed gone and expires on
+        // the server anyway: no release waits longer than that (a partition
+        // would otherwise hold it for minutes), nor less than a moment.
+        let bound = self
+            .deadline()
+            .map_or(Duration::ZERO, |deadline| {
+                deadline.saturating_duration_since(Instant::now())
+            })
+            .max(RELEASE_AT_LEAST);
         // Settled before the abort: an aborted task dropped on another
         // worker first would leave a released lease reported `Abandoned`.
         // Past its deadline it was lost before this release: say so.
@@ -460,9 +478,25 @@ impl<B: Backend> Lease<B> {
             task.abort();
         }
         self.settled = true;
-        self.backend.release(&self.key, self.token).await
+        // In a task of its own: this future dropped, or timed out, the
+        // release still goes on.
+        let (backend, key, token) = (self.backend.clone(), self.key.clone(), self.token);
+        let release = tokio::spawn(async move { backend.release(&key, token).await });
+        match tokio::time::timeout(bound, release).await {
+            Ok(Ok(released)) => released,
+            Ok(Err(panicked)) => Err(Error::Connection(format!(
+                "release task failed: {panicked}"
+            ))),
+            Err(_) => Err(Error::Connection(format!(
+                "no answer to the release within {bound:?}, by the lease's local deadline; \
+                 it is still being sent, and the lease expires on the server anyway"
+            ))),
+        }
     }
 }
+
+/// The least time a release is given, even at or past the deadline.
+const RELEASE_AT_LEAST: Duration = Duration::from_millis(250);
 
 impl<B: Backend> Drop for Lease<B> {
     fn drop(&mut self) {

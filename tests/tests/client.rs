@@ -1010,3 +1010,89 @@ fn a_release_past_the_deadline_tells_the_loss_deadpool() {
         a_release_past_the_deadline_tells_the_loss,
     );
 }
+
+/// A backend whose releases take `delay` to reach the server.
+#[derive(Clone)]
+struct SlowRelease<B> {
+    inner: B,
+    delay: Duration,
+}
+
+impl<B: Backend> Backend for SlowRelease<B> {
+    async fn acquire(
+        &self,
+        key: &str,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+    ) -> Result<Option<pg_fence_client::Grant>, Error> {
+        self.inner.acquire(key, ttl, holder, wait).await
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        token: i64,
+        ttl: Duration,
+    ) -> Result<Option<std::time::SystemTime>, Error> {
+        self.inner.renew(key, token, ttl).await
+    }
+
+    async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.release(key, token).await
+    }
+}
+
+through_both_backends!(a_release_waits_no_longer_than_the_leases_deadline);
+/// Issue 16, 7: after a partition a release would wait for minutes; it
+/// waits until the lease's local deadline (the lease is assumed gone then).
+async fn a_release_waits_no_longer_than_the_leases_deadline<B: Backend>(backend: B, _app: String) {
+    let slow = SlowRelease {
+        inner: backend,
+        delay: Duration::from_secs(5),
+    };
+    let key = unique_key("client-slow-release");
+    let lease = Lease::try_acquire(&slow, &key, &LeaseOptions::new(Duration::from_millis(600)))
+        .await
+        .unwrap()
+        .expect("free");
+    let started = Instant::now();
+    let released = tokio::time::timeout(Duration::from_secs(3), lease.release())
+        .await
+        .expect("bounded by the lease's deadline");
+    assert!(released.is_err(), "{released:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+through_both_backends!(a_release_whose_future_is_dropped_still_releases);
+/// Issue 16, 7: a `release()` dropped while its request waits (for a
+/// connection, say) still releases.
+async fn a_release_whose_future_is_dropped_still_releases<B: Backend>(backend: B, _app: String) {
+    let slow = SlowRelease {
+        inner: backend,
+        delay: Duration::from_millis(300),
+    };
+    let key = unique_key("client-dropped-release");
+    let lease = Lease::try_acquire(&slow, &key, &LeaseOptions::default())
+        .await
+        .unwrap()
+        .expect("free");
+    let token = lease.token();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), lease.release())
+            .await
+            .is_err()
+    );
+    let db = connect().await;
+    assert_eq!(live_token(&db, &key).await, Some(token), "not yet sent");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(live_token(&db, &key).await, None, "released all the same");
+}
+
+#[tokio::test]
+async fn a_zero_safety_margin_is_refused() {
+    let options = LeaseOptions::new(Duration::from_secs(1)).safety_margin(Duration::ZERO);
+    let error = options.validate().unwrap_err();
+    assert!(matches!(error, Error::InvalidArgument { .. }), "{error:?}");
+}

@@ -116,8 +116,9 @@ fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
         .map_err(|failed| Error::Decode(failed.to_string()))
 }
 
-/// Map a pool error: a server error keeps its SQLSTATE.
-pub(crate) fn pool_error(error: deadpool_postgres::PoolError) -> Error {
+/// Map a pool error: a server error keeps its SQLSTATE, anything else is a
+/// connection error.
+pub fn pool_error(error: deadpool_postgres::PoolError) -> Error {
     match error {
         deadpool_postgres::PoolError::Backend(error) => self::error(error),
         other => Error::Connection(other.to_string()),
