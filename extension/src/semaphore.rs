@@ -33,6 +33,9 @@ use crate::probe;
 /// permit's row, so a bigger one would make every acquire slow.
 pub const MAX_PERMITS: i32 = 1024;
 const PERMIT: &str = ":permit:";
+/// The byte after `PERMIT`'s last: in "C" order, every permit key of a
+/// name lies between `name || PERMIT` and `name || PERMIT_END`.
+const PERMIT_END: &str = ":permit;";
 /// The longest name: its longest permit key must fit a key.
 pub const MAX_NAME_BYTES: usize = MAX_KEY_BYTES - PERMIT.len() - 4;
 
@@ -140,22 +143,14 @@ pub fn attempt(
     // or wrote under it, earlier): nobody can take that one before this
     // transaction ends anyway. The ones behind the head sleep until woken:
     // a waiter leaving the queue wakes the next, once its grant commits.
-    let candidates: Vec<&String> =
-        if crate::waiters::someone_ahead(&queue_key(name), crate::waiters::Mode::Semaphore, queued)
-        {
-            let mine: Vec<&String> = keys
-                .iter()
-                .filter(|key| crate::keylock::held_by_me(key))
-                .collect();
-            if mine.is_empty() {
-                return Ok(Attempt::Queued {
-                    retry_in_ms: crate::wait::QUEUED_RECHECK_INTERVAL_MS,
-                });
-            }
-            mine
-        } else {
-            keys.iter().collect()
-        };
+    let behind_others =
+        crate::waiters::someone_ahead(&queue_key(name), crate::waiters::Mode::Semaphore, queued);
+    let may_try = |key: &String| !behind_others || crate::keylock::held_by_me(key);
+    if behind_others && !keys.iter().any(may_try) {
+        return Ok(Attempt::Queued {
+            retry_in_ms: crate::wait::QUEUED_RECHECK_INTERVAL_MS,
+        });
+    }
     // Busy until the earliest expiry seen, looked at again within 50 ms.
     let mut retry_in_ms = live
         .iter()
@@ -164,9 +159,8 @@ pub fn attempt(
         .min()
         .unwrap_or(crate::wait::RECHECK_INTERVAL_MS);
     let mut again = false;
-    for key in candidates {
-        let index = keys.iter().position(|k| k == key).unwrap_or(0);
-        if live.get(index).is_some_and(Option::is_some) {
+    for (key, expires_at) in keys.iter().zip(&live) {
+        if expires_at.is_some() || !may_try(key) {
             continue;
         }
         match acquire::attempt(client, plans, key, holder, ttl, role, None)? {
@@ -191,7 +185,7 @@ pub fn status(name: Option<&str>) -> Result<Vec<Lease>, Failure> {
     // lock_key is COLLATE "C": the permit keys are the keys from
     // `<name>:permit:` up to, not including, `<name>:permit;`.
     let from = format!("{name}{PERMIT}");
-    let to = format!("{name}:permit;");
+    let to = format!("{name}{PERMIT_END}");
     let leases = lease::live_between(&from, &to)?;
     Ok(leases
         .into_iter()
