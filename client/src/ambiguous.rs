@@ -1,9 +1,11 @@
-//! What becomes of an acquire whose replies were lost: once the client has
-//! given up, a background cleanup acquires as the same holder (the server
+//! Releases that outlive the call that asked for them, and what must wait
+//! for them. Once the client has given up on an acquire whose replies were
+//! lost, a background cleanup acquires as the same holder (the server
 //! returns that holder's lease, G6) and releases it, so no lease is left
-//! held by nobody. An acquire naming that holder again first stops the
-//! cleanup and waits for it, so the cleanup never releases a lease that
-//! call has just got back.
+//! held by nobody; and a `Lease::release` that timed out, or was dropped,
+//! goes on in a task. An acquire naming that holder again first stops and
+//! waits for both, so neither ever releases a lease that call has just got
+//! back.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,17 +29,49 @@ fn cleanups() -> &'static Mutex<HashMap<(String, String), Cleanup>> {
     CLEANUPS.get_or_init(Default::default)
 }
 
-/// Stop the cleanup for `(name, holder)`, if one runs, and wait until it has
-/// finished what it was doing (a release in flight lands before we go on).
-pub(crate) async fn wait_for_cleanup(name: &str, holder: &str) {
-    let running = cleanups()
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .remove(&(name.to_owned(), holder.to_owned()));
-    if let Some(cleanup) = running {
+/// Stop what runs in the background for `holder` on `name` (a key, or with
+/// `semaphore` the permits of a semaphore), and wait until it has finished
+/// what it was doing: a release in flight lands before we go on.
+pub(crate) async fn wait_for_cleanup(name: &str, holder: &str, semaphore: bool) {
+    let permits = format!("{name}:permit:");
+    let running: Vec<Cleanup> = {
+        let mut registry = cleanups()
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let matching: Vec<(String, String)> = registry
+            .keys()
+            .filter(|(key, id)| {
+                id == holder && (key == name || (semaphore && key.starts_with(&permits)))
+            })
+            .cloned()
+            .collect();
+        matching
+            .into_iter()
+            .filter_map(|entry| registry.remove(&entry))
+            .collect()
+    };
+    for cleanup in running {
         cleanup.stop.store(true, Ordering::SeqCst);
         let _ = cleanup.task.await;
     }
+}
+
+/// Track a release running in `task` for `holder` on `key`, so an acquire
+/// naming that holder waits for it ([`wait_for_cleanup`]).
+pub(crate) fn track(key: &str, holder: &str, task: JoinHandle<()>) {
+    let entry = (key.to_owned(), holder.to_owned());
+    let mut registry = cleanups()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    // Finished ones are dropped as they are found: the registry stays small.
+    registry.retain(|_, cleanup| !cleanup.task.is_finished());
+    registry.insert(
+        entry,
+        Cleanup {
+            stop: Arc::new(AtomicBool::new(false)),
+            task,
+        },
+    );
 }
 
 /// Release, in the background (if a Tokio runtime is running), whatever

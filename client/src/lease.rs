@@ -242,7 +242,7 @@ impl<B: Backend> Lease<B> {
         // this holder may have been granted must finish first, or it could
         // release the lease this call is about to get back (G6).
         let (name, permits) = target.owned();
-        ambiguous::wait_for_cleanup(&name, &holder).await;
+        ambiguous::wait_for_cleanup(&name, &holder, permits.is_some()).await;
         let mut attempts = 0u32;
         let first_sent = Instant::now();
         // A request may wait in the server for `wait` before it grants.
@@ -449,8 +449,10 @@ impl<B: Backend> Lease<B> {
     /// it in `renewals_lost`). If the release itself never reaches the
     /// server, the lease expires after at most one ttl from its last renewal.
     /// It waits for an answer until the lease's local deadline (at least
-    /// 250 ms), then gives up with a connection error, the release still
-    /// being sent in the background.
+    /// 250 ms), then gives up with a connection error; the release goes on
+    /// in a background task, best-effort (it ends with the runtime), until
+    /// the lease's expiry. An acquire naming the same holder waits for that
+    /// task first. Outside a Tokio runtime it waits inline, unbounded.
     ///
     /// Cancel safety: dropped before it is first polled, the guard's drop
     /// releases best-effort in the background; dropped later, the release
@@ -466,6 +468,13 @@ impl<B: Backend> Lease<B> {
                 deadline.saturating_duration_since(Instant::now())
             })
             .max(RELEASE_AT_LEAST);
+        // Sent late, the release is still worth it until the server's
+        // expiry (as the lease last reported it), and not after.
+        let server_end = self
+            .expires_at()
+            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .unwrap_or_default()
+            .max(bound);
         // Settled before the abort: an aborted task dropped on another
         // worker first would leave a released lease reported `Abandoned`.
         // Past its deadline it was lost before this release: say so.
@@ -478,19 +487,45 @@ impl<B: Backend> Lease<B> {
             task.abort();
         }
         self.settled = true;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No Tokio runtime to run a task on: release inline.
+            return self.backend.release(&self.key, self.token).await;
+        };
         // In a task of its own: this future dropped, or timed out, the
-        // release still goes on.
+        // release still goes on (until the server's expiry), and an acquire
+        // naming this holder waits for it first (ambiguous.rs), so a late
+        // release never ends a lease that acquire got back (G6).
         let (backend, key, token) = (self.backend.clone(), self.key.clone(), self.token);
-        let release = tokio::spawn(async move { backend.release(&key, token).await });
-        match tokio::time::timeout(bound, release).await {
-            Ok(Ok(released)) => released,
-            Ok(Err(panicked)) => Err(Error::Connection(format!(
-                "release task failed: {panicked}"
-            ))),
-            Err(_) => Err(Error::Connection(format!(
-                "no answer to the release within {bound:?}, by the lease's local deadline; \
-                 it is still being sent, and the lease expires on the server anyway"
-            ))),
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let task = runtime.spawn(async move {
+            // An inner task, so a panic in the driver is caught, and passed
+            // on to the caller below.
+            let release = tokio::spawn(async move {
+                tokio::time::timeout(server_end, backend.release(&key, token)).await
+            });
+            let outcome = release.await;
+            match &outcome {
+                Ok(Ok(Err(error))) => {
+                    tracing::warn!(%error, token, "release failed; the lease will expire")
+                }
+                Ok(Err(_)) => tracing::warn!(token, "release got no answer by the lease's expiry"),
+                _ => {}
+            }
+            let _ = answer.send(outcome);
+        });
+        ambiguous::track(&self.key, &self.holder, task);
+        let no_answer = || {
+            Error::Connection(format!(
+                "no answer to the release within {bound:?}; it goes on in the background \
+                 until the lease's expiry"
+            ))
+        };
+        match tokio::time::timeout(bound, answered).await {
+            Ok(Ok(Ok(Ok(released)))) => released,
+            Ok(Ok(Err(failed))) if failed.is_panic() => {
+                std::panic::resume_unwind(failed.into_panic())
+            }
+            _ => Err(no_answer()),
         }
     }
 }
