@@ -165,6 +165,27 @@ STRICT VOLATILE PARALLEL RESTRICTED
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_waiters_wrapper';
 
+CREATE FUNCTION fence."lock_acquire_all"(
+	"lock_keys" TEXT[],
+	"ttl" interval DEFAULT '30 seconds',
+	"holder" TEXT DEFAULT NULL,
+	"wait" interval DEFAULT '0'
+) RETURNS SETOF fence.lease /* :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox :: AllocatedByRust
+> */
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'lock_acquire_all_wrapper';
+
+CREATE FUNCTION fence."lock_release_all"(
+	"lock_keys" TEXT[],
+	"token" bigint
+) RETURNS INT
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'lock_release_all_wrapper';
+
 CREATE FUNCTION fence."lock_stats_reset"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c

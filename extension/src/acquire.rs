@@ -24,13 +24,15 @@ use crate::lease::{granted, Lease};
 use crate::plans::{with_spi, Plans};
 use crate::roles::{caller_role, is_fence_admin, not_owner, refuse_security_restricted};
 use crate::subxact::in_subtransaction;
-use crate::{keylock, probe, semaphore, stats, wait, waiters};
+use crate::{keylock, multi, probe, semaphore, stats, wait, waiters};
 
-/// What an acquire is for: one key, or any one permit of a semaphore.
+/// What an acquire is for: one key, any one permit of a semaphore, or
+/// every one of several keys (distinct, in "C" order) under one token.
 #[derive(Clone, Copy)]
 pub enum Target<'a> {
     Key(&'a str),
     Semaphore { name: &'a str, permits: i32 },
+    All(&'a [String]),
 }
 
 pub enum Attempt {
@@ -41,6 +43,12 @@ pub enum Attempt {
         /// The lease this grant replaced had ended by expiry after being
         /// held this long (for the statistics).
         expired_after_micros: Option<u64>,
+    },
+    /// Every key of a multi-key acquire, under one token: each lease with
+    /// what it replaced had ended by expiry after (statistics).
+    GrantedAll {
+        leases: Vec<(Lease, Option<u64>)>,
+        regrant: bool,
     },
     /// Held by someone else; try again in at most this many milliseconds.
     Busy { retry_in_ms: i64 },
@@ -63,7 +71,7 @@ fn millis_until(at: TimestampWithTimeZone, cap: i64) -> i64 {
     (micros.saturating_add(999) / 1000).clamp(1, cap)
 }
 
-fn uses_transaction_snapshot() -> bool {
+pub fn uses_transaction_snapshot() -> bool {
     // SAFETY: reads a backend-local global set by the transaction machinery.
     unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
 }
@@ -77,20 +85,21 @@ pub fn acquire(
     const F: &str = "lock_acquire";
     refuse_security_restricted(F)?;
     let key = check_key(F, lock_key)?;
-    run(F, Target::Key(key), ttl, holder, wait)
+    Ok(run(F, Target::Key(key), ttl, holder, wait)?.pop())
 }
 
-/// The acquire loop of `lock_acquire` and `semaphore_acquire` (`function`,
-/// which has refused a security-restricted caller and checked the target):
-/// attempt, and while busy and `wait` lasts, queue (preload mode) and sleep
-/// until woken or the lease seen ends.
+/// The acquire loop of `lock_acquire`, `semaphore_acquire` and
+/// `lock_acquire_all` (`function`, which has refused a security-restricted
+/// caller and checked the target): attempt, and while busy and `wait`
+/// lasts, queue (preload mode) and sleep until woken or the lease seen
+/// ends. The leases granted: none, one, or (`Target::All`) one per key.
 pub fn run(
     function: &'static str,
     target: Target<'_>,
     ttl: Option<Interval>,
     holder: Option<&str>,
     wait: Option<Interval>,
-) -> Result<Option<Lease>, Failure> {
+) -> Result<Vec<Lease>, Failure> {
     // A key's waiters queue under the key; a semaphore's under its queue key.
     let (queue_key, mode, counted_as) = match target {
         Target::Key(key) => (
@@ -102,6 +111,13 @@ pub fn run(
             semaphore::queue_key(name).into(),
             waiters::Mode::Semaphore,
             name,
+        ),
+        // Queued under every key; asleep on the wait event of the key in
+        // the way (without preload), the first one to begin with.
+        Target::All(keys) => (
+            std::borrow::Cow::Borrowed(keys[0].as_str()),
+            waiters::Mode::All,
+            keys[0].as_str(),
         ),
     };
     let ttl = exact_ttl(function, &required(function, "ttl", ttl)?)?;
@@ -124,17 +140,18 @@ pub fn run(
     let role = caller_role();
     let started = now_micros();
     let deadline = started.saturating_add(i64::try_from(wait_micros).unwrap_or(i64::MAX));
-    let event = wait::wait_event_for(&queue_key);
+    let mut event = wait::wait_event_for(&queue_key);
     let mut contended = false;
     // In fence.waiters while it sleeps; leaves on drop, whatever the exit.
     let mut waiting: Option<waiters::Waiting> = None;
 
-    let (outcome, regrant, expired_after_micros) = loop {
+    let (granted, regrant) = loop {
         if wait_micros > 0 {
             wait::reset_latch();
             wait::advertise(event);
         }
         let queued = waiting.as_ref();
+        let mut blocked_on = None;
         let outcome = with_spi(|client, plans| match target {
             Target::Key(key) => attempt(client, plans, key, &holder, ttl, role, queued),
             Target::Semaphore { name, permits } => semaphore::attempt(
@@ -148,13 +165,30 @@ pub fn run(
                 role,
                 queued,
             ),
+            Target::All(keys) => multi::attempt(
+                client,
+                plans,
+                &multi::Request {
+                    keys,
+                    holder: &holder,
+                    holder_given,
+                    ttl,
+                    role,
+                },
+                queued,
+                &mut blocked_on,
+            ),
         })?;
+        if let (Target::All(keys), Some(i)) = (target, blocked_on) {
+            event = wait::wait_event_for(&keys[i]);
+        }
         match outcome {
             Attempt::Granted {
                 lease,
                 regrant,
                 expired_after_micros,
-            } => break (Some(lease), regrant, expired_after_micros),
+            } => break (vec![(lease, expired_after_micros)], regrant),
+            Attempt::GrantedAll { leases, regrant } => break (leases, regrant),
             Attempt::Again => continue,
             Attempt::Busy { retry_in_ms } | Attempt::Queued { retry_in_ms } => {
                 contended = true;
@@ -165,10 +199,13 @@ pub fn run(
                     if wait_micros > 0 && waiting.is_none() {
                         wait::pass_on_wakeup(event);
                     }
-                    break (None, false, None);
+                    break (Vec::new(), false);
                 }
                 if waiting.is_none() {
-                    waiting = waiters::enter(&queue_key, mode, role, deadline);
+                    waiting = match target {
+                        Target::All(keys) => waiters::enter_all(keys, role, deadline),
+                        _ => waiters::enter(&queue_key, mode, role, deadline),
+                    };
                 }
                 wait::sleep(event, retry_in_ms.min(left_ms));
             }
@@ -178,37 +215,55 @@ pub fn run(
     // the key is held now, and its release wakes the next head. A
     // semaphore's waiter wakes the next once its grant has committed (and
     // let go of the permit's lock): another permit may be free.
-    if let (Some(waiting), Some(lease)) = (waiting.as_mut(), &outcome) {
+    if let (Some(waiting), Some((lease, _))) = (waiting.as_mut(), granted.first()) {
         waiting.granted();
         if let Target::Semaphore { .. } = target {
             wait::wake_after_commit(&lease.lock_key);
         }
     }
-    // If this grant is rolled back, the key is free again: wake the queue.
-    if let (Some(lease), false) = (&outcome, regrant) {
-        wait::wake_if_rolled_back(&lease.lock_key);
+    // If this grant is rolled back, the keys are free again: wake the queues.
+    if !regrant {
+        for (lease, _) in &granted {
+            wait::wake_if_rolled_back(&lease.lock_key);
+        }
     }
     drop(waiting);
     if wait_micros > 0 {
         wait::stop_advertising();
     }
     if stats::counting() {
-        stats::acquire(
-            counted_as,
-            &stats::Acquired {
-                outcome: match (&outcome, regrant) {
-                    (None, _) => stats::Outcome::Busy,
-                    (Some(_), false) => stats::Outcome::Granted,
-                    (Some(_), true) => stats::Outcome::Regranted,
-                },
-                contended,
-                waited: wait_micros > 0,
-                micros: u64::try_from(now_micros().saturating_sub(started)).unwrap_or(0),
-                expired_after_micros,
+        let micros = u64::try_from(now_micros().saturating_sub(started)).unwrap_or(0);
+        let call = |expired_after_micros| stats::Acquired {
+            outcome: match (granted.is_empty(), regrant) {
+                (true, _) => stats::Outcome::Busy,
+                (false, false) => stats::Outcome::Granted,
+                (false, true) => stats::Outcome::Regranted,
             },
-        );
+            contended,
+            waited: wait_micros > 0,
+            micros,
+            expired_after_micros,
+        };
+        match target {
+            // A multi-key acquire counts as an acquire of each key: each
+            // got (or did not get) a lease of its own.
+            Target::All(keys) if granted.is_empty() => {
+                for key in keys {
+                    stats::acquire(key, &call(None));
+                }
+            }
+            Target::All(_) => {
+                for (lease, expired_after_micros) in &granted {
+                    stats::acquire(&lease.lock_key, &call(*expired_after_micros));
+                }
+            }
+            _ => stats::acquire(
+                counted_as,
+                &call(granted.first().and_then(|(_, expired)| *expired)),
+            ),
+        }
     }
-    Ok(outcome)
+    Ok(granted.into_iter().map(|(lease, _)| lease).collect())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -321,7 +376,7 @@ pub fn retry_until(expires_at: pg_sys::TimestampTz) -> i64 {
     }
 }
 
-fn busy_until(expires_at: Option<TimestampWithTimeZone>) -> Attempt {
+pub fn busy_until(expires_at: Option<TimestampWithTimeZone>) -> Attempt {
     let retry_in_ms = expires_at.map_or(wait::RECHECK_INTERVAL_MS, |at| {
         millis_until(at, wait::RECHECK_INTERVAL_MS)
     });
@@ -350,15 +405,39 @@ fn take_locked_row(
     if let Some(busy) = claim_key(key) {
         return Ok(busy);
     }
+    match lock_free_row(client, plans, key, holder)? {
+        Ok(replaced) => grant(
+            client,
+            &plans.grant_update,
+            key,
+            holder,
+            ttl,
+            role,
+            Some(replaced),
+        ),
+        Err(not_free) => Ok(not_free),
+    }
+}
+
+/// Lock the key's row (which exists) `FOR UPDATE SKIP LOCKED`, with the
+/// key's lock already held: the version a grant's update will replace, or
+/// why there is none to grant (still locked: busy; live: busy, or `Again`
+/// for the holder's own lease, which the next attempt extends).
+pub fn lock_free_row(
+    client: &mut SpiClient<'_>,
+    plans: &Plans,
+    key: &str,
+    holder: &str,
+) -> Result<Result<Replaced, Attempt>, Failure> {
     let rows = client.update(&plans.lock_row, Some(1), &[key.into()])?;
     if rows.is_empty() {
         // Another transaction has the row locked. It holds no key lock (we
         // have it), so it is an aborted grant's leftover being cleaned up or
         // someone locking the table by hand. Nobody signals when a row lock
         // ends, so retry soon.
-        return Ok(Attempt::Busy {
+        return Ok(Err(Attempt::Busy {
             retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
-        });
+        }));
     }
     let row = rows.first();
     let current_holder: Option<String> = row.get(1)?;
@@ -368,36 +447,27 @@ fn take_locked_row(
     let unreleased_since: Option<TimestampWithTimeZone> = row.get(5)?;
     if live {
         // Taken since we looked; if by this holder, the next attempt extends it.
-        return Ok(if current_holder.as_deref() == Some(holder) {
+        return Ok(Err(if current_holder.as_deref() == Some(holder) {
             Attempt::Again
         } else {
             busy_until(expires_at)
-        });
+        }));
     }
     // We hold the row lock, so the update matches, and the version it
     // replaces is the one read here.
-    let replaced = Replaced {
+    Ok(Ok(Replaced {
         token: token.unwrap_or_default(),
         expired_after_micros: unreleased_since
             .zip(expires_at)
             .map(|(from, to)| stats::micros_between(from, to)),
-    };
-    grant(
-        client,
-        &plans.grant_update,
-        key,
-        holder,
-        ttl,
-        role,
-        Some(replaced),
-    )
+    }))
 }
 
 /// G6: the holder retrying (say after a lost reply) gets its live lease back,
 /// same token, `expires_at = now + ttl`. A plain update, like renew: it must
 /// not wait for, or be turned away by, fenced writes: both share-lock the key.
 #[allow(clippy::too_many_arguments)]
-fn extend_own_lease(
+pub fn extend_own_lease(
     client: &mut SpiClient<'_>,
     plans: &Plans,
     key: &str,
@@ -460,13 +530,13 @@ fn grant_under_key_lock(
 }
 
 /// The row version a grant's update replaces, as the caller read it.
-struct Replaced {
+pub struct Replaced {
     /// Its token: the update matches only that version (`$8`), so what the
     /// caller knows of it is what the update overwrites. A lease that is not
     /// live changes only by a new grant, which brings a new token.
-    token: i64,
+    pub token: i64,
     /// It had ended by expiry after being held this long (statistics).
-    expired_after_micros: Option<u64>,
+    pub expired_after_micros: Option<u64>,
 }
 
 /// Issue a token and run a grant statement (`$1` key, `$2` holder, `$3`
@@ -484,8 +554,33 @@ fn grant(
     replaced: Option<Replaced>,
 ) -> Result<Attempt, Failure> {
     let token = issue_token()?;
-    let now = TimestampWithTimeZone::try_from(now_micros())
-        .map_err(|_| FenceError::internal("clock_timestamp() out of range".into()))?;
+    let now = clock_after_token()?;
+    grant_as(
+        client, statement, key, holder, token, now, ttl, role, replaced,
+    )
+}
+
+/// `clock_timestamp()`, read after a token was issued: the grant's
+/// `acquired_at`, so no lease under a token starts before it was issued.
+pub fn clock_after_token() -> Result<TimestampWithTimeZone, Failure> {
+    TimestampWithTimeZone::try_from(now_micros())
+        .map_err(|_| FenceError::internal("clock_timestamp() out of range".into()).here())
+}
+
+/// Run a grant statement with a token already issued, taken at `now`:
+/// [`grant`]'s statement, and each key's of a multi-key grant.
+#[allow(clippy::too_many_arguments)]
+pub fn grant_as(
+    client: &mut SpiClient<'_>,
+    statement: &OwnedPreparedStatement,
+    key: &str,
+    holder: &str,
+    token: i64,
+    now: TimestampWithTimeZone,
+    ttl: Interval,
+    role: pg_sys::Oid,
+    replaced: Option<Replaced>,
+) -> Result<Attempt, Failure> {
     let mut arguments = vec![
         key.into(),
         holder.into(),

@@ -1,7 +1,7 @@
 //! The SQL-callable lease functions, in one place so that what runs with the
 //! extension owner's rights (`SECURITY DEFINER`, each with a pinned
 //! `search_path`) can be audited at a glance. Each wrapper hands its
-//! arguments to the logic (acquire.rs, lease.rs, semaphore.rs,
+//! arguments to the logic (acquire.rs, lease.rs, semaphore.rs, multi.rs,
 //! operations.rs) and raises
 //! any error at the top (errors.rs). Triggers are in fence.rs.
 
@@ -10,7 +10,7 @@ use pgrx::prelude::*;
 
 use crate::errors::or_raise;
 use crate::lease::Lease;
-use crate::{acquire, lease, operations, semaphore};
+use crate::{acquire, lease, multi, operations, semaphore};
 
 /// Grant a lease on `lock_key`, waiting up to `wait` for it to free. NULL if
 /// not granted in time. The same `holder` re-acquiring its live lease gets the
@@ -99,6 +99,35 @@ fn semaphore_status(
             .collect::<Result<Vec<_>, _>>()
     }));
     SetOfIterator::new(leases)
+}
+
+/// Every one of `lock_keys` (distinct) or none: one grant, one token for
+/// all of them, a lease per key. No rows if they could not all be granted
+/// within `wait`.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn lock_acquire_all(
+    lock_keys: Option<Vec<Option<String>>>,
+    ttl: default!(Option<Interval>, "'30 seconds'"),
+    holder: default!(Option<&str>, "NULL"),
+    wait: default!(Option<Interval>, "'0'"),
+) -> SetOfIterator<'static, pgrx::composite_type!('static, "fence.lease")> {
+    let leases = or_raise(
+        multi::acquire(lock_keys, ttl, holder, wait).and_then(|leases| {
+            leases
+                .into_iter()
+                .map(Lease::into_composite)
+                .collect::<Result<Vec<_>, _>>()
+        }),
+    );
+    SetOfIterator::new(leases)
+}
+
+/// End the leases on `lock_keys` with this token; how many were live.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn lock_release_all(lock_keys: Option<Vec<Option<String>>>, token: Option<i64>) -> i32 {
+    or_raise(multi::release(lock_keys, token))
 }
 
 /// Claim `op_key` for the calling role in the current transaction: true if

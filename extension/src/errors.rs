@@ -35,6 +35,12 @@ pub enum FenceError {
         function: &'static str,
         argument: &'static str,
     },
+    /// `22004`: a NULL element of an array argument (1-based `element`).
+    NullElement {
+        function: &'static str,
+        argument: &'static str,
+        element: usize,
+    },
     /// `22023`: a value outside what the argument accepts.
     InvalidArgument {
         function: &'static str,
@@ -136,6 +142,7 @@ impl FenceError {
     pub fn sqlstate(&self) -> &'static str {
         match self {
             FenceError::NullArgument { .. } => "22004",
+            FenceError::NullElement { .. } => "22004",
             FenceError::InvalidArgument { .. } => "22023",
             FenceError::NotLeaseOwner { .. } => "42501",
             FenceError::WaitNeedsReadCommitted { .. } => "25000",
@@ -167,6 +174,11 @@ impl FenceError {
             FenceError::NullArgument { function, argument } => {
                 format!("{function}: argument \"{argument}\" must not be NULL")
             }
+            FenceError::NullElement {
+                function,
+                argument,
+                element,
+            } => format!("{function}: element {element} of \"{argument}\" is NULL"),
             FenceError::InvalidArgument {
                 function,
                 argument,

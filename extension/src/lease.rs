@@ -168,6 +168,13 @@ pub fn release(lock_key: Option<&str>, token: Option<i64>) -> Result<bool, Failu
     refuse_security_restricted(F)?;
     let key = check_key(F, lock_key)?;
     let token = required(F, "token", token)?;
+    release_key(key, token)
+}
+
+/// End the live lease on `key` with `token` (`lock_release`, and each key
+/// of `lock_release_all`): false if it was not live; 42501 if it is live
+/// and belongs to another role.
+pub fn release_key(key: &str, token: i64) -> Result<bool, Failure> {
     let role = caller_role();
     let admin = is_fence_admin(role);
     keylock::share(key);

@@ -2,7 +2,8 @@
 //!
 //! Leases with fencing tokens live in ordinary tables (`sql/schema.sql`).
 //! The SQL-callable functions are in [`api`]; granting in [`acquire`];
-//! renew, release and status in [`lease`]; the stale-write trigger in
+//! renew, release and status in [`lease`]; semaphores in [`semaphore`],
+//! multi-key leases in [`multi`]; the stale-write trigger in
 //! [`fence`] and its reach to partitions and children in [`reach`]; the key
 //! lock in [`keylock`], waiting in [`wait`], tokens and durability in
 //! [`durability`], the error contract in [`errors`]. In preload mode,
@@ -26,6 +27,7 @@ pub mod fence;
 pub mod key;
 pub mod keylock;
 pub mod lease;
+pub mod multi;
 pub mod operations;
 pub mod plans;
 pub mod probe;

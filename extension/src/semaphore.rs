@@ -101,7 +101,7 @@ pub fn acquire(
     crate::roles::refuse_security_restricted(F)?;
     let name = check_name(F, name)?;
     let permits = check_permits(F, permits)?;
-    acquire::run(F, Target::Semaphore { name, permits }, ttl, holder, wait)
+    Ok(acquire::run(F, Target::Semaphore { name, permits }, ttl, holder, wait)?.pop())
 }
 
 /// One attempt at a permit: the holder's own live permit back (G6), else
@@ -164,7 +164,7 @@ pub fn attempt(
             continue;
         }
         match acquire::attempt(client, plans, key, holder, ttl, role, None)? {
-            granted @ Attempt::Granted { .. } => return Ok(granted),
+            granted @ (Attempt::Granted { .. } | Attempt::GrantedAll { .. }) => return Ok(granted),
             Attempt::Again => again = true,
             Attempt::Busy { retry_in_ms: at } | Attempt::Queued { retry_in_ms: at } => {
                 retry_in_ms = retry_in_ms.min(at);

@@ -23,7 +23,7 @@
 //! backend: `before_shmem_exit`). A backend that crashes takes the whole
 //! server's shared memory with it (PostgreSQL restarts every process).
 
-use std::cell::{Cell, UnsafeCell};
+use std::cell::{Cell, RefCell, UnsafeCell};
 use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use pgrx::datum::TimestampWithTimeZone;
@@ -32,6 +32,7 @@ use pgrx::prelude::*;
 
 use crate::errors::{or_raise, Failure};
 use crate::key::MAX_KEY_BYTES;
+use crate::multi::MAX_KEYS;
 use crate::shmem::{self, Lock};
 
 /// How a waiter wants the key.
@@ -43,6 +44,12 @@ pub enum Mode {
     /// semaphore's queue key; never the same queue as a key's, whatever the
     /// key is called.
     Semaphore = 2,
+    /// `lock_acquire_all`: every one of its keys at once. Such a waiter is
+    /// in the exclusive queue of each of its keys at its arrival, so a
+    /// multi-key waiter is not starved by single-key traffic, and the
+    /// earliest waiter is ahead in every queue it is in: it waits only for
+    /// holders, never for another waiter, so queues cannot deadlock.
+    All = 3,
 }
 
 impl Mode {
@@ -50,6 +57,7 @@ impl Mode {
         match value {
             1 => Some(Mode::Exclusive),
             2 => Some(Mode::Semaphore),
+            3 => Some(Mode::All),
             _ => None,
         }
     }
@@ -58,6 +66,7 @@ impl Mode {
         match self {
             Mode::Exclusive => "exclusive",
             Mode::Semaphore => "semaphore",
+            Mode::All => "all",
         }
     }
 }
@@ -77,17 +86,35 @@ pub struct Slot {
     /// The key's hash under the segment's seed, with the database: compared
     /// before the key itself.
     hash: AtomicU64,
+    /// The key (for [`Mode::All`], the first of its keys in "C" order).
     key: UnsafeCell<[u8; MAX_KEY_BYTES]>,
+    /// [`Mode::All`]: how many keys, and each one's hash (the first is
+    /// `hash`). A multi-key waiter is matched to a key by hash alone: a
+    /// collision of 64 keyed bits would only reorder a queue, never grant.
+    keys: AtomicU32,
+    hashes: [AtomicU64; MAX_KEYS],
 }
 
 impl Slot {
     /// Whether this slot is a live backend waiting for this key in this
-    /// mode (waiters lock held).
+    /// mode (waiters lock held); in exclusive mode, a multi-key waiter
+    /// whose keys include it too.
     fn waits_for(&self, number: usize, database: u32, hash: u64, key: &[u8], mode: Mode) -> bool {
         let pid = self.pid.load(Ordering::Relaxed);
-        pid != 0
-            && self.hash.load(Ordering::Relaxed) == hash
-            && self.mode.load(Ordering::Relaxed) == mode as u32
+        if pid == 0 {
+            return false;
+        }
+        let slot_mode = self.mode.load(Ordering::Relaxed);
+        if mode == Mode::Exclusive && slot_mode == Mode::All as u32 {
+            let count = (self.keys.load(Ordering::Relaxed) as usize).min(MAX_KEYS);
+            return self.database.load(Ordering::Relaxed) == database
+                && self.hashes[..count]
+                    .iter()
+                    .any(|h| h.load(Ordering::Relaxed) == hash)
+                && backend_pid(number) == Some(pid);
+        }
+        self.hash.load(Ordering::Relaxed) == hash
+            && slot_mode == mode as u32
             && self.database.load(Ordering::Relaxed) == database
             && self.length.load(Ordering::Relaxed) as usize == key.len()
             // SAFETY: the waiters lock is held, so the slot's backend is
@@ -106,6 +133,8 @@ thread_local! {
     /// that empties it is registered.
     static FILLED: Cell<bool> = const { Cell::new(false) };
     static EXIT_CALLBACK: Cell<bool> = const { Cell::new(false) };
+    /// A multi-key waiter's keys, to wake each one's queue when it leaves.
+    static ALL_KEYS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
 }
 
 /// This backend's slot number: its PGPROC's number, below MaxBackends for
@@ -145,19 +174,51 @@ impl Waiting {
 /// Enter `key`'s queue, waiting until `until` (a timestamp); None without
 /// preload (or for a backend without a slot).
 pub fn enter(key: &str, mode: Mode, role: pg_sys::Oid, until: i64) -> Option<Waiting> {
+    fill(&[key], mode, role, until)
+}
+
+/// Enter the exclusive queue of every one of `keys` (distinct, in "C"
+/// order) at once, as one multi-key waiter (`lock_acquire_all`).
+pub fn enter_all(keys: &[String], role: pg_sys::Oid, until: i64) -> Option<Waiting> {
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let waiting = fill(&keys, Mode::All, role, until)?;
+    ALL_KEYS.with(|all| {
+        let mut all = all.borrow_mut();
+        all.clear();
+        all.extend(keys.iter().map(|key| (*key).to_owned()));
+    });
+    Some(waiting)
+}
+
+fn fill(keys: &[&str], mode: Mode, role: pg_sys::Oid, until: i64) -> Option<Waiting> {
     let segment = shmem::segment()?;
     let slot = segment.waiter_slots().get(my_slot()?)?;
+    let first = keys.first()?;
     if !EXIT_CALLBACK.get() {
         // SAFETY: registering a callback of this library, which stays loaded.
         unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
         EXIT_CALLBACK.set(true);
     }
-    let bytes = &key.as_bytes()[..key.len().min(MAX_KEY_BYTES)];
+    let bytes = &first.as_bytes()[..first.len().min(MAX_KEY_BYTES)];
     let hash = segment.hash(database_id(), bytes);
+    let hashes: Vec<u64> = keys
+        .iter()
+        .take(MAX_KEYS)
+        .map(|key| {
+            segment.hash(
+                database_id(),
+                &key.as_bytes()[..key.len().min(MAX_KEY_BYTES)],
+            )
+        })
+        .collect();
     let _held = segment.lock(Lock::Waiters, true);
     // SAFETY: the waiters lock is held exclusively, so nobody reads the key.
     unsafe { (&mut *slot.key.get())[..bytes.len()].copy_from_slice(bytes) };
     slot.length.store(bytes.len() as u32, Ordering::Relaxed);
+    for (to, from) in slot.hashes.iter().zip(&hashes) {
+        to.store(*from, Ordering::Relaxed);
+    }
+    slot.keys.store(hashes.len() as u32, Ordering::Relaxed);
     // SAFETY: backend-local globals.
     let (pid, database) = unsafe { (pg_sys::MyProcPid, pg_sys::MyDatabaseId) };
     slot.database.store(database.to_u32(), Ordering::Relaxed);
@@ -274,10 +335,19 @@ fn leave(wake: bool) {
         let mode = Mode::from_slot(slot.mode.load(Ordering::Relaxed));
         // SAFETY: our own slot, under the exclusive lock.
         let key = unsafe { &(&*slot.key.get())[..length] };
-        if let (true, Ok(key), Some(mode)) = (wake, std::str::from_utf8(key), mode) {
-            wake_head_locked(&segment, key, mode);
+        match (wake, std::str::from_utf8(key), mode) {
+            (true, _, Some(Mode::All)) => ALL_KEYS.with(|all| {
+                for key in all.borrow().iter() {
+                    wake_head_locked(&segment, key, Mode::Exclusive);
+                }
+            }),
+            (true, Ok(key), Some(mode)) => {
+                wake_head_locked(&segment, key, mode);
+            }
+            _ => {}
         }
     }
+    ALL_KEYS.with(|all| all.borrow_mut().clear());
     FILLED.set(false);
 }
 
@@ -341,19 +411,17 @@ fn rows() -> Result<Vec<WaiterRow>, Failure> {
             })
             .collect()
     };
-    // One queue per key and mode, in arrival order.
-    waiting.sort_by(|a, b| (&a.1 .2, a.1 .3, a.0).cmp(&(&b.1 .2, b.1 .3, b.0)));
-    let mut rows = Vec::with_capacity(waiting.len());
+    // One queue per key and mode, in arrival order; a multi-key waiter
+    // (shown under its first key) is in its keys' exclusive queues.
+    fn queue(row: &WaiterRow) -> (&str, bool) {
+        (&row.2, row.3 == Mode::Semaphore.name())
+    }
+    waiting.sort_by(|a, b| (queue(&a.1), a.0).cmp(&(queue(&b.1), b.0)));
+    let mut rows: Vec<WaiterRow> = Vec::with_capacity(waiting.len());
     let mut position = 0;
-    for (i, (_, mut row)) in waiting.into_iter().enumerate() {
+    for (_, mut row) in waiting {
         position = match rows.last() {
-            Some(previous)
-                if i > 0
-                    && (previous as &WaiterRow).2 == row.2
-                    && (previous as &WaiterRow).3 == row.3 =>
-            {
-                position + 1
-            }
+            Some(previous) if queue(previous) == queue(&row) => position + 1,
             _ => 1,
         };
         row.6 = position;
