@@ -16,6 +16,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::backend::Backend;
+use crate::lease::Wanted;
+use crate::multi::{self, Keys};
 
 /// A running cleanup: told to stop by the flag, awaited through its task.
 struct Cleanup {
@@ -29,11 +31,16 @@ fn cleanups() -> &'static Mutex<HashMap<(String, String), Cleanup>> {
     CLEANUPS.get_or_init(Default::default)
 }
 
-/// Stop what runs in the background for `holder` on `name` (a key, or with
-/// `semaphore` the permits of a semaphore), and wait until it has finished
-/// what it was doing: a release in flight lands before we go on.
-pub(crate) async fn wait_for_cleanup(name: &str, holder: &str, semaphore: bool) {
-    let permits = format!("{name}:permit:");
+/// Stop what runs in the background for `holder` on what `wanted` names (a
+/// key, any permit of a semaphore, or a set of keys), and wait until it
+/// has finished what it was doing: a release in flight lands before we go
+/// on.
+pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) {
+    let (name, permits) = match wanted {
+        Wanted::Key(key) => (key.clone(), None),
+        Wanted::Permit { name, .. } => (name.clone(), Some(format!("{name}:permit:"))),
+        Wanted::All(keys) => (multi::label(keys), None),
+    };
     let running: Vec<Cleanup> = {
         let mut registry = cleanups()
             .lock()
@@ -41,7 +48,8 @@ pub(crate) async fn wait_for_cleanup(name: &str, holder: &str, semaphore: bool) 
         let matching: Vec<(String, String)> = registry
             .keys()
             .filter(|(key, id)| {
-                id == holder && (key == name || (semaphore && key.starts_with(&permits)))
+                id == holder
+                    && (*key == name || permits.as_ref().is_some_and(|p| key.starts_with(p)))
             })
             .cloned()
             .collect();
@@ -75,14 +83,14 @@ pub(crate) fn track(key: &str, holder: &str, task: JoinHandle<()>) {
 }
 
 /// Release, in the background (if a Tokio runtime is running), whatever
-/// lease `holder` may hold on `name` (a key, or with `permits` a semaphore's
-/// permit), trying with backoff until `until`, when any such lease has
-/// expired anyway. Its acquire is a newcomer's: it takes nothing from
-/// queued waiters; on a free key it takes a fresh lease and releases it.
+/// lease `holder` may hold on what `wanted` names (a key, a semaphore's
+/// permit, a set of keys), trying with backoff until `until`, when any such
+/// lease has expired anyway. Its acquire is a newcomer's: it takes nothing
+/// from queued waiters; on a free key it takes a fresh lease and releases
+/// it.
 pub(crate) fn clean_up_after<B: Backend>(
     backend: &B,
-    name: String,
-    permits: Option<i32>,
+    wanted: Wanted,
     ttl: Duration,
     holder: &str,
     until: Instant,
@@ -92,13 +100,18 @@ pub(crate) fn clean_up_after<B: Backend>(
     };
     let stop = Arc::new(AtomicBool::new(false));
     let (backend, holder_id) = (backend.clone(), holder.to_owned());
+    let name = match &wanted {
+        Wanted::Key(key) => key.clone(),
+        Wanted::Permit { name, .. } => name.clone(),
+        Wanted::All(keys) => multi::label(keys),
+    };
     let (task_name, task_stop) = (name.clone(), stop.clone());
     let mut registry = cleanups()
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let task = runtime.spawn(async move {
         release_as(
-            &backend, &task_name, permits, ttl, &holder_id, until, &task_stop,
+            &backend, &task_name, &wanted, ttl, &holder_id, until, &task_stop,
         )
         .await;
     });
@@ -108,7 +121,7 @@ pub(crate) fn clean_up_after<B: Backend>(
 async fn release_as<B: Backend>(
     backend: &B,
     name: &str,
-    permits: Option<i32>,
+    wanted: &Wanted,
     ttl: Duration,
     holder: &str,
     until: Instant,
@@ -116,20 +129,24 @@ async fn release_as<B: Backend>(
 ) {
     let mut pause = Duration::from_millis(100);
     while Instant::now() < until && !stop.load(Ordering::SeqCst) {
-        let found = match permits {
-            None => backend
-                .acquire(name, ttl, holder, Duration::ZERO)
+        let found = match wanted {
+            Wanted::Key(key) => backend
+                .acquire(key, ttl, holder, Duration::ZERO)
                 .await
-                .map(|grant| grant.map(|grant| (name.to_owned(), grant))),
-            Some(permits) => {
-                backend
-                    .acquire_permit(name, permits, ttl, holder, Duration::ZERO)
-                    .await
-            }
+                .map(|grant| grant.map(|grant| (Keys::one(key.clone()), grant))),
+            Wanted::Permit { name, permits } => backend
+                .acquire_permit(name, *permits, ttl, holder, Duration::ZERO)
+                .await
+                .map(|grant| grant.map(|(key, grant)| (Keys::one(key), grant))),
+            Wanted::All(keys) => backend
+                .acquire_all(keys, ttl, holder, Duration::ZERO)
+                .await
+                .map(|grant| grant.map(|(keys, grant)| (Keys::all(keys), grant))),
         };
         match found {
-            Ok(Some((key, grant))) => {
-                if let Err(error) = backend.release(&key, grant.token).await {
+            Ok(Some((keys, grant))) => {
+                if let Err(error) = keys.release(backend, grant.token).await {
+                    let key = keys.first();
                     tracing::warn!(%error, key, holder, "releasing an unacknowledged lease failed; it will expire");
                 }
                 break;

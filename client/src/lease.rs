@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::ambiguous;
 use crate::backend::{Backend, Grant};
+use crate::multi::Keys;
 use crate::{metrics, Error};
 
 /// What a lease is on.
@@ -22,14 +23,27 @@ pub(crate) enum Target<'a> {
         name: &'a str,
         permits: i32,
     },
+    /// Every one of these keys, under one token (`fence.lock_acquire_all`).
+    All(&'a [String]),
+}
+
+/// A [`Target`] owned, for a cleanup that outlives the call.
+#[derive(Clone, Debug)]
+pub(crate) enum Wanted {
+    Key(String),
+    Permit { name: String, permits: i32 },
+    All(Vec<String>),
 }
 
 impl Target<'_> {
-    /// The key (or semaphore name) and, for a semaphore, its permits.
-    fn owned(self) -> (String, Option<i32>) {
+    pub(crate) fn owned(self) -> Wanted {
         match self {
-            Target::Key(key) => (key.to_owned(), None),
-            Target::Permit { name, permits } => (name.to_owned(), Some(permits)),
+            Target::Key(key) => Wanted::Key(key.to_owned()),
+            Target::Permit { name, permits } => Wanted::Permit {
+                name: name.to_owned(),
+                permits,
+            },
+            Target::All(keys) => Wanted::All(keys.to_vec()),
         }
     }
 }
@@ -165,7 +179,7 @@ enum State {
 /// simply expires. Call [`Lease::release`] to know.
 pub struct Lease<B: Backend> {
     backend: B,
-    key: String,
+    keys: Keys,
     holder: String,
     token: i64,
     state: watch::Receiver<State>,
@@ -241,8 +255,8 @@ impl<B: Backend> Lease<B> {
         // A cleanup still releasing what an earlier, unanswered acquire as
         // this holder may have been granted must finish first, or it could
         // release the lease this call is about to get back (G6).
-        let (name, permits) = target.owned();
-        ambiguous::wait_for_cleanup(&name, &holder, permits.is_some()).await;
+        let wanted = target.owned();
+        ambiguous::wait_for_cleanup(&wanted, &holder).await;
         let mut attempts = 0u32;
         let first_sent = Instant::now();
         // A request may wait in the server for `wait` before it grants.
@@ -254,12 +268,15 @@ impl<B: Backend> Lease<B> {
                 Target::Key(key) => backend
                     .acquire(key, options.ttl, &holder, wait)
                     .await
-                    .map(|grant| grant.map(|grant| (key.to_owned(), grant))),
-                Target::Permit { name, permits } => {
-                    backend
-                        .acquire_permit(name, permits, options.ttl, &holder, wait)
-                        .await
-                }
+                    .map(|grant| grant.map(|grant| (Keys::one(key.to_owned()), grant))),
+                Target::Permit { name, permits } => backend
+                    .acquire_permit(name, permits, options.ttl, &holder, wait)
+                    .await
+                    .map(|grant| grant.map(|(key, grant)| (Keys::one(key), grant))),
+                Target::All(keys) => backend
+                    .acquire_all(keys, options.ttl, &holder, wait)
+                    .await
+                    .map(|grant| grant.map(|(keys, grant)| (Keys::all(keys), grant))),
             };
             match granted {
                 Ok(grant) => break (sent, grant),
@@ -272,14 +289,7 @@ impl<B: Backend> Lease<B> {
                         // A lease granted to the last request lives at most
                         // until its wait and then its ttl have run out.
                         let until = sent + wait + options.ttl;
-                        ambiguous::clean_up_after(
-                            backend,
-                            name,
-                            permits,
-                            options.ttl,
-                            &holder,
-                            until,
-                        );
+                        ambiguous::clean_up_after(backend, wanted, options.ttl, &holder, until);
                         return Err(Error::AcquireAmbiguous {
                             holder,
                             message: error.to_string(),
@@ -294,14 +304,14 @@ impl<B: Backend> Lease<B> {
                 // lost reply.
                 Err(error @ Error::Decode(_)) => {
                     let until = sent + wait + options.ttl;
-                    ambiguous::clean_up_after(backend, name, permits, options.ttl, &holder, until);
+                    ambiguous::clean_up_after(backend, wanted, options.ttl, &holder, until);
                     return Err(error);
                 }
                 Err(error) => return Err(error),
             }
         };
         let Some((
-            key,
+            keys,
             Grant {
                 token,
                 remaining,
@@ -327,7 +337,7 @@ impl<B: Backend> Lease<B> {
         let weak_report = Arc::downgrade(&report);
         let renewal = tokio::spawn(renew(
             backend.clone(),
-            key.clone(),
+            keys.clone(),
             token,
             options.clone(),
             deadline,
@@ -336,7 +346,7 @@ impl<B: Backend> Lease<B> {
         ));
         Ok(Some(Lease {
             backend: backend.clone(),
-            key,
+            keys,
             holder,
             token,
             state,
@@ -352,9 +362,16 @@ impl<B: Backend> Lease<B> {
         self.token
     }
 
-    /// The key the lease is on.
+    /// The key the lease is on (of a multi-key lease, the first of its
+    /// keys in byte order).
     pub fn key(&self) -> &str {
-        &self.key
+        self.keys.first()
+    }
+
+    /// Every key the lease is on: one, or a multi-key lease's keys
+    /// (distinct, in byte order), all under [`Lease::token`].
+    pub fn keys(&self) -> &[String] {
+        self.keys.as_slice()
     }
 
     /// The holder id it was acquired with.
@@ -387,7 +404,7 @@ impl<B: Backend> Lease<B> {
     /// runtime, after a pause or a freeze, it may not have run at all.
     pub fn loss(&self) -> Option<LossReason> {
         if let Some(report) = self.report.upgrade() {
-            declare_deadline_passed(&report, &self.holding, &self.key, self.token);
+            declare_deadline_passed(&report, &self.holding, self.keys.first(), self.token);
         }
         match &*self.state.borrow() {
             State::Lost(reason) => Some(reason.clone()),
@@ -405,7 +422,11 @@ impl<B: Backend> Lease<B> {
     pub fn lost(&self) -> impl Future<Output = LossReason> + Send + 'static {
         let mut state = self.state.clone();
         let report = self.report.clone();
-        let (holding, key, token) = (self.holding.clone(), self.key.clone(), self.token);
+        let (holding, key, token) = (
+            self.holding.clone(),
+            self.keys.first().to_owned(),
+            self.token,
+        );
         async move {
             loop {
                 let deadline = match &*state.borrow_and_update() {
@@ -457,7 +478,7 @@ impl<B: Backend> Lease<B> {
     /// Cancel safety: dropped before it is first polled, the guard's drop
     /// releases best-effort in the background; dropped later, the release
     /// goes on in its own task (waiting for a pooled connection if need be).
-    #[tracing::instrument(name = "pg_fence.release", skip(self), fields(key = %self.key, token = self.token))]
+    #[tracing::instrument(name = "pg_fence.release", skip(self), fields(key = %self.keys.first(), token = self.token))]
     pub async fn release(mut self) -> Result<bool, Error> {
         // Past the local deadline the lease is assumed gone and expires on
         // the server anyway: no release waits longer than that (a partition
@@ -479,7 +500,7 @@ impl<B: Backend> Lease<B> {
         // worker first would leave a released lease reported `Abandoned`.
         // Past its deadline it was lost before this release: say so.
         if let Some(report) = self.report.upgrade() {
-            declare_deadline_passed(&report, &self.holding, &self.key, self.token);
+            declare_deadline_passed(&report, &self.holding, self.keys.first(), self.token);
             settle(&report, State::Released);
         }
         self.holding.end();
@@ -489,19 +510,19 @@ impl<B: Backend> Lease<B> {
         self.settled = true;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // No Tokio runtime to run a task on: release inline.
-            return self.backend.release(&self.key, self.token).await;
+            return self.keys.release(&self.backend, self.token).await;
         };
         // In a task of its own: this future dropped, or timed out, the
         // release still goes on (until the server's expiry), and an acquire
         // naming this holder waits for it first (ambiguous.rs), so a late
         // release never ends a lease that acquire got back (G6).
-        let (backend, key, token) = (self.backend.clone(), self.key.clone(), self.token);
+        let (backend, keys, token) = (self.backend.clone(), self.keys.clone(), self.token);
         let (answer, answered) = tokio::sync::oneshot::channel();
         let task = runtime.spawn(async move {
             // An inner task, so a panic in the driver is caught, and passed
             // on to the caller below.
             let release = tokio::spawn(async move {
-                tokio::time::timeout(server_end, backend.release(&key, token)).await
+                tokio::time::timeout(server_end, keys.release(&backend, token)).await
             });
             let outcome = release.await;
             match &outcome {
@@ -513,7 +534,7 @@ impl<B: Backend> Lease<B> {
             }
             let _ = answer.send(outcome);
         });
-        ambiguous::track(&self.key, &self.holder, task);
+        ambiguous::track(&self.keys.label(), &self.holder, task);
         let no_answer = || {
             Error::Connection(format!(
                 "no answer to the release within {bound:?}; it goes on in the background \
@@ -545,13 +566,10 @@ impl<B: Backend> Drop for Lease<B> {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (backend, key, token) = (
-                self.backend.clone(),
-                std::mem::take(&mut self.key),
-                self.token,
-            );
+            let (backend, keys, token) = (self.backend.clone(), self.keys.clone(), self.token);
             runtime.spawn(async move {
-                if let Err(error) = backend.release(&key, token).await {
+                if let Err(error) = keys.release(&backend, token).await {
+                    let key = keys.first();
                     tracing::warn!(%error, key, token, "release on drop failed; the lease will expire");
                 }
             });
@@ -564,7 +582,7 @@ impl<B: Backend> Drop for Lease<B> {
 /// aborts it (release or drop).
 async fn renew<B: Backend>(
     backend: B,
-    key: String,
+    keys: Keys,
     token: i64,
     options: LeaseOptions,
     mut deadline: Instant,
@@ -573,10 +591,11 @@ async fn renew<B: Backend>(
 ) {
     let retry_pause = (options.renew_every / 4).max(Duration::from_millis(10));
     let mut next = Instant::now() + options.renew_every; // validated: well inside the ttl
+    let key = keys.first();
     let lose = |reason: LossReason| {
         // Not a loss if a release settled the state first.
         if settle(&state, State::Lost(reason.clone())) {
-            report_loss(&holding, &key, token, &reason);
+            report_loss(&holding, key, token, &reason);
         }
     };
     loop {
@@ -590,7 +609,7 @@ async fn renew<B: Backend>(
             return lose(LossReason::DeadlinePassed);
         }
         let renew = tracing::Instrument::instrument(
-            backend.renew(&key, token, options.ttl),
+            keys.renew(&backend, token, options.ttl),
             tracing::debug_span!("pg_fence.renew", key = %key, token),
         );
         let renewed = tokio::time::timeout(deadline - sent, renew).await;

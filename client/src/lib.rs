@@ -45,6 +45,7 @@ pub mod backend;
 mod error;
 mod lease;
 pub mod metrics;
+mod multi;
 pub mod once;
 pub mod rows;
 mod semaphore;

@@ -21,6 +21,29 @@ pub const SEMAPHORE_ACQUIRE: &str = "SELECT l.lock_key, l.token, \
    FROM fence.semaphore_acquire($1, $2, make_interval(secs => $3::float8 / 1000), $4, \
                                 make_interval(secs => $5::float8 / 1000)) AS l";
 
+/// `$1` keys, `$2` ttl ms, `$3` holder, `$4` wait ms. One row: the keys
+/// granted (distinct, in byte order), their one token, and as [`ACQUIRE`]
+/// the time left and the expiry, of the earliest-expiring key; NULLs if
+/// not granted.
+pub const ACQUIRE_ALL: &str = "SELECT pg_catalog.array_agg(l.lock_key ORDER BY l.lock_key COLLATE \"C\"), \
+        pg_catalog.min(l.token), \
+        (extract(epoch FROM pg_catalog.min(l.expires_at) - statement_timestamp()) * 1000)::bigint AS remaining_ms, \
+        extract(epoch FROM pg_catalog.min(l.expires_at))::float8 AS expires_at \
+   FROM fence.lock_acquire_all($1::text[], make_interval(secs => $2::float8 / 1000), $3, \
+                               make_interval(secs => $4::float8 / 1000)) AS l";
+
+/// `$1` keys, `$2` token, `$3` ttl ms: every key renewed in one statement;
+/// the earliest new expiry (Unix seconds), NULL if any key was no longer
+/// live.
+pub const RENEW_ALL: &str = "SELECT CASE WHEN pg_catalog.bool_and(r.expires_at IS NOT NULL) \
+             THEN extract(epoch FROM pg_catalog.min(r.expires_at))::float8 END \
+   FROM (SELECT fence.lock_renew(k, $2, make_interval(secs => $3::float8 / 1000)) AS expires_at \
+           FROM pg_catalog.unnest($1::text[]) AS k) AS r";
+
+/// `$1` keys (distinct), `$2` token: true if every key's lease was live.
+pub const RELEASE_ALL: &str =
+    "SELECT fence.lock_release_all($1::text[], $2) = pg_catalog.cardinality($1::text[])";
+
 /// `$1` key, `$2` token, `$3` ttl ms: the new expiry (Unix seconds, server
 /// clock), NULL when the lease was no longer live.
 pub const RENEW: &str =

@@ -290,3 +290,23 @@ pub async fn trigger_state(db: &Client, table: &str, trigger: &str) -> String {
     .unwrap()
     .get(0)
 }
+
+/// Defines a module `$name` with one test per client backend (sqlx and
+/// deadpool-postgres), each running `$name(backend, application_name)`.
+#[macro_export]
+macro_rules! through_both_backends {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlx() {
+                let app = $crate::unique_table("sqlx");
+                super::$name($crate::sqlx_pool(&app).await, app).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn deadpool() {
+                let app = $crate::unique_table("dpool");
+                super::$name($crate::deadpool_pool(&app).await, app).await
+            }
+        }
+    };
+}

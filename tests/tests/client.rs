@@ -7,24 +7,6 @@ use pg_fence_client::{run, Backend, Error, Lease, LeaseOptions, LossReason, RunO
 use pg_fence_tests::*;
 use tokio::time::Instant;
 
-/// Runs `$body(backend, application_name)` once per backend.
-macro_rules! through_both_backends {
-    ($name:ident) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlx() {
-                let app = pg_fence_tests::unique_table("sqlx");
-                super::$name(super::sqlx_pool(&app).await, app).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn deadpool() {
-                let app = pg_fence_tests::unique_table("dpool");
-                super::$name(super::deadpool_pool(&app).await, app).await
-            }
-        }
-    };
-}
-
 async fn db_expiry(key: &str) -> f64 {
     connect()
         .await

@@ -48,6 +48,54 @@ impl Backend for Pool {
         Ok(key.zip(grant(get(&row, 1)?, get(&row, 2)?, get(&row, 3)?)))
     }
 
+    async fn acquire_all(
+        &self,
+        keys: &[String],
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+    ) -> Result<Option<(Vec<String>, Grant)>, Error> {
+        let client = self.get().await.map_err(pool_error)?;
+        let statement = client
+            .prepare_cached(sql::ACQUIRE_ALL)
+            .await
+            .map_err(error)?;
+        let row = client
+            .query_one(&statement, &[&keys, &millis(ttl), &holder, &millis(wait)])
+            .await
+            .map_err(error)?;
+        let keys: Option<Vec<String>> = get(&row, 0)?;
+        Ok(keys.zip(grant(get(&row, 1)?, get(&row, 2)?, get(&row, 3)?)))
+    }
+
+    async fn renew_all(
+        &self,
+        keys: &[String],
+        token: i64,
+        ttl: Duration,
+    ) -> Result<Option<SystemTime>, Error> {
+        let client = self.get().await.map_err(pool_error)?;
+        let statement = client.prepare_cached(sql::RENEW_ALL).await.map_err(error)?;
+        let row = client
+            .query_one(&statement, &[&keys, &token, &millis(ttl)])
+            .await
+            .map_err(error)?;
+        Ok(get::<Option<f64>>(&row, 0)?.map(unix_seconds))
+    }
+
+    async fn release_all(&self, keys: &[String], token: i64) -> Result<bool, Error> {
+        let client = self.get().await.map_err(pool_error)?;
+        let statement = client
+            .prepare_cached(sql::RELEASE_ALL)
+            .await
+            .map_err(error)?;
+        let row = client
+            .query_one(&statement, &[&keys, &token])
+            .await
+            .map_err(error)?;
+        get(&row, 0)
+    }
+
     async fn renew(
         &self,
         key: &str,

@@ -55,6 +55,40 @@ pub trait Backend: Clone + Send + Sync + 'static {
             message: "this Backend does not implement acquire_permit (semaphores)".into(),
         }))
     }
+    /// `fence.lock_acquire_all`: the keys granted (distinct, in byte order)
+    /// and their one grant (the earliest expiry), `None` when they were not
+    /// all free within `wait`. Both backends implement the multi-key calls;
+    /// another implementation that does not gets `0A000`.
+    fn acquire_all(
+        &self,
+        keys: &[String],
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Option<(Vec<String>, Grant)>, Error>> + Send {
+        let _ = (keys, ttl, holder, wait);
+        std::future::ready(Err(unsupported("acquire_all")))
+    }
+    /// `fence.lock_renew` of every key, in one statement: the earliest new
+    /// expiry, `None` when any of them is no longer live.
+    fn renew_all(
+        &self,
+        keys: &[String],
+        token: i64,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<SystemTime>, Error>> + Send {
+        let _ = (keys, token, ttl);
+        std::future::ready(Err(unsupported("renew_all")))
+    }
+    /// `fence.lock_release_all`: true when every key's lease was live.
+    fn release_all(
+        &self,
+        keys: &[String],
+        token: i64,
+    ) -> impl Future<Output = Result<bool, Error>> + Send {
+        let _ = (keys, token);
+        std::future::ready(Err(unsupported("release_all")))
+    }
     /// `fence.lock_renew`: the new expiry (server clock), `None` when the
     /// lease is no longer live.
     fn renew(
@@ -65,6 +99,13 @@ pub trait Backend: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<SystemTime>, Error>> + Send;
     /// `fence.lock_release`: false when the lease was not live.
     fn release(&self, key: &str, token: i64) -> impl Future<Output = Result<bool, Error>> + Send;
+}
+
+fn unsupported(call: &str) -> Error {
+    Error::InvalidArgument {
+        sqlstate: "0A000".into(),
+        message: format!("this Backend does not implement {call} (multi-key leases)"),
+    }
 }
 
 pub(crate) fn millis(duration: Duration) -> f64 {

@@ -9,6 +9,8 @@ use crate::{sql, Error};
 
 /// A permit's row: its key, token, time left (ms) and expiry (Unix seconds).
 type Permit = (Option<String>, Option<i64>, Option<i64>, Option<f64>);
+/// A multi-key grant's row: its keys, then as a permit's.
+type Granted = (Option<Vec<String>>, Option<i64>, Option<i64>, Option<f64>);
 
 impl Backend for PgPool {
     async fn acquire(
@@ -48,6 +50,49 @@ impl Backend for PgPool {
             .await
             .map_err(error)?;
         Ok(key.zip(grant(token, remaining, expires_at)))
+    }
+
+    async fn acquire_all(
+        &self,
+        keys: &[String],
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+    ) -> Result<Option<(Vec<String>, Grant)>, Error> {
+        let (keys, token, remaining, expires_at): Granted = sqlx::query_as(sql::ACQUIRE_ALL)
+            .bind(keys)
+            .bind(millis(ttl))
+            .bind(holder)
+            .bind(millis(wait))
+            .fetch_one(self)
+            .await
+            .map_err(error)?;
+        Ok(keys.zip(grant(token, remaining, expires_at)))
+    }
+
+    async fn renew_all(
+        &self,
+        keys: &[String],
+        token: i64,
+        ttl: Duration,
+    ) -> Result<Option<SystemTime>, Error> {
+        let expires_at: Option<f64> = sqlx::query_scalar(sql::RENEW_ALL)
+            .bind(keys)
+            .bind(token)
+            .bind(millis(ttl))
+            .fetch_one(self)
+            .await
+            .map_err(error)?;
+        Ok(expires_at.map(unix_seconds))
+    }
+
+    async fn release_all(&self, keys: &[String], token: i64) -> Result<bool, Error> {
+        sqlx::query_scalar(sql::RELEASE_ALL)
+            .bind(keys)
+            .bind(token)
+            .fetch_one(self)
+            .await
+            .map_err(error)
     }
 
     async fn renew(
