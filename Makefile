@@ -53,7 +53,7 @@ test-pgrx: setup
 # throwaway cluster. Inputs in extension/tests/pg_regress/sql, outputs to
 # compare in expected/; a difference fails with target/regress/regression.diffs.
 PG_REGRESS := $(shell $(PG_CONFIG) --pkglibdir)/pgxs/src/test/regress/pg_regress
-REGRESS    := setup demo leases errors fencing stats semaphore
+REGRESS    := setup demo leases errors fencing stats semaphore multi
 test-regress: cluster
 	@psql -X -q -h 127.0.0.1 -p $(PGFENCE_PORT) -U postgres -d postgres \
 		-c 'DROP DATABASE IF EXISTS pg_fence_regress WITH (FORCE)' -c 'CREATE DATABASE pg_fence_regress'
@@ -72,7 +72,7 @@ test-integration: cluster
 	@$(PSQL) -q -c 'SET client_min_messages = warning' -c 'DROP EXTENSION IF EXISTS pg_fence CASCADE' -c 'CREATE EXTENSION pg_fence'
 	cargo test -p pg_fence_tests -- --test-threads 4
 	cargo run -q -p pg_fence_tests --example quickstart
-	for example in leader_election fenced_payment_worker job_claimer; do \
+	for example in leader_election fenced_payment_worker job_claimer account_transfer; do \
 		cargo run -q -p pg_fence_client --features deadpool-postgres --example $$example || exit 1; \
 	done
 	cargo run -q -p pg_fence_client --features deadpool-postgres,metrics --example prometheus_metrics

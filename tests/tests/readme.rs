@@ -48,3 +48,8 @@ fn excerpt_is_the_goldens_output(golden_name: &str) {
 fn the_readme_semaphore_excerpt_is_the_goldens_output() {
     excerpt_is_the_goldens_output("semaphore.out");
 }
+
+#[test]
+fn the_readme_multi_key_excerpt_is_the_goldens_output() {
+    excerpt_is_the_goldens_output("multi.out");
+}
