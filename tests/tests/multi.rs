@@ -621,3 +621,39 @@ async fn bad_inputs_get_their_sqlstates() {
         0
     );
 }
+
+/// G8: a multi-key acquire counts as an acquire of each key, in each key's
+/// class; its release as a release of each.
+#[tokio::test]
+async fn statistics_count_each_key() {
+    let db = connect().await;
+    let class = format!("mstats{}", std::process::id());
+    let (a, b, c) = (
+        format!("{class}:a"),
+        format!("{class}:b"),
+        format!("{class}x:c"),
+    );
+    let (token, _) = take_all(&db, &[&a, &b, &c], "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(take_all(&db, &[&a, &c], "1 minute", None, "0").await.unwrap(), None);
+    assert_eq!(release_all(&db, &[&a, &b, &c], token).await.unwrap(), 3);
+    let counted = |class: String| {
+        let db = &db;
+        async move {
+            let row = db
+                .query_one(
+                    "SELECT acquires, grants, busy, releases FROM fence.lock_stats WHERE key_class = $1",
+                    &[&class],
+                )
+                .await
+                .unwrap();
+            (row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2), row.get::<_, i64>(3))
+        }
+    };
+    // a and b: 2 grants and a + 1 busy (a) of 3 acquires, 2 releases.
+    assert_eq!(counted(class.clone()).await, (3, 2, 1, 2));
+    // c: one grant, one busy, one release.
+    assert_eq!(counted(format!("{class}x")).await, (2, 1, 1, 1));
+}
