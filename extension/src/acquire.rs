@@ -290,18 +290,23 @@ pub fn attempt(
     // transaction that already holds the key's lock (it released the lease,
     // or wrote under it, earlier): nobody ahead can be granted the key
     // before it ends, so queueing it behind them would only stall both.
-    if !own_live_lease
-        && waiters::someone_ahead(key, waiters::Mode::Exclusive, queued)
-        && !keylock::held_by_me(key)
-    {
+    let ahead = if own_live_lease {
+        None
+    } else {
+        waiters::ahead(key, waiters::Mode::Exclusive, queued)
+    };
+    if let Some(only_multi_key) = ahead.filter(|_| !keylock::held_by_me(key)) {
         // Asleep until woken, or until the lease it sees ends. Seeing none,
         // the head is about to take the key: look again soon, to learn of
         // the new lease (and so of its expiry) rather than a second late.
+        // Not so a multi-key head, which may wait long for its other keys:
+        // it wakes this queue when it leaves, and its release does too.
         let retry_in_ms = match row.as_ref().filter(|row| row.live) {
             Some(row) => TimestampWithTimeZone::try_from(row.expires_at)
                 .map_or(wait::QUEUED_RECHECK_INTERVAL_MS, |at| {
                     millis_until(at, wait::QUEUED_RECHECK_INTERVAL_MS)
                 }),
+            None if only_multi_key => wait::QUEUED_RECHECK_INTERVAL_MS,
             None => wait::RECHECK_INTERVAL_MS,
         };
         return Ok(Attempt::Queued { retry_in_ms });

@@ -248,24 +248,35 @@ fn database_id() -> u32 {
 /// Whether someone queued for `key` in `mode` arrived before `me` (or, for
 /// a caller not queued, at all): then the key is theirs to take first.
 pub fn someone_ahead(key: &str, mode: Mode, me: Option<&Waiting>) -> bool {
-    let Some(segment) = shmem::segment() else {
-        return false;
-    };
+    ahead(key, mode, me).is_some()
+}
+
+/// Who is queued for `key` in `mode` before `me`: None if nobody;
+/// `Some(true)` if only multi-key waiters are (they take a free key only
+/// once all their keys are free, perhaps much later, and wake the queue
+/// when they leave or release it), `Some(false)` otherwise.
+pub fn ahead(key: &str, mode: Mode, me: Option<&Waiting>) -> Option<bool> {
+    let segment = shmem::segment()?;
     if segment.header().queued.load(Ordering::Relaxed) == 0 {
-        return false;
+        return None;
     }
     let bytes = &key.as_bytes()[..key.len().min(MAX_KEY_BYTES)];
     let (database, hash) = (database_id(), segment.hash(database_id(), bytes));
     let mine = me.map_or(u64::MAX, |me| me.arrival);
     let _held = segment.lock(Lock::Waiters, false);
-    segment
-        .waiter_slots()
-        .iter()
-        .enumerate()
-        .any(|(number, slot)| {
-            slot.arrival.load(Ordering::Relaxed) < mine
-                && slot.waits_for(number, database, hash, bytes, mode)
-        })
+    let mut only_multi = None;
+    for (number, slot) in segment.waiter_slots().iter().enumerate() {
+        if slot.arrival.load(Ordering::Relaxed) < mine
+            && slot.waits_for(number, database, hash, bytes, mode)
+        {
+            let multi = slot.mode.load(Ordering::Relaxed) == Mode::All as u32;
+            if !multi {
+                return Some(false);
+            }
+            only_multi = Some(true);
+        }
+    }
+    only_multi
 }
 
 /// Wake the head of `key`'s queue in `mode` (set its latch), other than

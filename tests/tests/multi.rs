@@ -668,53 +668,67 @@ async fn statistics_count_each_key() {
     assert_eq!(counted(format!("{class}x")).await, (2, 1, 1, 1));
 }
 
-/// A multi-key waiter ended by `statement_timeout` (57014) leaves the
-/// queue of every key, and does not stall a single-key waiter queued
-/// behind it on a free key. (Leaving, it also wakes each key's next head;
-/// a head that sees its key free rechecks within 50 ms anyway, so this
-/// test cannot tell that wake-up from the recheck.)
+/// A multi-key waiter ended by a cancel or `statement_timeout` (57014)
+/// leaves the queue of every key, and wakes the next head of each: a
+/// single-key waiter queued behind it on a free key is granted at once,
+/// not at its next recheck (behind a multi-key head, up to a second).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_timed_out_multi_key_waiter_leaves_every_queue_and_wakes_the_next() {
+async fn an_ended_multi_key_waiter_leaves_every_queue_and_wakes_the_next() {
     let db = connect().await;
-    let k = keys("mtimeout", 2);
+    let k = keys("mcancel", 2);
     let token = acquire(&db, &k[0], "1 minute", None, "0")
         .await
         .unwrap()
         .unwrap();
-    let multi = connect().await;
-    let multi_pid = backend_pid(&multi).await;
-    multi
-        .batch_execute("SET statement_timeout = '1500ms'")
-        .await
-        .unwrap();
-    let wanted = k.clone();
-    let timed_out = tokio::spawn(async move {
-        let error = take_all(&multi, &refs(&wanted), "1 minute", None, "30 seconds")
-            .await
-            .unwrap_err();
-        (sqlstate(&error), Instant::now())
-    });
-    until_listed(&db, multi_pid, true).await;
-    // Queued behind it for the free k[1].
-    let single = connect().await;
-    let single_pid = backend_pid(&single).await;
-    let key = k[1].clone();
-    let behind = tokio::spawn(async move {
-        let got = acquire(&single, &key, "1 minute", None, "30 seconds")
-            .await
-            .unwrap();
-        (got, Instant::now())
-    });
-    until_listed(&db, single_pid, true).await;
-    let (state, ended) = timed_out.await.unwrap();
-    assert_eq!(state.as_deref(), Some("57014"));
-    let (got, granted) = behind.await.unwrap();
-    assert!(got.is_some());
-    let after = granted.saturating_duration_since(ended);
-    assert!(
-        after < Duration::from_millis(500),
-        "the next waiter was granted {after:?} after the multi-key waiter left"
-    );
-    until_listed(&db, multi_pid, false).await;
+    for end_by_timeout in [true, false] {
+        let multi = connect().await;
+        let multi_pid = backend_pid(&multi).await;
+        if end_by_timeout {
+            multi
+                .batch_execute("SET statement_timeout = '2s'")
+                .await
+                .unwrap();
+        }
+        let wanted = k.clone();
+        let ended = tokio::spawn(async move {
+            let error = take_all(&multi, &refs(&wanted), "1 minute", None, "30 seconds")
+                .await
+                .unwrap_err();
+            (sqlstate(&error), Instant::now())
+        });
+        until_listed(&db, multi_pid, true).await;
+        // Queued behind it for the free k[1], asleep until woken (or 1 s).
+        let single = connect().await;
+        let single_pid = backend_pid(&single).await;
+        let key = k[1].clone();
+        let behind = tokio::spawn(async move {
+            let got = acquire(&single, &key, "1 minute", None, "30 seconds")
+                .await
+                .unwrap();
+            (got, Instant::now())
+        });
+        until_listed(&db, single_pid, true).await;
+        if !end_by_timeout {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            db.execute("SELECT pg_cancel_backend($1)", &[&multi_pid])
+                .await
+                .unwrap();
+        }
+        let (state, ended_at) = ended.await.unwrap();
+        assert_eq!(state.as_deref(), Some("57014"));
+        let (got, granted_at) = behind.await.unwrap();
+        let single_token = got.expect("the single-key waiter's turn");
+        let after = granted_at.saturating_duration_since(ended_at);
+        if !end_by_timeout {
+            // A cancel 100 ms into its 1 s sleep: the recheck alone would
+            // come some 900 ms later.
+            assert!(
+                after < Duration::from_millis(300),
+                "the next waiter was granted {after:?} after the multi-key waiter left"
+            );
+        }
+        until_listed(&db, multi_pid, false).await;
+        assert!(release(&db, &k[1], single_token).await.unwrap());
+    }
     assert!(release(&db, &k[0], token).await.unwrap());
 }
