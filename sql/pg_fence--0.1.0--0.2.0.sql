@@ -74,6 +74,14 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_clone_fence_trigger_wrapper';
 
+CREATE FUNCTION fence."_holder_in_use"(
+	"lock_key" TEXT,
+	"holder" TEXT
+) RETURNS bool
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_holder_in_use_wrapper';
+
 CREATE FUNCTION fence."_key_lock_id"(
 	"lock_key" TEXT
 ) RETURNS bigint

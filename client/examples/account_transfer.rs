@@ -94,9 +94,14 @@ async fn transfer(
     amount: i64,
 ) -> Result<(), Error> {
     let keys = [format!("{table}:{from}"), format!("{table}:{to}")];
-    let lease = Lease::acquire_all(pool, &keys, &LeaseOptions::default(), Duration::from_secs(30))
-        .await?
-        .expect("both accounts within 30 s");
+    let lease = Lease::acquire_all(
+        pool,
+        &keys,
+        &LeaseOptions::default(),
+        Duration::from_secs(30),
+    )
+    .await?
+    .expect("both accounts within 30 s");
     write_both(pool, table, from, to, amount, lease.token()).await?;
     lease.release().await?;
     Ok(())

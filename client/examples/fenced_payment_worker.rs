@@ -32,7 +32,13 @@ async fn main() -> Result<(), Error> {
     // Worker A takes a lease (a bare grant: nothing renews it), then stalls
     // past its ttl, as in a long GC pause.
     let a = pool
-        .acquire(&key, Duration::from_millis(500), "worker-a", Duration::ZERO)
+        .acquire(
+            &key,
+            Duration::from_millis(500),
+            "worker-a",
+            Duration::ZERO,
+            false,
+        )
         .await?
         .expect("free");
     tokio::time::sleep(Duration::from_millis(700)).await;

@@ -23,6 +23,9 @@ use crate::multi::{self, Keys};
 struct Cleanup {
     stop: Arc<AtomicBool>,
     task: JoinHandle<()>,
+    /// Releasing what an acquire whose replies were lost may have got (not
+    /// a guard's release going on in the background).
+    after_acquire: bool,
 }
 
 /// Running cleanups by (key or semaphore name, holder).
@@ -34,8 +37,10 @@ fn cleanups() -> &'static Mutex<HashMap<(String, String), Cleanup>> {
 /// Stop what runs in the background for `holder` on what `wanted` names (a
 /// key, any permit of a semaphore, or a set of keys), and wait until it
 /// has finished what it was doing: a release in flight lands before we go
-/// on.
-pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) {
+/// on. True if it stopped the cleanup of an acquire whose replies were
+/// lost: the caller's acquire is then a retry of that request, and may
+/// take back the lease it may have got (G6).
+pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> bool {
     let (name, permits) = match wanted {
         Wanted::Key(key) => (key.clone(), None),
         Wanted::Permit { name, .. } => (name.clone(), Some(format!("{name}:permit:"))),
@@ -58,10 +63,13 @@ pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) {
             .filter_map(|entry| registry.remove(&entry))
             .collect()
     };
+    let mut resumed = false;
     for cleanup in running {
         cleanup.stop.store(true, Ordering::SeqCst);
+        resumed |= cleanup.after_acquire;
         let _ = cleanup.task.await;
     }
+    resumed
 }
 
 /// Track a release running in `task` for `holder` on `key`, so an acquire
@@ -78,6 +86,7 @@ pub(crate) fn track(key: &str, holder: &str, task: JoinHandle<()>) {
         Cleanup {
             stop: Arc::new(AtomicBool::new(false)),
             task,
+            after_acquire: false,
         },
     );
 }
@@ -115,7 +124,14 @@ pub(crate) fn clean_up_after<B: Backend>(
         )
         .await;
     });
-    registry.insert((name, holder.to_owned()), Cleanup { stop, task });
+    registry.insert(
+        (name, holder.to_owned()),
+        Cleanup {
+            stop,
+            task,
+            after_acquire: true,
+        },
+    );
 }
 
 async fn release_as<B: Backend>(
@@ -131,15 +147,15 @@ async fn release_as<B: Backend>(
     while Instant::now() < until && !stop.load(Ordering::SeqCst) {
         let found = match wanted {
             Wanted::Key(key) => backend
-                .acquire(key, ttl, holder, Duration::ZERO)
+                .acquire(key, ttl, holder, Duration::ZERO, true)
                 .await
                 .map(|grant| grant.map(|grant| (Keys::one(key.clone()), grant))),
             Wanted::Permit { name, permits } => backend
-                .acquire_permit(name, *permits, ttl, holder, Duration::ZERO)
+                .acquire_permit(name, *permits, ttl, holder, Duration::ZERO, true)
                 .await
                 .map(|grant| grant.map(|(key, grant)| (Keys::one(key), grant))),
             Wanted::All(keys) => backend
-                .acquire_all(keys, ttl, holder, Duration::ZERO)
+                .acquire_all(keys, ttl, holder, Duration::ZERO, true)
                 .await
                 .map(|grant| grant.map(|(keys, grant)| (Keys::all(keys), grant))),
         };

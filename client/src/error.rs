@@ -40,6 +40,15 @@ pub enum Error {
         /// The server's message.
         message: String,
     },
+    /// `55006`: the key's live lease is already held by this holder id (by
+    /// another guard, or another process), and this acquire was not a
+    /// retry of the request that got it: a holder id names one guard. The
+    /// lease was left as it was.
+    #[error("holder in use: {message}")]
+    HolderInUse {
+        /// The server's message: key and holder.
+        message: String,
+    },
     /// `57014`: cancelled or `statement_timeout`.
     #[error("cancelled: {message}")]
     Cancelled {
@@ -80,8 +89,10 @@ pub enum Error {
     /// (`LeaseOptions::ambiguous_retry_for`) ran out: the server may have
     /// granted a lease to `holder` that nobody holds. The client goes on
     /// trying, in the background (within a Tokio runtime), to release it as
-    /// that holder for up to a ttl; `holder` lets the caller do the same (a
-    /// `lock_acquire` as that holder returns the lease, G6).
+    /// that holder for up to a ttl. An acquire of the same key naming that
+    /// holder in this process, while that goes on, is a retry of the lost
+    /// request: it stops the cleanup and gets the lease back if there is
+    /// one (G6). From elsewhere, `lock_acquire` as that holder returns it.
     #[error("the acquire's outcome is unknown (holder {holder}): {message}")]
     AcquireAmbiguous {
         /// The holder id the unacknowledged requests were sent with.
@@ -115,6 +126,7 @@ impl Error {
                 message,
             },
             "55P03" => Error::LockNotAvailable { message },
+            "55006" => Error::HolderInUse { message },
             "57014" => Error::Cancelled { message },
             _ => Error::Database {
                 sqlstate: sqlstate.to_owned(),
@@ -130,6 +142,7 @@ impl Error {
             Error::NotOwner { .. } => Some("42501"),
             Error::Cancelled { .. } => Some("57014"),
             Error::LockNotAvailable { .. } => Some("55P03"),
+            Error::HolderInUse { .. } => Some("55006"),
             Error::InvalidArgument { sqlstate, .. }
             | Error::Serialization { sqlstate, .. }
             | Error::Database { sqlstate, .. } => Some(sqlstate),
@@ -168,7 +181,8 @@ mod tests {
     #[test]
     fn sqlstates_map_to_kinds_and_back() {
         for code in [
-            "FN001", "42501", "22004", "22023", "40001", "40P01", "57014", "XX000", "53300",
+            "FN001", "42501", "22004", "22023", "40001", "40P01", "57014", "55006", "XX000",
+            "53300",
         ] {
             let error = Error::from_sqlstate(code, "m".into());
             assert_eq!(error.sqlstate(), Some(code), "{error:?}");

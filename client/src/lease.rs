@@ -60,6 +60,9 @@ pub struct LeaseOptions {
     pub safety_margin: Duration,
     /// The holder id. Default: a fresh UUID per lease; the client retries an
     /// ambiguous acquire with it, so a lost reply does not lock you out (G6).
+    /// A holder id names one guard: an acquire (other than such a retry)
+    /// that finds the key leased to its own holder id already fails with
+    /// [`Error::HolderInUse`], leaving that lease as it was.
     pub holder: Option<String>,
     /// How long an acquire whose reply was lost is retried (as the same
     /// holder, with backoff from 25 ms to 1 s), from its first send: long
@@ -256,7 +259,9 @@ impl<B: Backend> Lease<B> {
         // this holder may have been granted must finish first, or it could
         // release the lease this call is about to get back (G6).
         let wanted = target.owned();
-        ambiguous::wait_for_cleanup(&wanted, &holder).await;
+        // Stopping the cleanup of this holder's unanswered acquire makes
+        // this call a retry of that request, which may take its lease back.
+        let resumed = ambiguous::wait_for_cleanup(&wanted, &holder).await;
         let mut attempts = 0u32;
         let first_sent = Instant::now();
         // A request may wait in the server for `wait` before it grants.
@@ -264,17 +269,21 @@ impl<B: Backend> Lease<B> {
         let mut pause = Duration::from_millis(25);
         let (sent, grant) = loop {
             let sent = Instant::now();
+            // Only a retry of a request whose reply was lost may adopt the
+            // holder's live lease (G6): on a first attempt that lease is
+            // another guard's, refused by the server (55006).
+            let adopt = resumed || attempts > 0;
             let granted = match target {
                 Target::Key(key) => backend
-                    .acquire(key, options.ttl, &holder, wait)
+                    .acquire(key, options.ttl, &holder, wait, adopt)
                     .await
                     .map(|grant| grant.map(|grant| (Keys::one(key.to_owned()), grant))),
                 Target::Permit { name, permits } => backend
-                    .acquire_permit(name, permits, options.ttl, &holder, wait)
+                    .acquire_permit(name, permits, options.ttl, &holder, wait, adopt)
                     .await
                     .map(|grant| grant.map(|(key, grant)| (Keys::one(key), grant))),
                 Target::All(keys) => backend
-                    .acquire_all(keys, options.ttl, &holder, wait)
+                    .acquire_all(keys, options.ttl, &holder, wait, adopt)
                     .await
                     .map(|grant| grant.map(|(keys, grant)| (Keys::all(keys), grant))),
             };

@@ -130,6 +130,20 @@ fn lock_release_all(lock_keys: Option<Vec<Option<String>>>, token: Option<i64>) 
     or_raise(multi::release(lock_keys, token))
 }
 
+/// Raise `55006` (the lease on `lock_key` is held by `holder` already):
+/// pg_fence_client calls it, in the statement of a first acquire attempt,
+/// when the lease it got back is not a new grant but the holder's existing
+/// one (G6), so that the statement, and the extension, roll back. Only a
+/// retry of the request that got a lease may adopt it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _holder_in_use(lock_key: Option<&str>, holder: Option<&str>) -> bool {
+    or_raise(Err(crate::errors::FenceError::HolderInUse {
+        lock_key: lock_key.unwrap_or_default().to_owned(),
+        holder: holder.unwrap_or_default().to_owned(),
+    }
+    .here()))
+}
+
 /// Claim `op_key` for the calling role in the current transaction: true if
 /// this transaction is the one to do the operation, false if it was done.
 #[pg_extern(volatile, security_definer, parallel_unsafe)]

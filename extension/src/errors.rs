@@ -110,6 +110,11 @@ pub enum FenceError {
         function: &'static str,
         role: String,
     },
+    /// `55006`: a client's first attempt at a key found the key's live
+    /// lease already held by its own holder id (another guard, or another
+    /// process, with the same id): adopting it would give one lease two
+    /// guards (`fence._holder_in_use`, called by pg_fence_client).
+    HolderInUse { lock_key: String, holder: String },
     /// `XX000`: a broken invariant inside pg_fence (a bug, never bad input).
     Internal { context: String },
 }
@@ -165,6 +170,7 @@ impl FenceError {
             FenceError::TokenNotReplicated => "57014",
             FenceError::NeedsPreload { .. } => "55000",
             FenceError::NeedsFenceAdmin { .. } => "42501",
+            FenceError::HolderInUse { .. } => "55006",
             FenceError::Internal { .. } => "XX000",
         }
     }
@@ -285,6 +291,9 @@ impl FenceError {
             FenceError::NeedsFenceAdmin { function, role } => {
                 format!("{function} is reserved to members of fence_admin; role \"{role}\" is not one")
             }
+            FenceError::HolderInUse { lock_key, holder } => format!(
+                "the lease on \"{lock_key}\" is already held by holder \"{holder}\", and this was not a retry of the request that got it"
+            ),
             FenceError::Internal { context } => format!("pg_fence internal error: {context}"),
         }
     }
@@ -313,6 +322,9 @@ impl FenceError {
             FenceError::TruncateRefused { .. } => {
                 Some("Only members of fence_admin may truncate a fenced table; or call fence.unprotect() first.")
             }
+            FenceError::HolderInUse { .. } => Some(
+                "A holder id names one lease guard: give each guard its own, or leave it unset for a fresh one.",
+            ),
             FenceError::NeedsPreload { .. } => Some(
                 "Add pg_fence to shared_preload_libraries in postgresql.conf and restart the server.",
             ),

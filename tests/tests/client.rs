@@ -326,8 +326,9 @@ impl<B: Backend> Backend for LostFirstReply<B> {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> Result<Option<pg_fence_client::Grant>, Error> {
-        let grant = self.inner.acquire(key, ttl, holder, wait).await?;
+        let grant = self.inner.acquire(key, ttl, holder, wait, adopt).await?;
         if !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::Connection(
                 "connection reset before the reply".into(),
@@ -343,10 +344,11 @@ impl<B: Backend> Backend for LostFirstReply<B> {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> Result<Option<(String, pg_fence_client::Grant)>, Error> {
         let permit = self
             .inner
-            .acquire_permit(name, permits, ttl, holder, wait)
+            .acquire_permit(name, permits, ttl, holder, wait, adopt)
             .await?;
         if !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::Connection(
@@ -835,8 +837,9 @@ impl<B: Backend> Backend for RepliesLostUntil<B> {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> Result<Option<pg_fence_client::Grant>, Error> {
-        self.lost(self.inner.acquire(key, ttl, holder, wait).await)
+        self.lost(self.inner.acquire(key, ttl, holder, wait, adopt).await)
     }
 
     async fn acquire_permit(
@@ -846,10 +849,11 @@ impl<B: Backend> Backend for RepliesLostUntil<B> {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> Result<Option<(String, pg_fence_client::Grant)>, Error> {
         self.lost(
             self.inner
-                .acquire_permit(name, permits, ttl, holder, wait)
+                .acquire_permit(name, permits, ttl, holder, wait, adopt)
                 .await,
         )
     }
@@ -1007,8 +1011,9 @@ impl<B: Backend> Backend for SlowRelease<B> {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> Result<Option<pg_fence_client::Grant>, Error> {
-        self.inner.acquire(key, ttl, holder, wait).await
+        self.inner.acquire(key, ttl, holder, wait, adopt).await
     }
 
     async fn renew(

@@ -106,8 +106,9 @@ impl<B: Backend> Backend for LostFirstReply<B> {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> Result<Option<Grant>, Error> {
-        self.inner.acquire(key, ttl, holder, wait).await
+        self.inner.acquire(key, ttl, holder, wait, adopt).await
     }
 
     async fn acquire_all(
@@ -116,8 +117,12 @@ impl<B: Backend> Backend for LostFirstReply<B> {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> Result<Option<(Vec<String>, Grant)>, Error> {
-        let grant = self.inner.acquire_all(keys, ttl, holder, wait).await?;
+        let grant = self
+            .inner
+            .acquire_all(keys, ttl, holder, wait, adopt)
+            .await?;
         if !self.lost.swap(true, Ordering::SeqCst) {
             return Err(Error::Connection(
                 "connection reset before the reply".into(),

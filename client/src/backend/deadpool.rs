@@ -14,11 +14,15 @@ impl Backend for Pool {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> Result<Option<Grant>, Error> {
         let client = self.get().await.map_err(pool_error)?;
         let statement = client.prepare_cached(sql::ACQUIRE).await.map_err(error)?;
         let row = client
-            .query_one(&statement, &[&key, &millis(ttl), &holder, &millis(wait)])
+            .query_one(
+                &statement,
+                &[&key, &millis(ttl), &holder, &millis(wait), &adopt],
+            )
             .await
             .map_err(error)?;
         Ok(grant(get(&row, 0)?, get(&row, 1)?, get(&row, 2)?))
@@ -31,6 +35,7 @@ impl Backend for Pool {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> Result<Option<(String, Grant)>, Error> {
         let client = self.get().await.map_err(pool_error)?;
         let statement = client
@@ -40,7 +45,14 @@ impl Backend for Pool {
         let row = client
             .query_one(
                 &statement,
-                &[&name, &permits, &millis(ttl), &holder, &millis(wait)],
+                &[
+                    &name,
+                    &permits,
+                    &millis(ttl),
+                    &holder,
+                    &millis(wait),
+                    &adopt,
+                ],
             )
             .await
             .map_err(error)?;
@@ -54,6 +66,7 @@ impl Backend for Pool {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> Result<Option<(Vec<String>, Grant)>, Error> {
         let client = self.get().await.map_err(pool_error)?;
         let statement = client
@@ -61,7 +74,10 @@ impl Backend for Pool {
             .await
             .map_err(error)?;
         let row = client
-            .query_one(&statement, &[&keys, &millis(ttl), &holder, &millis(wait)])
+            .query_one(
+                &statement,
+                &[&keys, &millis(ttl), &holder, &millis(wait), &adopt],
+            )
             .await
             .map_err(error)?;
         let keys: Option<Vec<String>> = get(&row, 0)?;

@@ -29,6 +29,12 @@ pub struct Grant {
 /// connection from the pool for one statement and gives it back: leases are
 /// not tied to a session, so this works behind PgBouncer in transaction mode
 /// (1.21+ with `max_prepared_statements`, for the drivers' prepared statements).
+///
+/// `adopt` says whether the holder's own live lease may come back (G6):
+/// true only for a retry of a request whose reply was lost. With `adopt`
+/// false (a first attempt) a key already leased to `holder` is refused
+/// with `55006` ([`Error::HolderInUse`]) and left as it was: a holder id
+/// names one guard.
 pub trait Backend: Clone + Send + Sync + 'static {
     /// `fence.lock_acquire`: `None` when the key stayed busy for `wait`.
     fn acquire(
@@ -37,6 +43,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> impl Future<Output = Result<Option<Grant>, Error>> + Send;
     /// `fence.semaphore_acquire`: the permit's key and grant, `None` when no
     /// permit was free for `wait`. Both backends implement it; another
@@ -48,8 +55,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> impl Future<Output = Result<Option<(String, Grant)>, Error>> + Send {
-        let _ = (name, permits, ttl, holder, wait);
+        let _ = (name, permits, ttl, holder, wait, adopt);
         std::future::ready(Err(Error::InvalidArgument {
             sqlstate: "0A000".into(),
             message: "this Backend does not implement acquire_permit (semaphores)".into(),
@@ -65,8 +73,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> impl Future<Output = Result<Option<(Vec<String>, Grant)>, Error>> + Send {
-        let _ = (keys, ttl, holder, wait);
+        let _ = (keys, ttl, holder, wait, adopt);
         std::future::ready(Err(unsupported("acquire_all")))
     }
     /// `fence.lock_renew` of every key, in one statement: the earliest new

@@ -7,10 +7,25 @@ use sqlx::PgPool;
 use super::{grant, millis, unix_seconds, Backend, Grant};
 use crate::{sql, Error};
 
-/// A permit's row: its key, token, time left (ms) and expiry (Unix seconds).
-type Permit = (Option<String>, Option<i64>, Option<i64>, Option<f64>);
-/// A multi-key grant's row: its keys, then as a permit's.
-type Granted = (Option<Vec<String>>, Option<i64>, Option<i64>, Option<f64>);
+/// A grant's row: its token, time left (ms), expiry (Unix seconds), and
+/// the refusal column (always NULL when there is a row to read).
+type Row = (Option<i64>, Option<i64>, Option<f64>, Option<bool>);
+/// A permit's row: its key, then as a grant's.
+type Permit = (
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<f64>,
+    Option<bool>,
+);
+/// A multi-key grant's row: its keys, then as a grant's.
+type Granted = (
+    Option<Vec<String>>,
+    Option<i64>,
+    Option<i64>,
+    Option<f64>,
+    Option<bool>,
+);
 
 impl Backend for PgPool {
     async fn acquire(
@@ -19,16 +34,17 @@ impl Backend for PgPool {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> Result<Option<Grant>, Error> {
-        let (token, remaining, expires_at): (Option<i64>, Option<i64>, Option<f64>) =
-            sqlx::query_as(sql::ACQUIRE)
-                .bind(key)
-                .bind(millis(ttl))
-                .bind(holder)
-                .bind(millis(wait))
-                .fetch_one(self)
-                .await
-                .map_err(error)?;
+        let (token, remaining, expires_at, _): Row = sqlx::query_as(sql::ACQUIRE)
+            .bind(key)
+            .bind(millis(ttl))
+            .bind(holder)
+            .bind(millis(wait))
+            .bind(adopt)
+            .fetch_one(self)
+            .await
+            .map_err(error)?;
         Ok(grant(token, remaining, expires_at))
     }
 
@@ -39,13 +55,15 @@ impl Backend for PgPool {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> Result<Option<(String, Grant)>, Error> {
-        let (key, token, remaining, expires_at): Permit = sqlx::query_as(sql::SEMAPHORE_ACQUIRE)
+        let (key, token, remaining, expires_at, _): Permit = sqlx::query_as(sql::SEMAPHORE_ACQUIRE)
             .bind(name)
             .bind(permits)
             .bind(millis(ttl))
             .bind(holder)
             .bind(millis(wait))
+            .bind(adopt)
             .fetch_one(self)
             .await
             .map_err(error)?;
@@ -58,12 +76,14 @@ impl Backend for PgPool {
         ttl: Duration,
         holder: &str,
         wait: Duration,
+        adopt: bool,
     ) -> Result<Option<(Vec<String>, Grant)>, Error> {
-        let (keys, token, remaining, expires_at): Granted = sqlx::query_as(sql::ACQUIRE_ALL)
+        let (keys, token, remaining, expires_at, _): Granted = sqlx::query_as(sql::ACQUIRE_ALL)
             .bind(keys)
             .bind(millis(ttl))
             .bind(holder)
             .bind(millis(wait))
+            .bind(adopt)
             .fetch_one(self)
             .await
             .map_err(error)?;
