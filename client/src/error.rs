@@ -104,6 +104,12 @@ pub enum Error {
     /// a bug or a version mismatch, not a lost reply, so never retried.
     #[error("decode: {0}")]
     Decode(String),
+    /// Refused by the client before anything was sent: options that cannot
+    /// work (`LeaseOptions::validate`), a semaphore without permits,
+    /// `Wait::Up` in `lock_xact`, a `Backend` without a call. No SQLSTATE:
+    /// the server never saw it.
+    #[error("refused by the client: {0}")]
+    Usage(String),
     /// Not a server error: the connection or the pool failed (no answer, so
     /// the call may or may not have taken effect). Ambiguous: a lease
     /// acquire retries it as the same holder.
@@ -151,6 +157,7 @@ impl Error {
             | Error::CommitAmbiguous { .. }
             | Error::AcquireAmbiguous { .. }
             | Error::WorkEndedTransaction
+            | Error::Usage(_)
             | Error::Decode(_) => None,
         }
     }

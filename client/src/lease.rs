@@ -112,12 +112,8 @@ impl LeaseOptions {
     /// Renewal must fit well inside the ttl: `0 < renew_every` and
     /// `renew_every + safety_margin < ttl`. Checked by every acquire.
     pub fn validate(&self) -> Result<(), Error> {
-        let invalid = |message: String| {
-            Err(Error::InvalidArgument {
-                sqlstate: "22023".into(),
-                message,
-            })
-        };
+        let invalid = |message: String| Err(Error::Usage(message));
+
         if self.ttl.is_zero() || self.renew_every.is_zero() {
             return invalid(format!(
                 "ttl ({:?}) and renew_every ({:?}) must be positive",

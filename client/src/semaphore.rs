@@ -43,16 +43,13 @@ impl Semaphore {
     pub const MAX_PERMITS: u32 = 1024;
 
     /// Semaphore `name` with `permits` permits: 1 to [`Semaphore::MAX_PERMITS`],
-    /// else [`Error::InvalidArgument`] (nothing is sent).
+    /// else [`Error::Usage`] (nothing is sent).
     pub fn new(name: impl Into<String>, permits: u32) -> Result<Semaphore, Error> {
         if !(1..=Semaphore::MAX_PERMITS).contains(&permits) {
-            return Err(Error::InvalidArgument {
-                sqlstate: "22023".into(),
-                message: format!(
-                    "a semaphore has 1 to {} permits, not {permits}",
-                    Semaphore::MAX_PERMITS
-                ),
-            });
+            return Err(Error::Usage(format!(
+                "a semaphore has 1 to {} permits, not {permits}",
+                Semaphore::MAX_PERMITS
+            )));
         }
         Ok(Semaphore {
             name: name.into(),

@@ -145,7 +145,7 @@ pub async fn lock_session(
 /// Cancel safety: if dropped mid-wait, the server may still take the lock
 /// for the caller's transaction; roll the transaction back.
 pub async fn lock_xact(
-    transaction: &impl GenericClient,
+    transaction: &deadpool_postgres::Transaction<'_>,
     key: AdvisoryKey,
     wait: Wait,
 ) -> Result<bool, Error> {

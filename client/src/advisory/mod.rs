@@ -76,11 +76,9 @@ impl Wait {
 /// `lock_xact` with `Wait::Up`: refused before anything is sent, because a
 /// lock timeout would abort the caller's transaction.
 pub(crate) fn xact_wait_up_unsupported() -> crate::Error {
-    crate::Error::Database {
-        sqlstate: "0A000".into(),
-        message: "lock_xact does not support Wait::Up: a lock timeout would abort the transaction"
-            .into(),
-    }
+    crate::Error::Usage(
+        "lock_xact does not support Wait::Up: a lock timeout would abort the transaction".into(),
+    )
 }
 
 #[cfg(test)]

@@ -134,7 +134,7 @@ async fn lock_on(
 /// Cancel safety: if dropped mid-wait, the server may still take the lock
 /// for the caller's transaction; roll the transaction back.
 pub async fn lock_xact(
-    transaction: &mut sqlx::PgConnection,
+    transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     key: AdvisoryKey,
     wait: Wait,
 ) -> Result<bool, Error> {

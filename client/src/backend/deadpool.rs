@@ -139,9 +139,13 @@ impl Backend for Pool {
 }
 
 /// Attach a lease's token to an open transaction (`SET LOCAL fence.token`),
-/// so writes to tables under `fence.protect()` carry it.
+/// so writes to tables under `fence.protect()` carry it. It takes a
+/// transaction: outside one the setting would end with its own statement.
 /// Cancel safety: if cancelled, the setting may or may not be in place.
-pub async fn set_fence_token(transaction: &impl GenericClient, token: i64) -> Result<(), Error> {
+pub async fn set_fence_token(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    token: i64,
+) -> Result<(), Error> {
     transaction
         .execute(sql::SET_FENCE_TOKEN, &[&token.to_string()])
         .await

@@ -47,7 +47,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Grant>, Error>> + Send;
     /// `fence.semaphore_acquire`: the permit's key and grant, `None` when no
     /// permit was free for `wait`. Both backends implement it; another
-    /// implementation that does not gets `0A000` from [`crate::Semaphore`].
+    /// implementation that does not gets [`Error::Usage`] from [`crate::Semaphore`].
     fn acquire_permit(
         &self,
         name: &str,
@@ -58,15 +58,14 @@ pub trait Backend: Clone + Send + Sync + 'static {
         adopt: bool,
     ) -> impl Future<Output = Result<Option<(String, Grant)>, Error>> + Send {
         let _ = (name, permits, ttl, holder, wait, adopt);
-        std::future::ready(Err(Error::InvalidArgument {
-            sqlstate: "0A000".into(),
-            message: "this Backend does not implement acquire_permit (semaphores)".into(),
-        }))
+        std::future::ready(Err(Error::Usage(
+            "this Backend does not implement acquire_permit (semaphores)".into(),
+        )))
     }
     /// `fence.lock_acquire_all`: the keys granted (distinct, in byte order)
     /// and their one grant (the earliest expiry), `None` when they were not
     /// all free within `wait`. Both backends implement the multi-key calls;
-    /// another implementation that does not gets `0A000`.
+    /// another implementation that does not gets [`Error::Usage`].
     fn acquire_all(
         &self,
         keys: &[String],
@@ -111,10 +110,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
 }
 
 fn unsupported(call: &str) -> Error {
-    Error::InvalidArgument {
-        sqlstate: "0A000".into(),
-        message: format!("this Backend does not implement {call} (multi-key leases)"),
-    }
+    Error::Usage(format!(
+        "this Backend does not implement {call} (multi-key leases)"
+    ))
 }
 
 pub(crate) fn millis(duration: Duration) -> f64 {

@@ -141,14 +141,18 @@ impl Backend for PgPool {
     }
 }
 
-/// Attach a lease's token to the open transaction on `connection`, so writes
-/// to tables under `fence.protect()` carry it (`SET LOCAL fence.token`).
+/// Attach a lease's token to an open transaction, so writes to tables under
+/// `fence.protect()` carry it (`SET LOCAL fence.token`). It takes a
+/// transaction: outside one the setting would end with its own statement.
 /// Cancel safety: if cancelled, the setting may or may not be in place; the
 /// transaction is unaffected otherwise.
-pub async fn set_fence_token(connection: &mut sqlx::PgConnection, token: i64) -> Result<(), Error> {
+pub async fn set_fence_token(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    token: i64,
+) -> Result<(), Error> {
     sqlx::query(sql::SET_FENCE_TOKEN)
         .bind(token.to_string())
-        .execute(connection)
+        .execute(&mut **transaction)
         .await
         .map_err(error)?;
     Ok(())

@@ -1,7 +1,9 @@
-//! Row locks and compare-and-set over deadpool-postgres (any
-//! `GenericClient`: a transaction, usually).
+//! Row locks and compare-and-set over deadpool-postgres. The row locks
+//! take a `deadpool_postgres::Transaction`, so a plain connection
+//! (autocommit, where a row lock ends with its statement) does not compile;
+//! compare-and-set is one atomic statement and takes any client.
 
-use deadpool_postgres::GenericClient;
+use deadpool_postgres::{GenericClient, Transaction};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
@@ -12,7 +14,7 @@ use crate::{sql, Error};
 /// Lock the row whose key is `key`: `None` if there is none (or, with
 /// [`RowLock::SkipLocked`], if another transaction holds it).
 pub async fn lock_row(
-    client: &impl GenericClient,
+    client: &Transaction<'_>,
     table: Table<'_>,
     key: &(dyn ToSql + Sync),
     mode: RowLock,
@@ -25,7 +27,7 @@ pub async fn lock_row(
 /// `state = 'ready'`), lowest key first, skipping rows other workers hold:
 /// each row goes to exactly one of several concurrent claimers.
 pub async fn claim(
-    client: &impl GenericClient,
+    client: &Transaction<'_>,
     table: Table<'_>,
     filter: &str,
     limit: i64,
@@ -36,7 +38,9 @@ pub async fn claim(
 
 /// Set the row with `key` by `assignment` (your SQL using `$3` for `value`,
 /// e.g. `state = $3`) if its `version_column` still equals `expected`, and
-/// bump that version.
+/// bump that version. One `UPDATE`, atomic on its own: unlike the row
+/// locks it needs no transaction, so it takes any client (a pooled
+/// connection in autocommit, or a transaction to make it part of one).
 pub async fn compare_and_set(
     client: &impl GenericClient,
     table: Table<'_>,

@@ -62,3 +62,96 @@ pub enum Cas {
         current: Option<i64>,
     },
 }
+
+/// The helpers that only mean something inside a transaction take the
+/// drivers' transaction types, so calling them on a plain connection, in
+/// autocommit (where a row lock, an advisory transaction lock or
+/// `SET LOCAL fence.token` ends with its own statement), does not compile.
+/// Each `compile_fail` below compiled before; its `no_run` twin, on a
+/// transaction, compiles.
+///
+/// ```no_run
+/// # async fn ok(pool: sqlx::PgPool, dp: deadpool_postgres::Pool) {
+/// use pg_fence_client::{advisory, backend, rows, AdvisoryKey, RowLock, Table, Wait};
+/// let table = Table { name: "jobs", key_column: "id" };
+/// let mut tx = pool.begin().await.unwrap();
+/// rows::sqlx::lock_row(&mut tx, table, 1i32, RowLock::Wait).await.unwrap();
+/// rows::sqlx::claim(&mut tx, table, "true", 1).await.unwrap();
+/// advisory::sqlx::lock_xact(&mut tx, AdvisoryKey::from_name("a"), Wait::No).await.unwrap();
+/// backend::sqlx::set_fence_token(&mut tx, 7).await.unwrap();
+/// let mut client = dp.get().await.unwrap();
+/// let tx = client.transaction().await.unwrap();
+/// rows::deadpool::lock_row(&tx, table, &1i32, RowLock::Wait).await.unwrap();
+/// rows::deadpool::claim(&tx, table, "true", 1).await.unwrap();
+/// advisory::deadpool::lock_xact(&tx, AdvisoryKey::from_name("a"), Wait::No).await.unwrap();
+/// backend::deadpool::set_fence_token(&tx, 7).await.unwrap();
+/// # }
+/// ```
+///
+/// ```compile_fail
+/// # async fn no(pool: sqlx::PgPool) {
+/// use pg_fence_client::{rows, RowLock, Table};
+/// let mut connection = pool.acquire().await.unwrap();
+/// let table = Table { name: "jobs", key_column: "id" };
+/// rows::sqlx::lock_row(&mut *connection, table, 1i32, RowLock::Wait).await.unwrap();
+/// # }
+/// ```
+///
+/// ```compile_fail
+/// # async fn no(pool: sqlx::PgPool) {
+/// use pg_fence_client::{rows, Table};
+/// let mut connection = pool.acquire().await.unwrap();
+/// let table = Table { name: "jobs", key_column: "id" };
+/// rows::sqlx::claim(&mut *connection, table, "true", 1).await.unwrap();
+/// # }
+/// ```
+///
+/// ```compile_fail
+/// # async fn no(pool: sqlx::PgPool) {
+/// use pg_fence_client::{advisory, AdvisoryKey, Wait};
+/// let mut connection = pool.acquire().await.unwrap();
+/// advisory::sqlx::lock_xact(&mut *connection, AdvisoryKey::from_name("a"), Wait::No).await.unwrap();
+/// # }
+/// ```
+///
+/// ```compile_fail
+/// # async fn no(pool: sqlx::PgPool) {
+/// let mut connection = pool.acquire().await.unwrap();
+/// pg_fence_client::backend::sqlx::set_fence_token(&mut *connection, 7).await.unwrap();
+/// # }
+/// ```
+///
+/// ```compile_fail
+/// # async fn no(dp: deadpool_postgres::Pool) {
+/// use pg_fence_client::{rows, RowLock, Table};
+/// let client = dp.get().await.unwrap();
+/// let table = Table { name: "jobs", key_column: "id" };
+/// rows::deadpool::lock_row(&client, table, &1i32, RowLock::Wait).await.unwrap();
+/// # }
+/// ```
+///
+/// ```compile_fail
+/// # async fn no(dp: deadpool_postgres::Pool) {
+/// use pg_fence_client::{rows, Table};
+/// let client = dp.get().await.unwrap();
+/// let table = Table { name: "jobs", key_column: "id" };
+/// rows::deadpool::claim(&client, table, "true", 1).await.unwrap();
+/// # }
+/// ```
+///
+/// ```compile_fail
+/// # async fn no(dp: deadpool_postgres::Pool) {
+/// use pg_fence_client::{advisory, AdvisoryKey, Wait};
+/// let client = dp.get().await.unwrap();
+/// advisory::deadpool::lock_xact(&client, AdvisoryKey::from_name("a"), Wait::No).await.unwrap();
+/// # }
+/// ```
+///
+/// ```compile_fail
+/// # async fn no(dp: deadpool_postgres::Pool) {
+/// let client = dp.get().await.unwrap();
+/// pg_fence_client::backend::deadpool::set_fence_token(&client, 7).await.unwrap();
+/// # }
+/// ```
+#[cfg(all(doctest, feature = "sqlx", feature = "deadpool-postgres"))]
+pub struct TransactionsOnly;

@@ -1,8 +1,10 @@
-//! Row locks and compare-and-set over sqlx (a `&mut PgConnection`: a
-//! transaction's, usually).
+//! Row locks and compare-and-set over sqlx. The row locks take a
+//! `sqlx::Transaction`, so a plain connection (autocommit, where a row lock
+//! ends with its statement) does not compile; compare-and-set is one atomic
+//! statement and takes any connection.
 
 use sqlx::postgres::PgRow;
-use sqlx::{Encode, PgConnection, Postgres, Row, Type};
+use sqlx::{Encode, PgConnection, Postgres, Row, Transaction, Type};
 
 use super::{Cas, RowLock, Table};
 use crate::backend::sqlx::error;
@@ -15,7 +17,7 @@ impl<T: for<'q> Encode<'q, Postgres> + Type<Postgres> + Send + Sync> Bind for T 
 /// Lock the row whose key is `key`: `None` if there is none (or, with
 /// [`RowLock::SkipLocked`], if another transaction holds it).
 pub async fn lock_row<K: Bind>(
-    connection: &mut PgConnection,
+    transaction: &mut Transaction<'_, Postgres>,
     table: Table<'_>,
     key: K,
     mode: RowLock,
@@ -23,7 +25,7 @@ pub async fn lock_row<K: Bind>(
     let text = sql::lock_row(table.name, table.key_column, mode.suffix());
     sqlx::query(&text)
         .bind(key)
-        .fetch_optional(connection)
+        .fetch_optional(&mut **transaction)
         .await
         .map_err(error)
 }
@@ -32,21 +34,23 @@ pub async fn lock_row<K: Bind>(
 /// `state = 'ready'`), lowest key first, skipping rows other workers hold:
 /// each row goes to exactly one of several concurrent claimers.
 pub async fn claim(
-    connection: &mut PgConnection,
+    transaction: &mut Transaction<'_, Postgres>,
     table: Table<'_>,
     filter: &str,
     limit: i64,
 ) -> Result<Vec<PgRow>, Error> {
     let text = sql::claim(table.name, table.key_column, filter, limit);
     sqlx::query(&text)
-        .fetch_all(connection)
+        .fetch_all(&mut **transaction)
         .await
         .map_err(error)
 }
 
 /// Set the row with `key` by `assignment` (your SQL using `$3` for `value`,
 /// e.g. `state = $3`) if its `version_column` still equals `expected`, and
-/// bump that version.
+/// bump that version. One `UPDATE`, atomic on its own: unlike the row
+/// locks it needs no transaction, so it takes any connection (a pooled one
+/// in autocommit, or `&mut *transaction` to make it part of one).
 pub async fn compare_and_set<K: Bind + Clone, V: Bind>(
     connection: &mut PgConnection,
     table: Table<'_>,
