@@ -142,6 +142,9 @@ pub fn run(
     let deadline = started.saturating_add(i64::try_from(wait_micros).unwrap_or(i64::MAX));
     let mut event = wait::wait_event_for(&queue_key);
     let mut contended = false;
+    // A multi-key waiter's places in its keys' queues (multi.rs).
+    let mut reservation = multi::Reservation::default();
+    let mut places = 0;
     // In fence.waiters while it sleeps; leaves on drop, whatever the exit.
     let mut waiting: Option<waiters::Waiting> = None;
 
@@ -151,7 +154,7 @@ pub fn run(
             wait::advertise(event);
         }
         let queued = waiting.as_ref();
-        let mut blocked_on = None;
+        let mut blocked = multi::Blocked::default();
         let outcome = with_spi(|client, plans| match target {
             Target::Key(key) => attempt(client, plans, key, &holder, ttl, role, queued),
             Target::Semaphore { name, permits } => semaphore::attempt(
@@ -176,11 +179,21 @@ pub fn run(
                     role,
                 },
                 queued,
-                &mut blocked_on,
+                &mut blocked,
             ),
         })?;
-        if let (Target::All(keys), Some(i)) = (target, blocked_on) {
-            event = wait::wait_event_for(&keys[i]);
+        if let Target::All(keys) = target {
+            if let Some(i) = blocked.on {
+                event = wait::wait_event_for(&keys[i]);
+                if wait_micros > 0 {
+                    // A release of that key from now on must find us.
+                    wait::advertise(event);
+                }
+            }
+            places = reservation.places(blocked.held, keys.len(), now_micros());
+            if waiting.is_some() && !matches!(outcome, Attempt::GrantedAll { .. }) {
+                waiters::hold_places(places);
+            }
         }
         match outcome {
             Attempt::Granted {
@@ -203,7 +216,7 @@ pub fn run(
                 }
                 if waiting.is_none() {
                     waiting = match target {
-                        Target::All(keys) => waiters::enter_all(keys, role, deadline),
+                        Target::All(keys) => waiters::enter_all(keys, role, deadline, places),
                         _ => waiters::enter(&queue_key, mode, role, deadline),
                     };
                 }

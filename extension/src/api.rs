@@ -107,27 +107,29 @@ fn semaphore_status(
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn lock_acquire_all(
-    lock_keys: Option<Vec<Option<String>>>,
+    lock_keys: Option<pgrx::datum::Array<'_, &str>>,
     ttl: default!(Option<Interval>, "'30 seconds'"),
     holder: default!(Option<&str>, "NULL"),
     wait: default!(Option<Interval>, "'0'"),
 ) -> SetOfIterator<'static, pgrx::composite_type!('static, "fence.lease")> {
-    let leases = or_raise(
-        multi::acquire(lock_keys, ttl, holder, wait).and_then(|leases| {
-            leases
-                .into_iter()
-                .map(Lease::into_composite)
-                .collect::<Result<Vec<_>, _>>()
-        }),
-    );
+    let keys = lock_keys.as_ref().map(|keys| keys.iter());
+    let leases = or_raise(multi::acquire(keys, ttl, holder, wait).and_then(|leases| {
+        leases
+            .into_iter()
+            .map(Lease::into_composite)
+            .collect::<Result<Vec<_>, _>>()
+    }));
     SetOfIterator::new(leases)
 }
 
 /// End the leases on `lock_keys` with this token; how many were live.
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
-fn lock_release_all(lock_keys: Option<Vec<Option<String>>>, token: Option<i64>) -> i32 {
-    or_raise(multi::release(lock_keys, token))
+fn lock_release_all(lock_keys: Option<pgrx::datum::Array<'_, &str>>, token: Option<i64>) -> i32 {
+    or_raise(multi::release(
+        lock_keys.as_ref().map(|keys| keys.iter()),
+        token,
+    ))
 }
 
 /// Raise `55006` (the lease on `lock_key` is held by `holder` already):

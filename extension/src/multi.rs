@@ -17,11 +17,21 @@
 //! are only try-locked), multi-key and single-key callers cannot deadlock;
 //! a waiting caller sleeps between attempts, holding nothing.
 //!
-//! Waiting (preload mode, G7): the caller is one waiter in the exclusive
-//! queue of each of its keys, at its arrival. A single-key newcomer does not
-//! barge past it on any of them, and the earliest waiter is ahead in every
-//! queue it is in, so it waits only for holders, whose leases end. Without
-//! preload it sleeps on the wait event of the key in its way.
+//! Waiting (preload mode, G7): the caller is one waiter, with its arrival,
+//! with a place in the exclusive queue of each of its keys: a newcomer for
+//! any of them queues behind it, and a release of one wakes it, so single-
+//! key traffic neither barges past it nor starves it. The earliest waiter
+//! is ahead in every queue it is in, so waiters never wait for each other
+//! in a circle. A caller that holds one of its keys and asks for another
+//! could still wait for it while it waits for that caller (a lease is not
+//! tied to a session, so nothing can see the cycle): as PostgreSQL's lock
+//! manager waits `deadlock_timeout` before it looks for a deadlock, a
+//! waiter that one of its keys has kept out for [`RESERVE_MS`] gives up its
+//! places on its free keys for [`YIELD_MS`], waking whoever waits for them,
+//! then takes them back. Such a cycle so costs about a second, not a
+//! `wait`. A transaction that holds a key's lock already is never queued
+//! behind anyone for that key (acquire.rs). Without preload it sleeps on
+//! the wait event of the key in its way.
 //!
 //! G6: the holder retrying the same request (all its keys live under its
 //! holder id with one token) gets the leases back, extended. A holder that
@@ -49,12 +59,14 @@ use crate::{keylock, wait, waiters};
 /// every key's row.
 pub const MAX_KEYS: usize = 64;
 
-/// The keys of a call: not NULL (22004), 1 to [`MAX_KEYS`] of them after
-/// duplicates are dropped (22023), each a valid key; distinct, in "C" (byte)
-/// order, the order their locks are taken in.
-pub fn check_keys(
+/// The keys of a call: not NULL (22004), 1 to [`MAX_KEYS`] elements
+/// (22023; an array is refused by its length before any element is read),
+/// each a valid key; returned distinct, in "C" (byte) order, the order
+/// their locks are taken in. A multidimensional array is read as its
+/// elements in storage order, as `unnest` reads it.
+pub fn check_keys<'a>(
     function: &'static str,
-    lock_keys: Option<Vec<Option<String>>>,
+    lock_keys: Option<impl ExactSizeIterator<Item = Option<&'a str>>>,
 ) -> Result<Vec<String>, Failure> {
     let lock_keys = required(function, "lock_keys", lock_keys)?;
     let invalid = |problem: String| FenceError::InvalidArgument {
@@ -62,11 +74,17 @@ pub fn check_keys(
         argument: "lock_keys",
         problem,
     };
-    if lock_keys.is_empty() {
+    if lock_keys.len() == 0 {
         return fail(invalid("must name at least one key".into()));
     }
+    if lock_keys.len() > MAX_KEYS {
+        return fail(invalid(format!(
+            "has {} elements, the limit is {MAX_KEYS}",
+            lock_keys.len()
+        )));
+    }
     let mut keys = Vec::with_capacity(lock_keys.len());
-    for (i, key) in lock_keys.into_iter().enumerate() {
+    for (i, key) in lock_keys.enumerate() {
         let element = i + 1;
         let Some(key) = key else {
             return fail(FenceError::NullElement {
@@ -84,22 +102,16 @@ pub fn check_keys(
                 key.len()
             )));
         }
-        keys.push(key);
+        keys.push(key.to_owned());
     }
     keys.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
     keys.dedup();
-    if keys.len() > MAX_KEYS {
-        return fail(invalid(format!(
-            "names {} distinct keys, the limit is {MAX_KEYS}",
-            keys.len()
-        )));
-    }
     Ok(keys)
 }
 
 /// `fence.lock_acquire_all`: every key or none, one token for all.
-pub fn acquire(
-    lock_keys: Option<Vec<Option<String>>>,
+pub fn acquire<'a>(
+    lock_keys: Option<impl ExactSizeIterator<Item = Option<&'a str>>>,
     ttl: Option<Interval>,
     holder: Option<&str>,
     wait: Option<Interval>,
@@ -113,7 +125,10 @@ pub fn acquire(
 /// `fence.lock_release_all`: end those keys' leases with this token; how
 /// many were live. Each key as `lock_release` would, in one statement: an
 /// error on one (a lease of another role) leaves all of them as they were.
-pub fn release(lock_keys: Option<Vec<Option<String>>>, token: Option<i64>) -> Result<i32, Failure> {
+pub fn release<'a>(
+    lock_keys: Option<impl ExactSizeIterator<Item = Option<&'a str>>>,
+    token: Option<i64>,
+) -> Result<i32, Failure> {
     const F: &str = "lock_release_all";
     crate::roles::refuse_security_restricted(F)?;
     let keys = check_keys(F, lock_keys)?;
@@ -137,14 +152,64 @@ pub struct Request<'a> {
     pub role: pg_sys::Oid,
 }
 
-/// One attempt at every key. `blocked_on` is set to the index of a key in
-/// the way, whose wait event the caller sleeps on without preload.
+/// How long a multi-key waiter keeps its places on its free keys while a
+/// key it needs stays held, before it gives them up for [`YIELD_MS`]: the
+/// holder may be waiting for one of them (PostgreSQL's `deadlock_timeout`
+/// is 1 s too).
+pub const RESERVE_MS: i64 = 1000;
+/// How long it then leaves its free keys to others.
+pub const YIELD_MS: i64 = 100;
+
+/// What held an attempt up, for the wait that follows.
+#[derive(Default)]
+pub struct Blocked {
+    /// A key in the way (its index), whose wait event the caller sleeps on
+    /// without preload.
+    pub on: Option<usize>,
+    /// Bit i: key i was held (leased, or its lock taken by a transaction).
+    pub held: u64,
+}
+
+/// A multi-key waiter's places across its attempts ([`RESERVE_MS`]).
+#[derive(Default)]
+pub struct Reservation {
+    held_since: Option<i64>,
+    yielding_until: i64,
+}
+
+impl Reservation {
+    /// The keys (bits) whose queues to keep a place in after an attempt
+    /// that found `held` of `keys` keys held, at `now` (microseconds).
+    pub fn places(&mut self, held: u64, keys: usize, now: i64) -> u64 {
+        let all = if keys >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << keys) - 1
+        };
+        if held == 0 {
+            self.held_since = None;
+            return all;
+        }
+        if now < self.yielding_until {
+            return held;
+        }
+        let since = *self.held_since.get_or_insert(now);
+        if now.saturating_sub(since) < RESERVE_MS * 1000 {
+            return all;
+        }
+        self.yielding_until = now.saturating_add(YIELD_MS * 1000);
+        self.held_since = Some(self.yielding_until);
+        held
+    }
+}
+
+/// One attempt at every key; `blocked` says what was in the way.
 pub fn attempt(
     client: &mut SpiClient<'_>,
     plans: &Plans,
     request: &Request<'_>,
     queued: Option<&waiters::Waiting>,
-    blocked_on: &mut Option<usize>,
+    blocked: &mut Blocked,
 ) -> Result<Attempt, Failure> {
     let keys = request.keys;
     // SAFETY: inside a transaction (every pg_extern is), outside any scan.
@@ -156,6 +221,13 @@ pub fn attempt(
     if request.holder_given {
         if let Some(token) = own_token(&rows, request.holder) {
             return extend_all(client, plans, request, &rows, token);
+        }
+    }
+    // The keys held now (by someone else: the holder's own full set was
+    // extended above).
+    for (i, row) in rows.iter().enumerate() {
+        if row.as_ref().is_some_and(|row| row.live) {
+            blocked.held |= 1 << i;
         }
     }
     // G7: a key with someone queued ahead is theirs first, unless this
@@ -171,7 +243,7 @@ pub fn attempt(
         .map(|row| acquire::retry_until(row.expires_at))
         .min();
     if let Some(i) = ahead {
-        *blocked_on = Some(i);
+        blocked.on = Some(i);
         return Ok(Attempt::Queued {
             retry_in_ms: earliest_expiry
                 .unwrap_or(wait::RECHECK_INTERVAL_MS)
@@ -187,14 +259,14 @@ pub fn attempt(
             .iter()
             .position(|row| row.as_ref().is_some_and(|row| row.live))
         {
-            *blocked_on = Some(i);
+            blocked.on = Some(i);
             return Ok(Attempt::Busy {
                 retry_in_ms: earliest_expiry.unwrap_or(wait::RECHECK_INTERVAL_MS),
             });
         }
     }
     in_subtransaction(
-        || grant_all(client, plans, request, &rows, stale, blocked_on),
+        || grant_all(client, plans, request, &rows, stale, blocked),
         |attempt| matches!(attempt, Attempt::GrantedAll { .. }),
     )
 }
@@ -259,13 +331,14 @@ fn grant_all(
     request: &Request<'_>,
     rows: &[Option<LeaseRow>],
     stale: bool,
-    blocked_on: &mut Option<usize>,
+    blocked: &mut Blocked,
 ) -> Result<Attempt, Failure> {
     let keys = request.keys;
     // Try-locks only: never waiting for one while holding others is what
     // keeps any mix of callers from deadlocking.
     if let Some(i) = keys.iter().position(|key| !keylock::try_exclusive(key)) {
-        *blocked_on = Some(i);
+        blocked.on = Some(i);
+        blocked.held |= 1 << i;
         return Ok(Attempt::Busy {
             retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
         });
@@ -282,7 +355,8 @@ fn grant_all(
             Some(_) => match acquire::lock_free_row(client, plans, key, request.holder)? {
                 Ok(replaced) => Some(replaced),
                 Err(not_free) => {
-                    *blocked_on = Some(i);
+                    blocked.on = Some(i);
+                    blocked.held |= 1 << i;
                     // The holder's own lease, taken since: another attempt
                     // finds it (and is busy unless it holds them all).
                     return Ok(match not_free {
@@ -337,15 +411,27 @@ mod tests {
     use super::*;
 
     #[pgrx::pg_test]
+    fn a_waiter_held_up_long_yields_its_free_keys_for_a_moment() {
+        let mut r = Reservation::default();
+        let ms = 1000;
+        // Nothing held: a place on every key.
+        assert_eq!(r.places(0, 3, 0), 0b111);
+        // Key 1 held: still every key, for RESERVE_MS.
+        assert_eq!(r.places(0b010, 3, ms), 0b111);
+        assert_eq!(r.places(0b010, 3, ms + (RESERVE_MS - 1) * ms), 0b111);
+        // Then only the held key, for YIELD_MS, then every key again.
+        let at = ms + RESERVE_MS * ms;
+        assert_eq!(r.places(0b010, 3, at), 0b010);
+        assert_eq!(r.places(0b010, 3, at + (YIELD_MS - 1) * ms), 0b010);
+        assert_eq!(r.places(0b010, 3, at + YIELD_MS * ms), 0b111);
+        assert_eq!(r.places(0, 64, 0), u64::MAX);
+    }
+
+    #[pgrx::pg_test]
     fn keys_are_distinct_and_in_byte_order() {
         let keys = check_keys(
             "t",
-            Some(vec![
-                Some("b".into()),
-                Some("a".into()),
-                Some("B".into()),
-                Some("a".into()),
-            ]),
+            Some([Some("b"), Some("a"), Some("B"), Some("a")].into_iter()),
         )
         .ok()
         .unwrap();

@@ -44,11 +44,10 @@ pub enum Mode {
     /// semaphore's queue key; never the same queue as a key's, whatever the
     /// key is called.
     Semaphore = 2,
-    /// `lock_acquire_all`: every one of its keys at once. Such a waiter is
-    /// in the exclusive queue of each of its keys at its arrival, so a
-    /// multi-key waiter is not starved by single-key traffic, and the
-    /// earliest waiter is ahead in every queue it is in: it waits only for
-    /// holders, never for another waiter, so queues cannot deadlock.
+    /// `lock_acquire_all`: every one of its keys at once. Such a waiter has
+    /// a place, at its arrival, in the exclusive queue of each of its keys
+    /// (`places`), except for a moment now and then when a held key has
+    /// kept it out long (multi.rs, `RESERVE_MS`).
     All = 3,
 }
 
@@ -93,6 +92,9 @@ pub struct Slot {
     /// collision of 64 keyed bits would only reorder a queue, never grant.
     keys: AtomicU32,
     hashes: [AtomicU64; MAX_KEYS],
+    /// [`Mode::All`]: bit i set while the waiter has its place in the
+    /// queue of key i.
+    places: AtomicU64,
 }
 
 impl Slot {
@@ -107,10 +109,12 @@ impl Slot {
         let slot_mode = self.mode.load(Ordering::Relaxed);
         if mode == Mode::Exclusive && slot_mode == Mode::All as u32 {
             let count = (self.keys.load(Ordering::Relaxed) as usize).min(MAX_KEYS);
+            let places = self.places.load(Ordering::Relaxed);
             return self.database.load(Ordering::Relaxed) == database
                 && self.hashes[..count]
                     .iter()
-                    .any(|h| h.load(Ordering::Relaxed) == hash)
+                    .enumerate()
+                    .any(|(i, h)| places & (1 << i) != 0 && h.load(Ordering::Relaxed) == hash)
                 && backend_pid(number) == Some(pid);
         }
         self.hash.load(Ordering::Relaxed) == hash
@@ -174,14 +178,15 @@ impl Waiting {
 /// Enter `key`'s queue, waiting until `until` (a timestamp); None without
 /// preload (or for a backend without a slot).
 pub fn enter(key: &str, mode: Mode, role: pg_sys::Oid, until: i64) -> Option<Waiting> {
-    fill(&[key], mode, role, until)
+    fill(&[key], mode, role, until, 0)
 }
 
-/// Enter the exclusive queue of every one of `keys` (distinct, in "C"
-/// order) at once, as one multi-key waiter (`lock_acquire_all`).
-pub fn enter_all(keys: &[String], role: pg_sys::Oid, until: i64) -> Option<Waiting> {
+/// Enter the queues of `keys` (distinct, in "C" order) as one multi-key
+/// waiter (`lock_acquire_all`), with a place in the queue of each key
+/// whose bit `places` sets ([`hold_places`]).
+pub fn enter_all(keys: &[String], role: pg_sys::Oid, until: i64, places: u64) -> Option<Waiting> {
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let waiting = fill(&keys, Mode::All, role, until)?;
+    let waiting = fill(&keys, Mode::All, role, until, places)?;
     ALL_KEYS.with(|all| {
         let mut all = all.borrow_mut();
         all.clear();
@@ -190,7 +195,7 @@ pub fn enter_all(keys: &[String], role: pg_sys::Oid, until: i64) -> Option<Waiti
     Some(waiting)
 }
 
-fn fill(keys: &[&str], mode: Mode, role: pg_sys::Oid, until: i64) -> Option<Waiting> {
+fn fill(keys: &[&str], mode: Mode, role: pg_sys::Oid, until: i64, places: u64) -> Option<Waiting> {
     let segment = shmem::segment()?;
     let slot = segment.waiter_slots().get(my_slot()?)?;
     let first = keys.first()?;
@@ -219,6 +224,7 @@ fn fill(keys: &[&str], mode: Mode, role: pg_sys::Oid, until: i64) -> Option<Wait
         to.store(*from, Ordering::Relaxed);
     }
     slot.keys.store(hashes.len() as u32, Ordering::Relaxed);
+    slot.places.store(places, Ordering::Relaxed);
     // SAFETY: backend-local globals.
     let (pid, database) = unsafe { (pg_sys::MyProcPid, pg_sys::MyDatabaseId) };
     slot.database.store(database.to_u32(), Ordering::Relaxed);
@@ -238,6 +244,46 @@ fn fill(keys: &[&str], mode: Mode, role: pg_sys::Oid, until: i64) -> Option<Wait
         arrival,
         granted: false,
     })
+}
+
+/// A queued multi-key waiter's places after its latest look: bit i set
+/// keeps its place in the queue of key i. A place it gives up goes to
+/// whoever is next in that queue, who is woken to take the key.
+pub fn hold_places(places: u64) {
+    if !FILLED.get() {
+        return;
+    }
+    let Some(segment) = shmem::segment() else {
+        return;
+    };
+    let Some(slot) = my_slot().and_then(|number| segment.waiter_slots().get(number)) else {
+        return;
+    };
+    let _held = segment.lock(Lock::Waiters, true);
+    if slot.mode.load(Ordering::Relaxed) != Mode::All as u32 {
+        return;
+    }
+    let given_up = slot.places.load(Ordering::Relaxed) & !places;
+    slot.places.store(places, Ordering::Relaxed);
+    if given_up != 0 {
+        ALL_KEYS.with(|all| {
+            for (i, key) in all.borrow().iter().enumerate() {
+                if given_up & (1 << i) != 0 {
+                    wake_key_locked(&segment, key);
+                }
+            }
+        });
+    }
+}
+
+/// Wake the head of `key`'s exclusive queue and, for a semaphore's permit,
+/// of its semaphore's queue (a waiter there may have been turned away by
+/// someone queued for the permit key itself). Waiters lock held.
+fn wake_key_locked(segment: &shmem::Segment, key: &str) {
+    wake_head_locked(segment, key, Mode::Exclusive);
+    if let Some(name) = crate::semaphore::semaphore_of(key) {
+        wake_head_locked(segment, &crate::semaphore::queue_key(name), Mode::Semaphore);
+    }
 }
 
 fn database_id() -> u32 {
@@ -349,7 +395,7 @@ fn leave(wake: bool) {
         match (wake, std::str::from_utf8(key), mode) {
             (true, _, Some(Mode::All)) => ALL_KEYS.with(|all| {
                 for key in all.borrow().iter() {
-                    wake_head_locked(&segment, key, Mode::Exclusive);
+                    wake_key_locked(&segment, key);
                 }
             }),
             (true, Ok(key), Some(mode)) => {
