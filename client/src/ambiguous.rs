@@ -17,78 +17,126 @@ use tokio::time::Instant;
 
 use crate::backend::Backend;
 use crate::lease::Wanted;
-use crate::multi::{self, Keys};
+use crate::multi::Keys;
 
 /// A running cleanup: told to stop by the flag, awaited through its task.
 struct Cleanup {
-    stop: Arc<AtomicBool>,
-    task: JoinHandle<()>,
+    stop: AtomicBool,
+    task: Mutex<Option<JoinHandle<()>>>,
     /// Releasing what an acquire whose replies were lost may have got (not
     /// a guard's release going on in the background).
     after_acquire: bool,
+    /// Its registry keys, distinct and sorted: what it releases.
+    keys: Vec<String>,
 }
 
-/// Running cleanups by (key or semaphore name, holder).
-fn cleanups() -> &'static Mutex<HashMap<(String, String), Cleanup>> {
-    static CLEANUPS: OnceLock<Mutex<HashMap<(String, String), Cleanup>>> = OnceLock::new();
-    CLEANUPS.get_or_init(Default::default)
+/// Running cleanups by (key, holder): one entry per key it may release (a
+/// multi-key one under each of its keys, a semaphore acquire's under the
+/// semaphore's `name:permit:*`), so an acquire finds every cleanup whose
+/// keys overlap its own.
+type Registry = HashMap<(String, String), Arc<Cleanup>>;
+
+fn cleanups() -> std::sync::MutexGuard<'static, Registry> {
+    static CLEANUPS: OnceLock<Mutex<Registry>> = OnceLock::new();
+    CLEANUPS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Stop what runs in the background for `holder` on what `wanted` names (a
-/// key, any permit of a semaphore, or a set of keys), and wait until it
-/// has finished what it was doing: a release in flight lands before we go
-/// on. True if it stopped the cleanup of an acquire whose replies were
-/// lost: the caller's acquire is then a retry of that request, and may
-/// take back the lease it may have got (G6).
-pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> bool {
-    let (name, permits) = match wanted {
-        Wanted::Key(key) => (key.clone(), None),
-        Wanted::Permit { name, .. } => (name.clone(), Some(format!("{name}:permit:"))),
-        Wanted::All(keys) => (multi::label(keys), None),
+/// The registry keys of what `wanted` names, distinct and sorted.
+fn entries(wanted: &Wanted) -> Vec<String> {
+    let mut keys = match wanted {
+        Wanted::Key(key) => vec![key.clone()],
+        Wanted::Permit { name, .. } => vec![format!("{name}:permit:*")],
+        Wanted::All(keys) => keys.clone(),
     };
-    let running: Vec<Cleanup> = {
-        let mut registry = cleanups()
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let matching: Vec<(String, String)> = registry
-            .keys()
-            .filter(|(key, id)| {
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// Wait for what runs in the background for `holder` on any key `wanted`
+/// names (a key, any permit of a semaphore, or a set of keys): a release
+/// in flight lands before we go on. The cleanup of an unanswered acquire of
+/// the very same target is stopped instead, and this returns true: the
+/// caller's acquire is a retry of that request, and may take back the
+/// lease it may have got (G6). One of another target that shares keys
+/// (a single key of this set, say) is left to finish: this acquire could
+/// not take its lease back (a multi-key G6 needs every key), so the
+/// cleanup releases it, and this acquire then finds the key free.
+pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> bool {
+    let wanted_keys = entries(wanted);
+    let permits = match wanted {
+        Wanted::Permit { name, .. } => Some(format!("{name}:permit:")),
+        _ => None,
+    };
+    let running: Vec<Arc<Cleanup>> = {
+        let mut registry = cleanups();
+        let overlapping: Vec<Arc<Cleanup>> = registry
+            .iter()
+            .filter(|((key, id), _)| {
                 id == holder
-                    && (*key == name || permits.as_ref().is_some_and(|p| key.starts_with(p)))
+                    && (wanted_keys.contains(key)
+                        || permits.as_ref().is_some_and(|p| key.starts_with(p)))
             })
-            .cloned()
+            .map(|(_, cleanup)| cleanup.clone())
             .collect();
-        matching
-            .into_iter()
-            .filter_map(|entry| registry.remove(&entry))
-            .collect()
+        // Forget every entry of those cleanups, under all their keys.
+        registry.retain(|_, cleanup| !overlapping.iter().any(|c| Arc::ptr_eq(c, cleanup)));
+        let mut distinct: Vec<Arc<Cleanup>> = Vec::new();
+        for cleanup in overlapping {
+            if !distinct.iter().any(|c| Arc::ptr_eq(c, &cleanup)) {
+                distinct.push(cleanup);
+            }
+        }
+        distinct
     };
     let mut resumed = false;
     for cleanup in running {
-        cleanup.stop.store(true, Ordering::SeqCst);
-        resumed |= cleanup.after_acquire;
-        let _ = cleanup.task.await;
+        if cleanup.after_acquire && cleanup.keys == wanted_keys {
+            cleanup.stop.store(true, Ordering::SeqCst);
+            resumed = true;
+        }
+        let task = cleanup
+            .task
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
     resumed
 }
 
-/// Track a release running in `task` for `holder` on `key`, so an acquire
-/// naming that holder waits for it ([`wait_for_cleanup`]).
-pub(crate) fn track(key: &str, holder: &str, task: JoinHandle<()>) {
-    let entry = (key.to_owned(), holder.to_owned());
-    let mut registry = cleanups()
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    // Finished ones are dropped as they are found: the registry stays small.
-    registry.retain(|_, cleanup| !cleanup.task.is_finished());
-    registry.insert(
-        entry,
-        Cleanup {
-            stop: Arc::new(AtomicBool::new(false)),
-            task,
-            after_acquire: false,
-        },
-    );
+/// Register `cleanup` under each of `keys` for `holder`, dropping entries
+/// whose task has finished (the registry stays small).
+fn register(registry: &mut Registry, keys: &[String], holder: &str, cleanup: Arc<Cleanup>) {
+    registry.retain(|_, cleanup| {
+        cleanup
+            .task
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .is_some_and(|task| !task.is_finished())
+    });
+    for key in keys {
+        registry.insert((key.clone(), holder.to_owned()), cleanup.clone());
+    }
+}
+
+/// Track a release running in `task` for `holder` on `keys` (a guard's
+/// keys), so an acquire naming that holder on any of them waits for it
+/// ([`wait_for_cleanup`]).
+pub(crate) fn track(keys: &[String], holder: &str, task: JoinHandle<()>) {
+    let cleanup = Arc::new(Cleanup {
+        stop: AtomicBool::new(false),
+        task: Mutex::new(Some(task)),
+        after_acquire: false,
+        keys: keys.to_vec(),
+    });
+    register(&mut cleanups(), keys, holder, cleanup);
 }
 
 /// Release, in the background (if a Tokio runtime is running), whatever
@@ -107,44 +155,36 @@ pub(crate) fn clean_up_after<B: Backend>(
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let (backend, holder_id) = (backend.clone(), holder.to_owned());
-    let name = match &wanted {
-        Wanted::Key(key) => key.clone(),
-        Wanted::Permit { name, .. } => name.clone(),
-        Wanted::All(keys) => multi::label(keys),
-    };
-    let (task_name, task_stop) = (name.clone(), stop.clone());
-    let mut registry = cleanups()
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let task = runtime.spawn(async move {
-        release_as(
-            &backend, &task_name, &wanted, ttl, &holder_id, until, &task_stop,
-        )
-        .await;
+    let keys = entries(&wanted);
+    let cleanup = Arc::new(Cleanup {
+        stop: AtomicBool::new(false),
+        task: Mutex::new(None),
+        after_acquire: true,
+        keys: keys.clone(),
     });
-    registry.insert(
-        (name, holder.to_owned()),
-        Cleanup {
-            stop,
-            task,
-            after_acquire: true,
-        },
-    );
+    let (backend, holder_id) = (backend.clone(), holder.to_owned());
+    let mut registry = cleanups();
+    let task_cleanup = cleanup.clone();
+    let task = runtime.spawn(async move {
+        release_as(&backend, &wanted, ttl, &holder_id, until, &task_cleanup).await;
+    });
+    *cleanup
+        .task
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(task);
+    register(&mut registry, &keys, holder, cleanup);
 }
 
 async fn release_as<B: Backend>(
     backend: &B,
-    name: &str,
     wanted: &Wanted,
     ttl: Duration,
     holder: &str,
     until: Instant,
-    stop: &AtomicBool,
+    cleanup: &Arc<Cleanup>,
 ) {
     let mut pause = Duration::from_millis(100);
-    while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+    while Instant::now() < until && !cleanup.stop.load(Ordering::SeqCst) {
         let found = match wanted {
             Wanted::Key(key) => backend
                 .acquire(key, ttl, holder, Duration::ZERO, true)
@@ -179,15 +219,6 @@ async fn release_as<B: Backend>(
             }
         }
     }
-    // Done: forget this cleanup, unless a newer one replaced it.
-    let mut registry = cleanups()
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let key = (name.to_owned(), holder.to_owned());
-    if registry
-        .get(&key)
-        .is_some_and(|cleanup| std::ptr::eq(&*cleanup.stop, stop))
-    {
-        registry.remove(&key);
-    }
+    // Done: forget this cleanup's entries (a newer one's stay).
+    cleanups().retain(|_, entry| !Arc::ptr_eq(entry, cleanup));
 }

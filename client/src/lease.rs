@@ -539,7 +539,7 @@ impl<B: Backend> Lease<B> {
             }
             let _ = answer.send(outcome);
         });
-        ambiguous::track(&self.keys.label(), &self.holder, task);
+        ambiguous::track(self.keys.as_slice(), &self.holder, task);
         let no_answer = || {
             Error::Connection(format!(
                 "no answer to the release within {bound:?}; it goes on in the background \

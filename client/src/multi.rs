@@ -40,15 +40,6 @@ impl Keys {
         &self.keys
     }
 
-    /// What a background release is tracked under ([`label`]).
-    pub(crate) fn label(&self) -> String {
-        if self.all {
-            label(&self.keys)
-        } else {
-            self.first().to_owned()
-        }
-    }
-
     /// Renew every key: the earliest new expiry, `None` if any of them was
     /// no longer live (the lease is lost then, even if others renewed).
     pub(crate) async fn renew<B: Backend>(
@@ -72,15 +63,6 @@ impl Keys {
             backend.release(self.first(), token).await
         }
     }
-}
-
-/// A set of keys as one name (distinct, in byte order, one per line): what
-/// a multi-key acquire's background cleanup is tracked under.
-pub(crate) fn label(keys: &[String]) -> String {
-    let mut sorted: Vec<&str> = keys.iter().map(String::as_str).collect();
-    sorted.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-    sorted.dedup();
-    sorted.join("\n")
 }
 
 impl<B: Backend> Lease<B> {

@@ -248,3 +248,110 @@ async fn bad_key_lists_keep_the_servers_sqlstate<B: Backend>(backend: B, _app: S
         .expect("65 keys are refused");
     assert!(error.to_string().contains("64"), "{error}");
 }
+
+/// A backend whose single-key acquires reach the server but lose their
+/// replies until `until`.
+#[derive(Clone)]
+struct SingleRepliesLost<B> {
+    inner: B,
+    until: std::time::Instant,
+}
+
+impl<B: Backend> Backend for SingleRepliesLost<B> {
+    async fn acquire(
+        &self,
+        key: &str,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+        adopt: bool,
+    ) -> Result<Option<Grant>, Error> {
+        let grant = self.inner.acquire(key, ttl, holder, wait, adopt).await?;
+        if std::time::Instant::now() < self.until {
+            return Err(Error::Connection("reply lost".into()));
+        }
+        Ok(grant)
+    }
+
+    async fn acquire_all(
+        &self,
+        keys: &[String],
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+        adopt: bool,
+    ) -> Result<Option<(Vec<String>, Grant)>, Error> {
+        self.inner.acquire_all(keys, ttl, holder, wait, adopt).await
+    }
+
+    async fn renew_all(
+        &self,
+        keys: &[String],
+        token: i64,
+        ttl: Duration,
+    ) -> Result<Option<std::time::SystemTime>, Error> {
+        self.inner.renew_all(keys, token, ttl).await
+    }
+
+    async fn release_all(&self, keys: &[String], token: i64) -> Result<bool, Error> {
+        self.inner.release_all(keys, token).await
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        token: i64,
+        ttl: Duration,
+    ) -> Result<Option<std::time::SystemTime>, Error> {
+        self.inner.renew(key, token, ttl).await
+    }
+
+    async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
+        self.inner.release(key, token).await
+    }
+}
+
+through_both_backends!(a_cleanup_of_one_key_never_releases_a_multi_key_lease_on_it);
+/// The cleanup after an unanswered single-key acquire of `a` (which the
+/// server had answered "busy") must not, once `a` comes free and the same
+/// holder takes `[a, b]` as a multi-key lease, adopt and release that
+/// lease's `a`: the multi-key acquire waits for the cleanup of its key
+/// first.
+async fn a_cleanup_of_one_key_never_releases_a_multi_key_lease_on_it<B: Backend>(
+    backend: B,
+    _app: String,
+) {
+    let db = connect().await;
+    let k = keys("cm-overlap", 2);
+    let other = acquire(&db, &k[0], "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let flaky = SingleRepliesLost {
+        inner: backend.clone(),
+        until: std::time::Instant::now() + Duration::from_millis(1500),
+    };
+    let options = LeaseOptions::new(Duration::from_secs(30))
+        .holder(unique_key("w"))
+        .ambiguous_retry_for(Duration::from_millis(300));
+    let error = Lease::try_acquire(&flaky, &k[0], &options)
+        .await
+        .err()
+        .expect("every reply lost");
+    assert!(matches!(error, Error::AcquireAmbiguous { .. }), "{error:?}");
+    assert!(release(&db, &k[0], other).await.unwrap());
+    let lease = Lease::acquire_all(&backend, &k, &options, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .expect("both keys");
+    // Past the cleanup's next tries: the multi-key lease is intact.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for key in &k {
+        assert_eq!(
+            live_token(&db, key).await,
+            Some(lease.token()),
+            "{key}: a cleanup released a lease in use"
+        );
+    }
+    assert!(lease.release().await.unwrap());
+}
