@@ -133,13 +133,18 @@ pub fn release<'a>(
     crate::roles::refuse_security_restricted(F)?;
     let keys = check_keys(F, lock_keys)?;
     let token = required(F, "token", token)?;
-    let mut released = 0;
-    for key in &keys {
-        if lease::release_key(key, token)? {
-            released += 1;
+    // As one release: if nothing else in the transaction needs durability,
+    // it may commit asynchronously (the wrapper around the whole loop has
+    // the last word over each key's own).
+    crate::durability::may_commit_asynchronously(|| {
+        let mut released = 0;
+        for key in &keys {
+            if lease::release_key(key, token)? {
+                released += 1;
+            }
         }
-    }
-    Ok(released)
+        Ok(released)
+    })
 }
 
 /// What a multi-key attempt asks for.
