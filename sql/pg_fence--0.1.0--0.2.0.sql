@@ -74,20 +74,38 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_clone_fence_trigger_wrapper';
 
-CREATE FUNCTION fence."_holder_in_use"(
-	"lock_key" TEXT,
-	"holder" TEXT
-) RETURNS bool
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c
-AS 'MODULE_PATHNAME', '_holder_in_use_wrapper';
-
 CREATE FUNCTION fence."_key_lock_id"(
 	"lock_key" TEXT
 ) RETURNS bigint
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_key_lock_id_wrapper';
+
+CREATE FUNCTION fence."_lock_acquire"(
+	"lock_key" TEXT,
+	"ttl" interval,
+	"holder" TEXT,
+	"wait" interval,
+	"adopt" bool
+) RETURNS fence.lease /* Option < :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox ::
+AllocatedByRust > > */
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_lock_acquire_wrapper';
+
+CREATE FUNCTION fence."_lock_acquire_all"(
+	"lock_keys" TEXT[],
+	"ttl" interval,
+	"holder" TEXT,
+	"wait" interval,
+	"adopt" bool
+) RETURNS SETOF fence.lease /* :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox :: AllocatedByRust
+> */
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_lock_acquire_all_wrapper';
 
 CREATE FUNCTION fence."_lock_stats"() RETURNS TABLE (
 	"key_class" TEXT,
@@ -145,6 +163,20 @@ STRICT VOLATILE PARALLEL RESTRICTED
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_refused_writes_wrapper';
 
+CREATE FUNCTION fence."_semaphore_acquire"(
+	"name" TEXT,
+	"permits" INT,
+	"ttl" interval,
+	"holder" TEXT,
+	"wait" interval,
+	"adopt" bool
+) RETURNS fence.lease /* Option < :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox ::
+AllocatedByRust > > */
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_semaphore_acquire_wrapper';
+
 CREATE FUNCTION fence."_trigger_args"(
 	"args" bytea,
 	"count" INT
@@ -198,6 +230,16 @@ CREATE FUNCTION fence."lock_stats_reset"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'lock_stats_reset_wrapper';
+
+CREATE FUNCTION fence."lock_watch"(
+	"lock_key" TEXT,
+	"known_token" bigint,
+	"wait" interval
+) RETURNS fence.lease /* Option < :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox ::
+AllocatedByRust > > */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'lock_watch_wrapper';
 
 CREATE FUNCTION fence."semaphore_acquire"(
 	"name" TEXT,

@@ -1,6 +1,7 @@
-//! Leader election: three candidates compete for one lease; the leader works
-//! in rounds while racing the work against loss of the lease, then steps
-//! down; another takes over. At most one leads at any time.
+//! Leader election with `Election`: three candidates campaign for one key;
+//! the leader works for a term while racing the work against loss of its
+//! lease, then resigns, and another takes over. An observer follows the
+//! changes. At most one leads at any time, and terms only increase.
 //!
 //! `cargo run -p pg_fence_client --features deadpool-postgres --example leader_election`
 
@@ -8,44 +9,53 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pg_fence_client::{Lease, LeaseOptions};
+use pg_fence_client::{Election, LeaseOptions};
 
 mod common;
 
 #[tokio::main]
 async fn main() -> Result<(), pg_fence_client::Error> {
     let pool = common::pool();
-    let key = format!("example:leader:{}", std::process::id());
+    let election = Election::new(format!("example:leader:{}", std::process::id()));
     let leading = Arc::new(AtomicUsize::new(0));
-    let terms = Arc::new(AtomicUsize::new(0));
+
+    // The observer: every leadership change, "no leader" included.
+    let mut observer = election.observe(&pool);
+    let watching = tokio::spawn(async move {
+        let mut terms = Vec::new();
+        let mut vacancies = 0;
+        // The first answer is the leadership as it is (nobody yet).
+        observer.next().await?;
+        while terms.len() < 6 {
+            match observer.next().await? {
+                Some(leader) => terms.push(leader.token),
+                None => vacancies += 1,
+            }
+        }
+        Ok::<_, pg_fence_client::Error>((terms, vacancies))
+    });
+
     let mut candidates = Vec::new();
     for name in ["alpha", "beta", "gamma"] {
-        let (pool, key, leading, terms) =
-            (pool.clone(), key.clone(), leading.clone(), terms.clone());
+        let (pool, election, leading) = (pool.clone(), election.clone(), leading.clone());
         candidates.push(tokio::spawn(async move {
             let options = LeaseOptions::new(Duration::from_secs(2))
                 .holder(format!("{name}-{}", std::process::id()));
             for _ in 0..2 {
-                // Campaign: wait up to 5 s inside the server for the lease.
-                let Some(lease) =
-                    Lease::acquire(&pool, &key, &options, Duration::from_secs(5)).await?
-                else {
-                    continue;
-                };
+                let leader = election.campaign(&pool, &options).await?;
                 assert_eq!(
                     leading.fetch_add(1, Ordering::SeqCst),
                     0,
                     "two leaders at once"
                 );
-                println!("{name} leads with token {}", lease.token());
                 let work = tokio::time::sleep(Duration::from_millis(300)); // one term of leading
                 tokio::select! {
                     _ = work => {}
-                    reason = lease.lost() => { println!("{name} lost the lease: {reason:?}"); }
+                    reason = leader.lost() => println!("{name} lost the lease: {reason:?}"),
                 }
                 leading.fetch_sub(1, Ordering::SeqCst);
-                terms.fetch_add(1, Ordering::SeqCst);
-                lease.release().await?; // step down
+                leader.release().await?; // resign
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Ok::<_, pg_fence_client::Error>(())
         }));
@@ -53,11 +63,11 @@ async fn main() -> Result<(), pg_fence_client::Error> {
     for candidate in candidates {
         candidate.await.expect("candidate task")?;
     }
-    assert_eq!(
-        terms.load(Ordering::SeqCst),
-        6,
-        "every candidate led twice, one at a time"
+    let (terms, _vacancies) = watching.await.expect("observer task")?;
+    assert!(
+        terms.windows(2).all(|pair| pair[0] < pair[1]),
+        "terms only increase: {terms:?}"
     );
-    println!("6 terms, never two leaders at once");
+    println!("6 terms, never two leaders at once; the observer saw all 6, in increasing order");
     Ok(())
 }

@@ -12,22 +12,38 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::backend::Backend;
 use crate::lease::Wanted;
 use crate::multi::Keys;
 
-/// A running cleanup: told to stop by the flag, awaited through its task.
-struct Cleanup {
+/// A running cleanup: told to stop by the flag (which also cuts its
+/// backoff short), waited for through `done`.
+pub(crate) struct Cleanup {
     stop: AtomicBool,
-    task: Mutex<Option<JoinHandle<()>>>,
+    stopped: Notify,
+    done: watch::Sender<bool>,
     /// Releasing what an acquire whose replies were lost may have got (not
     /// a guard's release going on in the background).
     after_acquire: bool,
     /// Its registry keys, distinct and sorted: what it releases.
     keys: Vec<String>,
+}
+
+/// Held by a cleanup's task: dropped when the task ends, however it ends
+/// (done, aborted, its runtime shut down), it tells the waiters and takes
+/// the cleanup's entries out of the registry. Entries leave the registry
+/// only then, so an acquire that stops waiting for a cleanup (cancelled)
+/// never makes it invisible to the next one.
+pub(crate) struct Finish(Arc<Cleanup>);
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        cleanups().retain(|_, entry| !Arc::ptr_eq(entry, &self.0));
+        self.0.done.send_replace(true);
+    }
 }
 
 /// Running cleanups by (key, holder): one entry per key it may release (a
@@ -59,7 +75,7 @@ fn entries(wanted: &Wanted) -> Vec<String> {
 /// Wait for what runs in the background for `holder` on any key `wanted`
 /// names (a key, any permit of a semaphore, or a set of keys): a release
 /// in flight lands before we go on. The cleanup of an unanswered acquire of
-/// the very same target is stopped instead, and this returns true: the
+/// the very same target is stopped first, and this returns true: the
 /// caller's acquire is a retry of that request, and may take back the
 /// lease it may have got (G6). One of another target that shares keys
 /// (a single key of this set, say) is left to finish: this acquire could
@@ -72,22 +88,14 @@ pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> bool {
         _ => None,
     };
     let running: Vec<Arc<Cleanup>> = {
-        let mut registry = cleanups();
-        let overlapping: Vec<Arc<Cleanup>> = registry
-            .iter()
-            .filter(|((key, id), _)| {
-                id == holder
-                    && (wanted_keys.contains(key)
-                        || permits.as_ref().is_some_and(|p| key.starts_with(p)))
-            })
-            .map(|(_, cleanup)| cleanup.clone())
-            .collect();
-        // Forget every entry of those cleanups, under all their keys.
-        registry.retain(|_, cleanup| !overlapping.iter().any(|c| Arc::ptr_eq(c, cleanup)));
+        let registry = cleanups();
         let mut distinct: Vec<Arc<Cleanup>> = Vec::new();
-        for cleanup in overlapping {
-            if !distinct.iter().any(|c| Arc::ptr_eq(c, &cleanup)) {
-                distinct.push(cleanup);
+        for ((key, id), cleanup) in registry.iter() {
+            let overlaps = id == holder
+                && (wanted_keys.contains(key)
+                    || permits.as_ref().is_some_and(|p| key.starts_with(p)));
+            if overlaps && !distinct.iter().any(|c| Arc::ptr_eq(c, cleanup)) {
+                distinct.push(cleanup.clone());
             }
         }
         distinct
@@ -96,53 +104,47 @@ pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> bool {
     for cleanup in running {
         if cleanup.after_acquire && cleanup.keys == wanted_keys {
             cleanup.stop.store(true, Ordering::SeqCst);
+            cleanup.stopped.notify_one();
             resumed = true;
         }
-        let task = cleanup
-            .task
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
+        let mut done = cleanup.done.subscribe();
+        let _ = done.wait_for(|done| *done).await;
     }
     resumed
 }
 
-/// Register `cleanup` under each of `keys` for `holder`, dropping entries
-/// whose task has finished (the registry stays small).
-fn register(registry: &mut Registry, keys: &[String], holder: &str, cleanup: Arc<Cleanup>) {
-    registry.retain(|_, cleanup| {
-        cleanup
-            .task
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .as_ref()
-            .is_some_and(|task| !task.is_finished())
-    });
-    for key in keys {
-        registry.insert((key.clone(), holder.to_owned()), cleanup.clone());
-    }
-}
-
-/// Track a release running in `task` for `holder` on `keys` (a guard's
-/// keys), so an acquire naming that holder on any of them waits for it
-/// ([`wait_for_cleanup`]).
-pub(crate) fn track(keys: &[String], holder: &str, task: JoinHandle<()>) {
+/// A new cleanup of `keys` for `holder`, registered under each key; its
+/// task must hold the returned [`Finish`] until it ends.
+fn register(keys: Vec<String>, holder: &str, after_acquire: bool) -> Finish {
     let cleanup = Arc::new(Cleanup {
         stop: AtomicBool::new(false),
-        task: Mutex::new(Some(task)),
-        after_acquire: false,
-        keys: keys.to_vec(),
+        stopped: Notify::new(),
+        done: watch::channel(false).0,
+        after_acquire,
+        keys,
     });
-    register(&mut cleanups(), keys, holder, cleanup);
+    let mut registry = cleanups();
+    for key in &cleanup.keys {
+        registry.insert((key.clone(), holder.to_owned()), cleanup.clone());
+    }
+    Finish(cleanup)
+}
+
+/// Register a release about to run in the background for `holder` on
+/// `keys` (a guard's keys), so an acquire naming that holder on any of them
+/// waits for it ([`wait_for_cleanup`]). Move the [`Finish`] into the task.
+pub(crate) fn track(keys: &[String], holder: &str) -> Finish {
+    let mut keys = keys.to_vec();
+    keys.sort_unstable();
+    keys.dedup();
+    register(keys, holder, false)
 }
 
 /// Release, in the background (if a Tokio runtime is running), whatever
 /// lease `holder` may hold on what `wanted` names (a key, a semaphore's
 /// permit, a set of keys), trying with backoff until `until`, when any such
-/// lease has expired anyway. Its acquire is a newcomer's: it takes nothing
+/// lease has expired anyway; finding none is final only once the lost
+/// request can no longer grant (`granting_until`, the end of its wait). Its acquire is a newcomer's: it takes nothing
 /// from queued waiters; on a free key it takes a fresh lease and releases
 /// it.
 pub(crate) fn clean_up_after<B: Backend>(
@@ -150,29 +152,25 @@ pub(crate) fn clean_up_after<B: Backend>(
     wanted: Wanted,
     ttl: Duration,
     holder: &str,
-    until: Instant,
+    (granting_until, until): (Instant, Instant),
 ) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let keys = entries(&wanted);
-    let cleanup = Arc::new(Cleanup {
-        stop: AtomicBool::new(false),
-        task: Mutex::new(None),
-        after_acquire: true,
-        keys: keys.clone(),
+    let finish = register(entries(&wanted), holder, true);
+    let (backend, holder) = (backend.clone(), holder.to_owned());
+    runtime.spawn(async move {
+        release_as(
+            &backend,
+            &wanted,
+            ttl,
+            &holder,
+            (granting_until, until),
+            &finish.0,
+        )
+        .await;
+        drop(finish);
     });
-    let (backend, holder_id) = (backend.clone(), holder.to_owned());
-    let mut registry = cleanups();
-    let task_cleanup = cleanup.clone();
-    let task = runtime.spawn(async move {
-        release_as(&backend, &wanted, ttl, &holder_id, until, &task_cleanup).await;
-    });
-    *cleanup
-        .task
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(task);
-    register(&mut registry, &keys, holder, cleanup);
 }
 
 async fn release_as<B: Backend>(
@@ -180,7 +178,7 @@ async fn release_as<B: Backend>(
     wanted: &Wanted,
     ttl: Duration,
     holder: &str,
-    until: Instant,
+    (granting_until, until): (Instant, Instant),
     cleanup: &Arc<Cleanup>,
 ) {
     let mut pause = Duration::from_millis(100);
@@ -207,10 +205,24 @@ async fn release_as<B: Backend>(
                 }
                 break;
             }
-            // Held by someone else (or queued for): nothing of ours is.
+            // Held by someone else (or queued for): nothing of ours is, as
+            // far as the server can tell now. The lost request may still be
+            // waiting in the server, though (until its wait runs out, or
+            // until the server notices its client is gone): look again
+            // until then.
+            Ok(None) if Instant::now() < granting_until => {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = cleanup.stopped.notified() => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
             Ok(None) => break,
-            Err(error) if error.is_ambiguous() => {
-                tokio::time::sleep(pause).await;
+            Err(error) if error.is_ambiguous() || matches!(error, crate::Error::Pool(_)) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = cleanup.stopped.notified() => {}
+                }
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
             Err(error) => {
@@ -219,6 +231,4 @@ async fn release_as<B: Backend>(
             }
         }
     }
-    // Done: forget this cleanup's entries (a newer one's stay).
-    cleanups().retain(|_, entry| !Arc::ptr_eq(entry, cleanup));
 }

@@ -40,7 +40,7 @@ pub enum Error {
         /// The server's message.
         message: String,
     },
-    /// `55006`: the key's live lease is already held by this holder id (by
+    /// `FN002`: the key's live lease is already held by this holder id (by
     /// another guard, or another process), and this acquire was not a
     /// retry of the request that got it: a holder id names one guard. The
     /// lease was left as it was.
@@ -110,6 +110,11 @@ pub enum Error {
     /// the server never saw it.
     #[error("refused by the client: {0}")]
     Usage(String),
+    /// The pool had no connection to give (it timed out, was closed, or
+    /// could not open one): nothing was sent, so the outcome is known (no
+    /// effect), unlike [`Error::Connection`].
+    #[error("no pooled connection: {0}")]
+    Pool(String),
     /// Not a server error: the connection or the pool failed (no answer, so
     /// the call may or may not have taken effect). Ambiguous: a lease
     /// acquire retries it as the same holder.
@@ -132,7 +137,7 @@ impl Error {
                 message,
             },
             "55P03" => Error::LockNotAvailable { message },
-            "55006" => Error::HolderInUse { message },
+            "FN002" => Error::HolderInUse { message },
             "57014" => Error::Cancelled { message },
             _ => Error::Database {
                 sqlstate: sqlstate.to_owned(),
@@ -148,7 +153,7 @@ impl Error {
             Error::NotOwner { .. } => Some("42501"),
             Error::Cancelled { .. } => Some("57014"),
             Error::LockNotAvailable { .. } => Some("55P03"),
-            Error::HolderInUse { .. } => Some("55006"),
+            Error::HolderInUse { .. } => Some("FN002"),
             Error::InvalidArgument { sqlstate, .. }
             | Error::Serialization { sqlstate, .. }
             | Error::Database { sqlstate, .. } => Some(sqlstate),
@@ -158,6 +163,7 @@ impl Error {
             | Error::AcquireAmbiguous { .. }
             | Error::WorkEndedTransaction
             | Error::Usage(_)
+            | Error::Pool(_)
             | Error::Decode(_) => None,
         }
     }
@@ -188,7 +194,7 @@ mod tests {
     #[test]
     fn sqlstates_map_to_kinds_and_back() {
         for code in [
-            "FN001", "42501", "22004", "22023", "40001", "40P01", "57014", "55006", "XX000",
+            "FN001", "42501", "22004", "22023", "40001", "40P01", "57014", "FN002", "XX000",
             "53300",
         ] {
             let error = Error::from_sqlstate(code, "m".into());

@@ -267,7 +267,7 @@ impl<B: Backend> Lease<B> {
             let sent = Instant::now();
             // Only a retry of a request whose reply was lost may adopt the
             // holder's live lease (G6): on a first attempt that lease is
-            // another guard's, refused by the server (55006).
+            // another guard's, refused by the server (FN002).
             let adopt = resumed || attempts > 0;
             let granted = match target {
                 Target::Key(key) => backend
@@ -286,14 +286,23 @@ impl<B: Backend> Lease<B> {
             match granted {
                 Ok(grant) => break (sent, grant),
                 // The reply was lost: ask again as the same holder, which
-                // returns the lease if the first request had granted it.
-                Err(error) if error.is_ambiguous() => {
-                    attempts += 1;
+                // returns the lease if the first request had granted it. No
+                // pooled connection: nothing was sent this time (a restart,
+                // a failover); try again within the budget too, but it does
+                // not make the next try a retry that may adopt.
+                Err(error) if error.is_ambiguous() || matches!(error, Error::Pool(_)) => {
+                    if error.is_ambiguous() {
+                        attempts += 1;
+                    }
+                    if first_sent.elapsed() + pause > budget && attempts == 0 {
+                        // Nothing was ever sent: nothing to clean up.
+                        return Err(error);
+                    }
                     if first_sent.elapsed() + pause > budget {
                         tracing::warn!(%error, attempts, holder, "acquire replies lost; giving up, releasing in the background");
                         // A lease granted to the last request lives at most
                         // until its wait and then its ttl have run out.
-                        let until = sent + wait + options.ttl;
+                        let until = (sent + wait, sent + wait + options.ttl);
                         ambiguous::clean_up_after(backend, wanted, options.ttl, &holder, until);
                         return Err(Error::AcquireAmbiguous {
                             holder,
@@ -308,7 +317,7 @@ impl<B: Backend> Lease<B> {
                 // decode: nobody knows the lease, so release it as for a
                 // lost reply.
                 Err(error @ Error::Decode(_)) => {
-                    let until = sent + wait + options.ttl;
+                    let until = (sent + wait, sent + wait + options.ttl);
                     ambiguous::clean_up_after(backend, wanted, options.ttl, &holder, until);
                     return Err(error);
                 }
@@ -523,7 +532,9 @@ impl<B: Backend> Lease<B> {
         // release never ends a lease that acquire got back (G6).
         let (backend, keys, token) = (self.backend.clone(), self.keys.clone(), self.token);
         let (answer, answered) = tokio::sync::oneshot::channel();
-        let task = runtime.spawn(async move {
+        let tracked = ambiguous::track(self.keys.as_slice(), &self.holder);
+        runtime.spawn(async move {
+            let _tracked = tracked;
             // An inner task, so a panic in the driver is caught, and passed
             // on to the caller below.
             let release = tokio::spawn(async move {
@@ -539,7 +550,6 @@ impl<B: Backend> Lease<B> {
             }
             let _ = answer.send(outcome);
         });
-        ambiguous::track(self.keys.as_slice(), &self.holder, task);
         let no_answer = || {
             Error::Connection(format!(
                 "no answer to the release within {bound:?}; it goes on in the background \

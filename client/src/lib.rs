@@ -42,6 +42,7 @@
 pub mod advisory;
 mod ambiguous;
 pub mod backend;
+mod election;
 mod error;
 mod lease;
 pub mod metrics;
@@ -50,11 +51,14 @@ pub mod once;
 pub mod rows;
 mod semaphore;
 pub mod sql;
+mod watch;
 
 pub use advisory::{AdvisoryKey, Wait};
 pub use backend::{Backend, Grant};
+pub use election::{Election, Observer};
 pub use error::Error;
 pub use lease::{run, Lease, LeaseOptions, LossReason, RunOutcome};
 pub use once::Once;
 pub use rows::{Cas, RowLock, Table};
 pub use semaphore::Semaphore;
+pub use watch::{watch, LeaseInfo};

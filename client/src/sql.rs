@@ -8,43 +8,35 @@
 /// safe side even after a long wait) and the expiry (Unix seconds), both by
 /// the server's clock; or NULLs if not granted.
 ///
-/// Without `$5` (a first attempt) a lease that is not a new grant but the
-/// holder's existing one (G6: its `acquired_at` is older than the
-/// statement) is refused with `55006` by `fence._holder_in_use`, and the
-/// statement, with the extension G6 made, rolls back: only a retry of the
-/// request that got a lease may adopt it.
+/// `fence._lock_acquire` is `lock_acquire` with `adopt`: false (a first
+/// attempt) refuses the holder's own live lease with `FN002` instead of
+/// giving it back (G6), in the server's attempt itself; only a retry of
+/// the request that got a lease may adopt it.
 pub const ACQUIRE: &str = "SELECT l.token, \
         (extract(epoch FROM l.expires_at - statement_timestamp()) * 1000)::bigint AS remaining_ms, \
-        extract(epoch FROM l.expires_at)::float8 AS expires_at, \
-        CASE WHEN NOT $5 AND l.acquired_at < statement_timestamp() \
-             THEN fence._holder_in_use(l.lock_key, l.holder) END AS refused \
-   FROM fence.lock_acquire($1, make_interval(secs => $2::float8 / 1000), $3, \
-                           make_interval(secs => $4::float8 / 1000)) AS l";
+        extract(epoch FROM l.expires_at)::float8 AS expires_at \
+   FROM fence._lock_acquire($1, make_interval(secs => $2::float8 / 1000), $3, \
+                            make_interval(secs => $4::float8 / 1000), $5) AS l";
 
 /// `$1` semaphore name, `$2` permits, `$3` ttl ms, `$4` holder, `$5` wait
 /// ms, `$6` adopt: as [`ACQUIRE`], the permit's key first (NULLs if none
 /// was granted).
 pub const SEMAPHORE_ACQUIRE: &str = "SELECT l.lock_key, l.token, \
         (extract(epoch FROM l.expires_at - statement_timestamp()) * 1000)::bigint AS remaining_ms, \
-        extract(epoch FROM l.expires_at)::float8 AS expires_at, \
-        CASE WHEN NOT $6 AND l.acquired_at < statement_timestamp() \
-             THEN fence._holder_in_use(l.lock_key, l.holder) END AS refused \
-   FROM fence.semaphore_acquire($1, $2, make_interval(secs => $3::float8 / 1000), $4, \
-                                make_interval(secs => $5::float8 / 1000)) AS l";
+        extract(epoch FROM l.expires_at)::float8 AS expires_at \
+   FROM fence._semaphore_acquire($1, $2, make_interval(secs => $3::float8 / 1000), $4, \
+                                 make_interval(secs => $5::float8 / 1000), $6) AS l";
 
 /// `$1` keys, `$2` ttl ms, `$3` holder, `$4` wait ms, `$5` adopt. One
 /// row: the keys granted (distinct, in byte order), their one token, and
 /// as [`ACQUIRE`] the time left and the expiry, of the earliest-expiring
-/// key; NULLs if not granted. A first attempt refuses the holder's own
-/// leases back as [`ACQUIRE`] does.
+/// key; NULLs if not granted.
 pub const ACQUIRE_ALL: &str = "SELECT pg_catalog.array_agg(l.lock_key ORDER BY l.lock_key COLLATE \"C\"), \
         pg_catalog.min(l.token), \
         (extract(epoch FROM pg_catalog.min(l.expires_at) - statement_timestamp()) * 1000)::bigint AS remaining_ms, \
-        extract(epoch FROM pg_catalog.min(l.expires_at))::float8 AS expires_at, \
-        CASE WHEN NOT $5 AND pg_catalog.min(l.acquired_at) < statement_timestamp() \
-             THEN fence._holder_in_use(pg_catalog.min(l.lock_key), pg_catalog.min(l.holder)) END AS refused \
-   FROM fence.lock_acquire_all($1::text[], make_interval(secs => $2::float8 / 1000), $3, \
-                               make_interval(secs => $4::float8 / 1000)) AS l";
+        extract(epoch FROM pg_catalog.min(l.expires_at))::float8 AS expires_at \
+   FROM fence._lock_acquire_all($1::text[], make_interval(secs => $2::float8 / 1000), $3, \
+                                make_interval(secs => $4::float8 / 1000), $5) AS l";
 
 /// `$1` keys, `$2` token, `$3` ttl ms: every key renewed in one statement;
 /// the earliest new expiry (Unix seconds), NULL if any key was no longer
@@ -57,6 +49,13 @@ pub const RENEW_ALL: &str = "SELECT CASE WHEN pg_catalog.bool_and(r.expires_at I
 /// `$1` keys (distinct), `$2` token: true if every key's lease was live.
 pub const RELEASE_ALL: &str =
     "SELECT fence.lock_release_all($1::text[], $2) = pg_catalog.cardinality($1::text[])";
+
+/// `$1` key, `$2` known token (NULL: none), `$3` wait ms. One row: the
+/// live lease's holder, token, `acquired_at` and `expires_at` (Unix
+/// seconds) when the watch ended; NULLs when none was live.
+pub const WATCH: &str = "SELECT w.holder, w.token, \
+        extract(epoch FROM w.acquired_at)::float8, extract(epoch FROM w.expires_at)::float8 \
+   FROM fence.lock_watch($1, $2, make_interval(secs => $3::float8 / 1000)) AS w";
 
 /// `$1` key, `$2` token, `$3` ttl ms: the new expiry (Unix seconds, server
 /// clock), NULL when the lease was no longer live.

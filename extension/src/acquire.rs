@@ -85,7 +85,26 @@ pub fn acquire(
     const F: &str = "lock_acquire";
     refuse_security_restricted(F)?;
     let key = check_key(F, lock_key)?;
-    Ok(run(F, Target::Key(key), ttl, holder, wait)?.pop())
+    Ok(run(F, Target::Key(key), ttl, holder, wait, true)?.pop())
+}
+
+/// `fence._lock_acquire`: `lock_acquire` for pg_fence_client, which says
+/// whether the holder's own live lease may come back (`adopt`, G6): only
+/// for a retry of a request whose reply was lost. Without it, finding the
+/// key leased to the holder already (another guard with the same holder
+/// id) is `FN002`, and nothing changes.
+pub fn acquire_adopting(
+    lock_key: Option<&str>,
+    ttl: Option<Interval>,
+    holder: Option<&str>,
+    wait: Option<Interval>,
+    adopt: Option<bool>,
+) -> Result<Option<Lease>, Failure> {
+    const F: &str = "lock_acquire";
+    refuse_security_restricted(F)?;
+    let key = check_key(F, lock_key)?;
+    let adopt = required(F, "adopt", adopt)?;
+    Ok(run(F, Target::Key(key), ttl, holder, wait, adopt)?.pop())
 }
 
 /// The acquire loop of `lock_acquire`, `semaphore_acquire` and
@@ -99,6 +118,7 @@ pub fn run(
     ttl: Option<Interval>,
     holder: Option<&str>,
     wait: Option<Interval>,
+    adopt: bool,
 ) -> Result<Vec<Lease>, Failure> {
     // A key's waiters queue under the key; a semaphore's under its queue key.
     let (queue_key, mode, counted_as) = match target {
@@ -156,7 +176,7 @@ pub fn run(
         let queued = waiting.as_ref();
         let mut blocked = multi::Blocked::default();
         let outcome = with_spi(|client, plans| match target {
-            Target::Key(key) => attempt(client, plans, key, &holder, ttl, role, queued),
+            Target::Key(key) => attempt(client, plans, key, &holder, ttl, role, queued, adopt),
             Target::Semaphore { name, permits } => semaphore::attempt(
                 client,
                 plans,
@@ -167,6 +187,7 @@ pub fn run(
                 ttl,
                 role,
                 queued,
+                adopt,
             ),
             Target::All(keys) => multi::attempt(
                 client,
@@ -177,6 +198,7 @@ pub fn run(
                     holder_given,
                     ttl,
                     role,
+                    adopt,
                 },
                 queued,
                 &mut blocked,
@@ -234,10 +256,12 @@ pub fn run(
             wait::wake_after_commit(&lease.lock_key);
         }
     }
-    // If this grant is rolled back, the keys are free again: wake the queues.
+    // If this grant is rolled back, the keys are free again: wake the
+    // queues. If it commits, whoever watches the keys hears of it.
     if !regrant {
         for (lease, _) in &granted {
             wait::wake_if_rolled_back(&lease.lock_key);
+            wait::wake_watchers_after_commit(&lease.lock_key);
         }
     }
     drop(waiting);
@@ -288,6 +312,7 @@ pub fn attempt(
     ttl: Interval,
     role: pg_sys::Oid,
     queued: Option<&waiters::Waiting>,
+    adopt: bool,
 ) -> Result<Attempt, Failure> {
     // Look first, without locking: a key someone else holds costs no lock.
     // (A statement would first make this transaction's earlier changes
@@ -332,6 +357,12 @@ pub fn attempt(
     };
     let live = row.live;
     if live && row.holder.as_deref() == Some(holder) {
+        if !adopt {
+            return fail(FenceError::HolderInUse {
+                lock_key: key.to_owned(),
+                holder: holder.to_owned(),
+            });
+        }
         return extend_own_lease(
             client,
             plans,

@@ -132,18 +132,78 @@ fn lock_release_all(lock_keys: Option<pgrx::datum::Array<'_, &str>>, token: Opti
     ))
 }
 
-/// Raise `55006` (the lease on `lock_key` is held by `holder` already):
-/// pg_fence_client calls it, in the statement of a first acquire attempt,
-/// when the lease it got back is not a new grant but the holder's existing
-/// one (G6), so that the statement, and the extension, roll back. Only a
-/// retry of the request that got a lease may adopt it.
+/// Wait until the key's live lease is not the one with `known_token`
+/// (NULL: no live lease), or until `wait` runs out; the live lease then
+/// (NULL: none).
 #[pg_extern(volatile, parallel_unsafe)]
-fn _holder_in_use(lock_key: Option<&str>, holder: Option<&str>) -> bool {
-    or_raise(Err(crate::errors::FenceError::HolderInUse {
-        lock_key: lock_key.unwrap_or_default().to_owned(),
-        holder: holder.unwrap_or_default().to_owned(),
-    }
-    .here()))
+fn lock_watch(
+    lock_key: Option<&str>,
+    known_token: Option<i64>,
+    wait: Option<Interval>,
+) -> Option<pgrx::composite_type!('static, "fence.lease")> {
+    or_raise(
+        crate::watch::watch(lock_key, known_token, wait)
+            .and_then(|lease| lease.map(Lease::into_composite).transpose()),
+    )
+}
+
+/// `lock_acquire` for pg_fence_client: `adopt` false refuses (`FN002`)
+/// the holder's own live lease instead of giving it back (G6), which only
+/// a retry of a request whose reply was lost may do.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn _lock_acquire(
+    lock_key: Option<&str>,
+    ttl: Option<Interval>,
+    holder: Option<&str>,
+    wait: Option<Interval>,
+    adopt: Option<bool>,
+) -> Option<pgrx::composite_type!('static, "fence.lease")> {
+    or_raise(
+        acquire::acquire_adopting(lock_key, ttl, holder, wait, adopt)
+            .and_then(|lease| lease.map(Lease::into_composite).transpose()),
+    )
+}
+
+/// `semaphore_acquire` for pg_fence_client, with `adopt` as for
+/// `_lock_acquire`.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn _semaphore_acquire(
+    name: Option<&str>,
+    permits: Option<i32>,
+    ttl: Option<Interval>,
+    holder: Option<&str>,
+    wait: Option<Interval>,
+    adopt: Option<bool>,
+) -> Option<pgrx::composite_type!('static, "fence.lease")> {
+    or_raise(
+        semaphore::acquire_adopting(name, permits, ttl, holder, wait, adopt)
+            .and_then(|lease| lease.map(Lease::into_composite).transpose()),
+    )
+}
+
+/// `lock_acquire_all` for pg_fence_client, with `adopt` as for
+/// `_lock_acquire`.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn _lock_acquire_all(
+    lock_keys: Option<pgrx::datum::Array<'_, &str>>,
+    ttl: Option<Interval>,
+    holder: Option<&str>,
+    wait: Option<Interval>,
+    adopt: Option<bool>,
+) -> SetOfIterator<'static, pgrx::composite_type!('static, "fence.lease")> {
+    let keys = lock_keys.as_ref().map(|keys| keys.iter());
+    let leases = or_raise(
+        multi::acquire_adopting(keys, ttl, holder, wait, adopt).and_then(|leases| {
+            leases
+                .into_iter()
+                .map(Lease::into_composite)
+                .collect::<Result<Vec<_>, _>>()
+        }),
+    );
+    SetOfIterator::new(leases)
 }
 
 /// Claim `op_key` for the calling role in the current transaction: true if

@@ -110,10 +110,11 @@ pub enum FenceError {
         function: &'static str,
         role: String,
     },
-    /// `55006`: a client's first attempt at a key found the key's live
-    /// lease already held by its own holder id (another guard, or another
-    /// process, with the same id): adopting it would give one lease two
-    /// guards (`fence._holder_in_use`, called by pg_fence_client).
+    /// `FN002`: an acquire that may not adopt the holder's own live lease
+    /// (pg_fence_client's first attempt, `fence._lock_acquire` and kin)
+    /// found the key leased to that holder id already: another guard, or
+    /// another process, with the same id. Adopting it would give one lease
+    /// two guards.
     HolderInUse { lock_key: String, holder: String },
     /// `XX000`: a broken invariant inside pg_fence (a bug, never bad input).
     Internal { context: String },
@@ -170,7 +171,7 @@ impl FenceError {
             FenceError::TokenNotReplicated => "57014",
             FenceError::NeedsPreload { .. } => "55000",
             FenceError::NeedsFenceAdmin { .. } => "42501",
-            FenceError::HolderInUse { .. } => "55006",
+            FenceError::HolderInUse { .. } => "FN002",
             FenceError::Internal { .. } => "XX000",
         }
     }

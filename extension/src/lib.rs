@@ -3,7 +3,7 @@
 //! Leases with fencing tokens live in ordinary tables (`sql/schema.sql`).
 //! The SQL-callable functions are in [`api`]; granting in [`acquire`];
 //! renew, release and status in [`lease`]; semaphores in [`semaphore`],
-//! multi-key leases in [`multi`]; the stale-write trigger in
+//! multi-key leases in [`multi`], watching a key in [`watch`]; the stale-write trigger in
 //! [`fence`] and its reach to partitions and children in [`reach`]; the key
 //! lock in [`keylock`], waiting in [`wait`], tokens and durability in
 //! [`durability`], the error contract in [`errors`]. In preload mode,
@@ -41,6 +41,7 @@ pub mod stats;
 pub mod subxact;
 pub mod wait;
 pub mod waiters;
+pub mod watch;
 
 ::pgrx::pg_module_magic!(name, version);
 

@@ -119,7 +119,24 @@ pub fn acquire<'a>(
     const F: &str = "lock_acquire_all";
     crate::roles::refuse_security_restricted(F)?;
     let keys = check_keys(F, lock_keys)?;
-    acquire::run(F, Target::All(&keys), ttl, holder, wait)
+    acquire::run(F, Target::All(&keys), ttl, holder, wait, true)
+}
+
+/// `fence._lock_acquire_all`: `lock_acquire_all` with `adopt` as for
+/// `fence._lock_acquire` (acquire.rs): without it, the holder's own live
+/// leases on every key are `FN002`, not given back.
+pub fn acquire_adopting<'a>(
+    lock_keys: Option<impl ExactSizeIterator<Item = Option<&'a str>>>,
+    ttl: Option<Interval>,
+    holder: Option<&str>,
+    wait: Option<Interval>,
+    adopt: Option<bool>,
+) -> Result<Vec<Lease>, Failure> {
+    const F: &str = "lock_acquire_all";
+    crate::roles::refuse_security_restricted(F)?;
+    let keys = check_keys(F, lock_keys)?;
+    let adopt = required(F, "adopt", adopt)?;
+    acquire::run(F, Target::All(&keys), ttl, holder, wait, adopt)
 }
 
 /// `fence.lock_release_all`: end those keys' leases with this token; how
@@ -155,15 +172,25 @@ pub struct Request<'a> {
     pub holder_given: bool,
     pub ttl: Interval,
     pub role: pg_sys::Oid,
+    /// Whether the holder's own live leases may come back (G6): false for
+    /// pg_fence_client's first attempt (`fence._lock_acquire_all`).
+    pub adopt: bool,
 }
 
 /// How long a multi-key waiter keeps its places on its free keys while a
-/// key it needs stays held, before it gives them up for [`YIELD_MS`]: the
-/// holder may be waiting for one of them (PostgreSQL's `deadlock_timeout`
-/// is 1 s too).
+/// key it needs stays held, before it first gives them up for [`YIELD_MS`]:
+/// the holder may be waiting for one of them (PostgreSQL's
+/// `deadlock_timeout` is 1 s too).
 pub const RESERVE_MS: i64 = 1000;
-/// How long it then leaves its free keys to others.
+/// How long it then leaves its free keys to others. Yields happen in
+/// windows of one global phase (the first `YIELD_MS` of every
+/// `RESERVE_MS + YIELD_MS` of the clock), so every waiter that yields does
+/// so at the same time: a caller queued behind several of them on a free
+/// key gets through.
 pub const YIELD_MS: i64 = 100;
+/// After its k-th yield a waiter yields only in every 2^k-th window (k at
+/// most this), so steady traffic on its keys cannot keep it yielding.
+const MAX_YIELD_DOUBLINGS: u32 = 3;
 
 /// What held an attempt up, for the wait that follows.
 #[derive(Default)]
@@ -179,7 +206,8 @@ pub struct Blocked {
 #[derive(Default)]
 pub struct Reservation {
     held_since: Option<i64>,
-    yielding_until: i64,
+    yields: u32,
+    yielding_in: Option<i64>,
 }
 
 impl Reservation {
@@ -193,18 +221,25 @@ impl Reservation {
         };
         if held == 0 {
             self.held_since = None;
+            self.yielding_in = None;
+            self.yields = 0;
             return all;
-        }
-        if now < self.yielding_until {
-            return held;
         }
         let since = *self.held_since.get_or_insert(now);
-        if now.saturating_sub(since) < RESERVE_MS * 1000 {
-            return all;
+        let period = (RESERVE_MS + YIELD_MS) * 1000;
+        let window = now.div_euclid(period);
+        let in_window = now.rem_euclid(period) < YIELD_MS * 1000;
+        // Still inside the window it is yielding in.
+        if self.yielding_in == Some(window) && in_window {
+            return held;
         }
-        self.yielding_until = now.saturating_add(YIELD_MS * 1000);
-        self.held_since = Some(self.yielding_until);
-        held
+        let every = 1i64 << self.yields.min(MAX_YIELD_DOUBLINGS);
+        if now.saturating_sub(since) >= RESERVE_MS * 1000 && in_window && window % every == 0 {
+            self.yielding_in = Some(window);
+            self.yields += 1;
+            return held;
+        }
+        all
     }
 }
 
@@ -225,6 +260,12 @@ pub fn attempt(
     }
     if request.holder_given {
         if let Some(token) = own_token(&rows, request.holder) {
+            if !request.adopt {
+                return fail(FenceError::HolderInUse {
+                    lock_key: keys[0].clone(),
+                    holder: request.holder.to_owned(),
+                });
+            }
             return extend_all(client, plans, request, &rows, token);
         }
     }
@@ -249,10 +290,15 @@ pub fn attempt(
         .min();
     if let Some(i) = ahead {
         blocked.on = Some(i);
+        // Kept out by a held key too: look again within 50 ms, so as not to
+        // miss a yield window (RESERVE_MS).
+        let cap = if blocked.held != 0 {
+            wait::RECHECK_INTERVAL_MS
+        } else {
+            wait::QUEUED_RECHECK_INTERVAL_MS
+        };
         return Ok(Attempt::Queued {
-            retry_in_ms: earliest_expiry
-                .unwrap_or(wait::RECHECK_INTERVAL_MS)
-                .min(wait::QUEUED_RECHECK_INTERVAL_MS),
+            retry_in_ms: earliest_expiry.unwrap_or(cap).min(cap),
         });
     }
     // Under REPEATABLE READ / SERIALIZABLE the look saw the transaction's
@@ -416,19 +462,27 @@ mod tests {
     use super::*;
 
     #[pgrx::pg_test]
-    fn a_waiter_held_up_long_yields_its_free_keys_for_a_moment() {
-        let mut r = Reservation::default();
+    fn a_waiter_held_up_long_yields_its_free_keys_in_the_global_windows() {
         let ms = 1000;
+        let period = (RESERVE_MS + YIELD_MS) * ms;
+        let mut r = Reservation::default();
         // Nothing held: a place on every key.
         assert_eq!(r.places(0, 3, 0), 0b111);
-        // Key 1 held: still every key, for RESERVE_MS.
-        assert_eq!(r.places(0b010, 3, ms), 0b111);
-        assert_eq!(r.places(0b010, 3, ms + (RESERVE_MS - 1) * ms), 0b111);
-        // Then only the held key, for YIELD_MS, then every key again.
-        let at = ms + RESERVE_MS * ms;
-        assert_eq!(r.places(0b010, 3, at), 0b010);
-        assert_eq!(r.places(0b010, 3, at + (YIELD_MS - 1) * ms), 0b010);
-        assert_eq!(r.places(0b010, 3, at + YIELD_MS * ms), 0b111);
+        // Key 1 held from just after a window's end: every key until it has
+        // been held RESERVE_MS and a window comes.
+        let start = YIELD_MS * ms + ms;
+        assert_eq!(r.places(0b010, 3, start), 0b111);
+        assert_eq!(r.places(0b010, 3, period - ms), 0b111);
+        // The next window (number 1: 1 % 2^0 == 0): only the held key, for
+        // the window's length.
+        assert_eq!(r.places(0b010, 3, period), 0b010);
+        assert_eq!(r.places(0b010, 3, period + (YIELD_MS - 1) * ms), 0b010);
+        assert_eq!(r.places(0b010, 3, period + YIELD_MS * ms), 0b111);
+        // Having yielded once, only in even windows: not 3, but 4.
+        assert_eq!(r.places(0b010, 3, 3 * period + ms), 0b111);
+        assert_eq!(r.places(0b010, 3, 4 * period + ms), 0b010);
+        // Nothing held any more: every key, and the count starts again.
+        assert_eq!(r.places(0, 3, 5 * period), 0b111);
         assert_eq!(r.places(0, 64, 0), u64::MAX);
     }
 

@@ -34,6 +34,8 @@ pub struct LeaseRow {
     pub live: bool,
     pub expires_at: pg_sys::TimestampTz,
     pub owner_role: pg_sys::Oid,
+    /// When the lease was granted.
+    pub acquired_at: pg_sys::TimestampTz,
     /// Read only `for_grant`.
     pub holder: Option<String>,
     /// No transaction has locked or updated this version (its xmax is unset
@@ -129,6 +131,7 @@ pub fn lease_row(
                 owner_role: value(owner_at).map_or(pg_sys::InvalidOid, |datum| {
                     pg_sys::Oid::from(datum.value() as u32)
                 }),
+                acquired_at: value(acquired_at).map_or(i64::MIN, |at| at.value() as i64),
                 holder,
                 untouched,
                 expired_after_micros,

@@ -101,7 +101,42 @@ pub fn acquire(
     crate::roles::refuse_security_restricted(F)?;
     let name = check_name(F, name)?;
     let permits = check_permits(F, permits)?;
-    Ok(acquire::run(F, Target::Semaphore { name, permits }, ttl, holder, wait)?.pop())
+    Ok(acquire::run(
+        F,
+        Target::Semaphore { name, permits },
+        ttl,
+        holder,
+        wait,
+        true,
+    )?
+    .pop())
+}
+
+/// `fence._semaphore_acquire`: `semaphore_acquire` with `adopt` as for
+/// `fence._lock_acquire` (acquire.rs): without it, the holder's own live
+/// permit is `FN002`, not given back.
+pub fn acquire_adopting(
+    name: Option<&str>,
+    permits: Option<i32>,
+    ttl: Option<Interval>,
+    holder: Option<&str>,
+    wait: Option<Interval>,
+    adopt: Option<bool>,
+) -> Result<Option<Lease>, Failure> {
+    const F: &str = "semaphore_acquire";
+    crate::roles::refuse_security_restricted(F)?;
+    let name = check_name(F, name)?;
+    let permits = check_permits(F, permits)?;
+    let adopt = required(F, "adopt", adopt)?;
+    Ok(acquire::run(
+        F,
+        Target::Semaphore { name, permits },
+        ttl,
+        holder,
+        wait,
+        adopt,
+    )?
+    .pop())
 }
 
 /// One attempt at a permit: the holder's own live permit back (G6), else
@@ -117,6 +152,7 @@ pub fn attempt(
     ttl: Interval,
     role: pg_sys::Oid,
     queued: Option<&crate::waiters::Waiting>,
+    adopt: bool,
 ) -> Result<Attempt, Failure> {
     let keys: Vec<String> = (1..=permits).map(|i| permit_key(name, i)).collect();
     // Every attempt reads each permit's row once, as committed now (under
@@ -134,7 +170,7 @@ pub fn attempt(
             && holder_given
             && row.as_ref().and_then(|row| row.holder.as_deref()) == Some(holder)
         {
-            return acquire::attempt(client, plans, key, holder, ttl, role, None);
+            return acquire::attempt(client, plans, key, holder, ttl, role, None, adopt);
         }
         live.push(row.filter(|row| row.live).map(|row| row.expires_at));
     }
@@ -163,7 +199,7 @@ pub fn attempt(
         if expires_at.is_some() || !may_try(key) {
             continue;
         }
-        match acquire::attempt(client, plans, key, holder, ttl, role, None)? {
+        match acquire::attempt(client, plans, key, holder, ttl, role, None, adopt)? {
             granted @ (Attempt::Granted { .. } | Attempt::GrantedAll { .. }) => return Ok(granted),
             Attempt::Again => again = true,
             Attempt::Busy { retry_in_ms: at } | Attempt::Queued { retry_in_ms: at } => {

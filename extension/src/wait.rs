@@ -37,10 +37,20 @@ pub const QUEUED_RECHECK_INTERVAL_MS: i64 = 1000;
 /// locked: nobody signals when those end.
 pub const LOCKED_ROW_RETRY_MS: i64 = 2;
 
+/// What a committed change of a key wakes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// A release or force: one acquire waiter (the queue's head), and every
+    /// watcher.
+    AcquirersAndWatchers,
+    /// A grant: every watcher (`fence.lock_watch`) only.
+    Watchers,
+}
+
 thread_local! {
     /// Keys (and their wait events) to wake waiters of when the current
     /// transaction commits.
-    static PENDING_WAKEUPS: RefCell<Vec<(u32, String)>> = const { RefCell::new(Vec::new()) };
+    static PENDING_WAKEUPS: RefCell<Vec<(u32, String, Wake)>> = const { RefCell::new(Vec::new()) };
     /// Keys granted in the current transaction (preload mode): if it, or
     /// the subtransaction of a grant, aborts, the key is free again and its
     /// queue's head must hear of it.
@@ -76,8 +86,18 @@ pub fn reset_latch() {
     unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
 }
 
+unsafe extern "C-unwind" {
+    /// libpq/pqcomm.c (PostgreSQL 14 and later): false once the client's
+    /// socket has been closed (what `client_connection_check_interval`
+    /// checks).
+    fn pq_check_connection() -> bool;
+}
+
 /// Sleep up to `timeout_ms`, or until a releaser sets our latch. Honours query
-/// cancel, `statement_timeout` and postmaster death.
+/// cancel, `statement_timeout` and postmaster death, and ends the session
+/// (FATAL, "connection to client lost", as `client_connection_check_interval`
+/// does) once the client has gone away: a wait nobody will read the answer
+/// of must not grant a lease that nobody holds.
 pub fn sleep(event: u32, timeout_ms: i64) {
     let timeout = timeout_ms.clamp(1, i64::from(i32::MAX));
     // SAFETY: waits on this backend's own latch; WaitLatch is interruptible and returns
@@ -90,20 +110,47 @@ pub fn sleep(event: u32, timeout_ms: i64) {
             event,
         );
         // WaitLatch cleared our advertisement; the next attempt sets it again.
+        // A session with a client (not a background worker's) whose client
+        // is gone: have ProcessInterrupts end it.
+        if !pg_sys::MyProcPort.is_null() && !pq_check_connection() {
+            pg_sys::ClientConnectionLost = 1;
+            pg_sys::InterruptPending = 1;
+        }
     }
     pg_sys::check_for_interrupts!();
 }
 
 /// Wake the waiters of `lock_key` once the current transaction commits (a
-/// waiter woken earlier would not yet see the key free).
+/// waiter woken earlier would not yet see the key free), and its watchers.
 pub fn wake_after_commit(lock_key: &str) {
-    let event = wait_event_for(lock_key);
+    pend(lock_key, Wake::AcquirersAndWatchers);
+}
+
+/// Wake the watchers of `lock_key` once the current transaction commits:
+/// it was granted anew.
+pub fn wake_watchers_after_commit(lock_key: &str) {
+    pend(lock_key, Wake::Watchers);
+}
+
+fn pend(lock_key: &str, wake: Wake) {
     PENDING_WAKEUPS.with(|pending| {
         let mut pending = pending.borrow_mut();
-        if !pending.iter().any(|(_, key)| key == lock_key) {
-            pending.push((event, lock_key.to_owned()));
+        match pending.iter_mut().find(|(_, key, _)| key == lock_key) {
+            Some(entry) => {
+                if wake == Wake::AcquirersAndWatchers {
+                    entry.2 = wake;
+                }
+            }
+            None => pending.push((wait_event_for(lock_key), lock_key.to_owned(), wake)),
         }
     });
+}
+
+/// The wait event a watcher of `lock_key` advertises: the key's hash as
+/// for [`wait_event_for`], with its low 24 bits flipped, so never the event
+/// an acquire waiter of the same key advertises.
+pub fn watch_event_for(lock_key: &str) -> u32 {
+    wait_event_for(lock_key) ^ 0x00FF_FFFF
 }
 
 /// Remember a key this transaction was granted, to wake its queue's head
@@ -180,7 +227,13 @@ pub fn on_resource_release(
     }
     let events = PENDING_WAKEUPS.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
     if is_commit {
-        for (event, key) in events {
+        for (event, key, wake) in events {
+            // SAFETY: at commit, in a backend attached to shared memory,
+            // outside any critical section.
+            unsafe { wake_all_waiting_on(watch_event_for(&key)) };
+            if wake == Wake::Watchers {
+                continue;
+            }
             wake_one_of(event, &key, Mode::Exclusive);
             // A semaphore's permit: its semaphore's waiters want it too.
             if let Some(name) = crate::semaphore::semaphore_of(&key) {
@@ -269,6 +322,36 @@ unsafe fn wake_one_waiting_on(event: u32) {
     }
 }
 
+/// Set the latch of every backend (not this one) of this database whose
+/// advertised wait event is `event`: the watchers of a key. Read and set as
+/// [`wake_one_waiting_on`] does.
+///
+/// # Safety
+///
+/// As for [`wake_one_waiting_on`].
+unsafe fn wake_all_waiting_on(event: u32) {
+    // SAFETY: as in wake_one_waiting_on.
+    unsafe {
+        let header = pg_sys::ProcGlobal;
+        if header.is_null() {
+            return;
+        }
+        let procs = (*header).allProcs;
+        let count = (*header).allProcCount as usize;
+        for i in 0..count {
+            let proc_ = procs.add(i);
+            if proc_ == pg_sys::MyProc {
+                continue;
+            }
+            let advertised = std::ptr::read_volatile(std::ptr::addr_of!((*proc_).wait_event_info));
+            let database = std::ptr::read_volatile(std::ptr::addr_of!((*proc_).databaseId));
+            if advertised == event && database == pg_sys::MyDatabaseId {
+                pg_sys::SetLatch(std::ptr::addr_of_mut!((*proc_).procLatch));
+            }
+        }
+    }
+}
+
 #[cfg(any(test, feature = "pg_test"))]
 #[pgrx::pg_schema]
 mod tests {
@@ -280,5 +363,8 @@ mod tests {
         assert_eq!(event, super::wait_event_for("invoice:42"));
         assert_eq!(event & 0xFF00_0000, pg_sys::PG_WAIT_EXTENSION);
         assert_ne!(event, super::wait_event_for("invoice:43"));
+        let watch = super::watch_event_for("invoice:42");
+        assert_ne!(watch, event, "a watcher is never woken as an acquirer");
+        assert_eq!(watch & 0xFF00_0000, pg_sys::PG_WAIT_EXTENSION);
     }
 }

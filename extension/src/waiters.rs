@@ -247,8 +247,8 @@ fn fill(keys: &[&str], mode: Mode, role: pg_sys::Oid, until: i64, places: u64) -
 }
 
 /// A queued multi-key waiter's places after its latest look: bit i set
-/// keeps its place in the queue of key i. A place it gives up goes to
-/// whoever is next in that queue, who is woken to take the key.
+/// keeps its place in the queue of key i. A place it gives up is passed
+/// on: every waiter of that key is woken to look again.
 pub fn hold_places(places: u64) {
     if !FILLED.get() {
         return;
@@ -269,10 +269,31 @@ pub fn hold_places(places: u64) {
         ALL_KEYS.with(|all| {
             for (i, key) in all.borrow().iter().enumerate() {
                 if given_up & (1 << i) != 0 {
-                    wake_key_locked(&segment, key);
+                    wake_all_locked(&segment, key);
                 }
             }
         });
+    }
+}
+
+/// Wake every waiter queued for `key` (exclusive), not only its head: a
+/// place given up may unblock a waiter further back, behind other multi-key
+/// waiters that give theirs up in the same window. Waiters lock held.
+fn wake_all_locked(segment: &shmem::Segment, key: &str) {
+    let bytes = &key.as_bytes()[..key.len().min(MAX_KEY_BYTES)];
+    let (database, hash) = (database_id(), segment.hash(database_id(), bytes));
+    let mine = my_slot();
+    for (number, slot) in segment.waiter_slots().iter().enumerate() {
+        if Some(number) != mine && slot.waits_for(number, database, hash, bytes, Mode::Exclusive) {
+            // SAFETY: as in wake_head_locked.
+            unsafe {
+                let procs = (*pg_sys::ProcGlobal).allProcs;
+                pg_sys::SetLatch(&raw mut (*procs.add(number)).procLatch);
+            }
+        }
+    }
+    if let Some(name) = crate::semaphore::semaphore_of(key) {
+        wake_head_locked(segment, &crate::semaphore::queue_key(name), Mode::Semaphore);
     }
 }
 

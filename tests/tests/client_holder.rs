@@ -1,5 +1,5 @@
 //! Issue 16, 2: a holder id names one guard. A second acquire naming the
-//! holder of a live lease is refused (`Error::HolderInUse`, 55006) and
+//! holder of a live lease is refused (`Error::HolderInUse`, FN002) and
 //! leaves that lease as it was (not adopted, not shortened), for a key, a
 //! semaphore's permit and a multi-key lease, through both backends. Only a
 //! retry of a request whose reply was lost adopts (client.rs, client_multi.rs).
@@ -92,4 +92,114 @@ async fn a_second_multi_key_guard_with_the_same_holder_is_refused<B: Backend>(
     assert!(refused, "a second guard for one multi-key lease");
     assert_eq!(lease_on(&keys[0]).await, Some(before));
     assert!(lease.release().await.unwrap());
+}
+
+through_both_backends!(a_second_guard_waiting_in_the_server_is_refused_when_the_first_gets_it);
+/// Both guards wait in the server for a key someone else holds; when it
+/// frees, the first is granted, and the second's next look finds the key
+/// leased to its own holder id: refused there and then, not adopted (a
+/// check of the lease's age against the statement's start could not see
+/// this: the lease is newer than the statement).
+async fn a_second_guard_waiting_in_the_server_is_refused_when_the_first_gets_it<B: Backend>(
+    backend: B,
+    _app: String,
+) {
+    let db = connect().await;
+    let key = unique_key("holder-wait");
+    let other = acquire(&db, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let options = LeaseOptions::default().holder(unique_key("worker-7"));
+    let first = tokio::spawn({
+        let (backend, key, options) = (backend.clone(), key.clone(), options.clone());
+        async move { Lease::acquire(&backend, &key, &options, Duration::from_secs(10)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = tokio::spawn({
+        let (backend, key, options) = (backend.clone(), key.clone(), options.clone());
+        async move {
+            let short = LeaseOptions::new(Duration::from_secs(3)).holder(options.holder.unwrap());
+            Lease::acquire(&backend, &key, &short, Duration::from_secs(10)).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(release(&db, &key, other).await.unwrap());
+    let first = first
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the first guard's turn");
+    let before = lease_on(&key).await.expect("live");
+    let refused = holder_in_use(second.await.unwrap());
+    assert!(
+        refused,
+        "a second guard for one lease, got in the server's wait"
+    );
+    assert_eq!(lease_on(&key).await, Some(before), "the lease was changed");
+    assert!(first.release().await.unwrap());
+}
+
+/// A backend whose first acquire gets no pooled connection: nothing sent.
+#[derive(Clone)]
+struct NoConnectionFirst<B> {
+    inner: B,
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<B: Backend> Backend for NoConnectionFirst<B> {
+    async fn acquire(
+        &self,
+        key: &str,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+        adopt: bool,
+    ) -> Result<Option<pg_fence_client::Grant>, Error> {
+        if !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Pool("timed out waiting for a connection".into()));
+        }
+        self.inner.acquire(key, ttl, holder, wait, adopt).await
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        token: i64,
+        ttl: Duration,
+    ) -> Result<Option<std::time::SystemTime>, Error> {
+        self.inner.renew(key, token, ttl).await
+    }
+
+    async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
+        self.inner.release(key, token).await
+    }
+}
+
+through_both_backends!(a_retry_after_no_connection_is_no_retry_of_a_sent_request);
+/// An acquire whose first try got no pooled connection sent nothing, so
+/// its next try is a first attempt, not a retry that may adopt: with
+/// another guard holding the key under the same holder id, it is refused.
+async fn a_retry_after_no_connection_is_no_retry_of_a_sent_request<B: Backend>(
+    backend: B,
+    _app: String,
+) {
+    let key = unique_key("holder-pool");
+    let options = LeaseOptions::default().holder(unique_key("worker-8"));
+    let first = Lease::try_acquire(&backend, &key, &options)
+        .await
+        .unwrap()
+        .expect("free");
+    let flaky = NoConnectionFirst {
+        inner: backend.clone(),
+        failed: Default::default(),
+    };
+    let second = Lease::try_acquire(&flaky, &key, &options).await;
+    assert!(flaky.failed.load(std::sync::atomic::Ordering::SeqCst));
+    let refused = holder_in_use(second);
+    assert!(
+        refused,
+        "a try after a pool error adopted another guard's lease"
+    );
+    assert!(first.release().await.unwrap());
 }

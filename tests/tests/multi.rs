@@ -718,6 +718,18 @@ async fn bad_inputs_get_their_sqlstates() {
     .await;
     assert_eq!(state, "22023");
     assert!(message.contains("65 elements"), "{message}");
+    // By its length, before any element is read: a NULL among 65 elements
+    // is not what is reported.
+    let (state, message) = expect_error(
+        &db,
+        "SELECT * FROM fence.lock_acquire_all(array_append(array_fill('k'::text, ARRAY[64]), NULL))",
+    )
+    .await;
+    assert_eq!(
+        (state.as_str(), message.contains("65 elements")),
+        ("22023", true),
+        "{message}"
+    );
 }
 
 /// G8: a multi-key acquire counts as an acquire of each key, in each key's

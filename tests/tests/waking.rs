@@ -118,3 +118,58 @@ async fn a_release_wakes_its_own_databases_waiter_not_anothers() {
         decoy.abort();
     }
 }
+
+/// A waiting acquire whose client goes away (its connection closed) ends
+/// in the server within moments, rather than waiting on and granting a
+/// lease nobody will ever hear of once the key frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiter_whose_client_is_gone_ends_and_grants_nothing() {
+    let db = connect().await;
+    let key = unique_key("wait-gone");
+    let token = acquire(&db, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let (client, connection) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=pg_fence",
+            port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let pid = backend_pid(&client).await;
+    let waiting = tokio::spawn({
+        let key = key.clone();
+        async move { acquire(&client, &key, "1 minute", Some("gone"), "30 seconds").await }
+    });
+    pg_fence_tests::until_waiting(&db, pid).await;
+    // The client vanishes: its task and its socket.
+    waiting.abort();
+    connection.abort();
+    let started = std::time::Instant::now();
+    loop {
+        let alive = count(
+            &db,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+        )
+        .await;
+        if alive == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "the backend of a vanished client kept waiting"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(release(&db, &key, token).await.unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        live_token(&db, &key).await,
+        None,
+        "a lease was granted to nobody"
+    );
+}

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{GenericClient, Pool};
 
-use super::{grant, millis, unix_seconds, Backend, Grant};
+use super::{grant, millis, unix_seconds, watched, Backend, Grant};
 use crate::{sql, Error};
 
 impl Backend for Pool {
@@ -112,6 +112,27 @@ impl Backend for Pool {
         get(&row, 0)
     }
 
+    async fn watch(
+        &self,
+        key: &str,
+        known: Option<i64>,
+        wait: Duration,
+    ) -> Result<Option<crate::LeaseInfo>, Error> {
+        let client = self.get().await.map_err(pool_error)?;
+        let statement = client.prepare_cached(sql::WATCH).await.map_err(error)?;
+        let row = client
+            .query_one(&statement, &[&key, &known, &millis(wait)])
+            .await
+            .map_err(error)?;
+        Ok(watched(
+            key,
+            get(&row, 0)?,
+            get(&row, 1)?,
+            get(&row, 2)?,
+            get(&row, 3)?,
+        ))
+    }
+
     async fn renew(
         &self,
         key: &str,
@@ -184,11 +205,13 @@ fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
         .map_err(|failed| Error::Decode(failed.to_string()))
 }
 
-/// Map a pool error: a server error keeps its SQLSTATE, anything else is a
-/// connection error.
+/// Map a pool error: a server error (opening a connection) keeps its
+/// SQLSTATE; anything else is [`Error::Pool`]: no statement was sent.
 pub fn pool_error(error: deadpool_postgres::PoolError) -> Error {
     match error {
-        deadpool_postgres::PoolError::Backend(error) => self::error(error),
-        other => Error::Connection(other.to_string()),
+        deadpool_postgres::PoolError::Backend(error) if error.as_db_error().is_some() => {
+            self::error(error)
+        }
+        other => Error::Pool(other.to_string()),
     }
 }

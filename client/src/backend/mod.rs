@@ -33,8 +33,8 @@ pub struct Grant {
 /// `adopt` says whether the holder's own live lease may come back (G6):
 /// true only for a retry of a request whose reply was lost. With `adopt`
 /// false (a first attempt) a key already leased to `holder` is refused
-/// with `55006` ([`Error::HolderInUse`]) and left as it was: a holder id
-/// names one guard.
+/// by the server with `FN002` ([`Error::HolderInUse`]) and left as it was:
+/// a holder id names one guard.
 pub trait Backend: Clone + Send + Sync + 'static {
     /// `fence.lock_acquire`: `None` when the key stayed busy for `wait`.
     fn acquire(
@@ -97,6 +97,21 @@ pub trait Backend: Clone + Send + Sync + 'static {
         let _ = (keys, token);
         std::future::ready(Err(unsupported("release_all")))
     }
+    /// `fence.lock_watch`: the live lease once it is not the one with
+    /// token `known` (`None`: none), or when `wait` runs out. Both backends
+    /// implement it; another implementation that does not gets
+    /// [`Error::Usage`].
+    fn watch(
+        &self,
+        key: &str,
+        known: Option<i64>,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Option<crate::LeaseInfo>, Error>> + Send {
+        let _ = (key, known, wait);
+        std::future::ready(Err(Error::Usage(
+            "this Backend does not implement watch".into(),
+        )))
+    }
     /// `fence.lock_renew`: the new expiry (server clock), `None` when the
     /// lease is no longer live.
     fn renew(
@@ -113,6 +128,24 @@ fn unsupported(call: &str) -> Error {
     Error::Usage(format!(
         "this Backend does not implement {call} (multi-key leases)"
     ))
+}
+
+/// A watch's row (holder, token, acquired_at and expires_at as Unix
+/// seconds) as a [`crate::LeaseInfo`]; `None` when no lease was live.
+pub(crate) fn watched(
+    key: &str,
+    holder: Option<String>,
+    token: Option<i64>,
+    acquired_at: Option<f64>,
+    expires_at: Option<f64>,
+) -> Option<crate::LeaseInfo> {
+    Some(crate::LeaseInfo {
+        key: key.to_owned(),
+        holder: holder?,
+        token: token?,
+        acquired_at: unix_seconds(acquired_at?),
+        expires_at: unix_seconds(expires_at?),
+    })
 }
 
 pub(crate) fn millis(duration: Duration) -> f64 {

@@ -4,28 +4,17 @@ use std::time::{Duration, SystemTime};
 
 use sqlx::PgPool;
 
-use super::{grant, millis, unix_seconds, Backend, Grant};
+use super::{grant, millis, unix_seconds, watched, Backend, Grant};
 use crate::{sql, Error};
 
-/// A grant's row: its token, time left (ms), expiry (Unix seconds), and
-/// the refusal column (always NULL when there is a row to read).
-type Row = (Option<i64>, Option<i64>, Option<f64>, Option<bool>);
+/// A grant's row: its token, time left (ms), expiry (Unix seconds).
+type Row = (Option<i64>, Option<i64>, Option<f64>);
 /// A permit's row: its key, then as a grant's.
-type Permit = (
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-    Option<f64>,
-    Option<bool>,
-);
+type Permit = (Option<String>, Option<i64>, Option<i64>, Option<f64>);
+/// A watch's row: holder, token, acquired_at, expires_at.
+type Watched = (Option<String>, Option<i64>, Option<f64>, Option<f64>);
 /// A multi-key grant's row: its keys, then as a grant's.
-type Granted = (
-    Option<Vec<String>>,
-    Option<i64>,
-    Option<i64>,
-    Option<f64>,
-    Option<bool>,
-);
+type Granted = (Option<Vec<String>>, Option<i64>, Option<i64>, Option<f64>);
 
 impl Backend for PgPool {
     async fn acquire(
@@ -36,7 +25,7 @@ impl Backend for PgPool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<Grant>, Error> {
-        let (token, remaining, expires_at, _): Row = sqlx::query_as(sql::ACQUIRE)
+        let (token, remaining, expires_at): Row = sqlx::query_as(sql::ACQUIRE)
             .bind(key)
             .bind(millis(ttl))
             .bind(holder)
@@ -57,7 +46,7 @@ impl Backend for PgPool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<(String, Grant)>, Error> {
-        let (key, token, remaining, expires_at, _): Permit = sqlx::query_as(sql::SEMAPHORE_ACQUIRE)
+        let (key, token, remaining, expires_at): Permit = sqlx::query_as(sql::SEMAPHORE_ACQUIRE)
             .bind(name)
             .bind(permits)
             .bind(millis(ttl))
@@ -78,7 +67,7 @@ impl Backend for PgPool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<(Vec<String>, Grant)>, Error> {
-        let (keys, token, remaining, expires_at, _): Granted = sqlx::query_as(sql::ACQUIRE_ALL)
+        let (keys, token, remaining, expires_at): Granted = sqlx::query_as(sql::ACQUIRE_ALL)
             .bind(keys)
             .bind(millis(ttl))
             .bind(holder)
@@ -113,6 +102,22 @@ impl Backend for PgPool {
             .fetch_one(self)
             .await
             .map_err(error)
+    }
+
+    async fn watch(
+        &self,
+        key: &str,
+        known: Option<i64>,
+        wait: Duration,
+    ) -> Result<Option<crate::LeaseInfo>, Error> {
+        let (holder, token, acquired_at, expires_at): Watched = sqlx::query_as(sql::WATCH)
+            .bind(key)
+            .bind(known)
+            .bind(millis(wait))
+            .fetch_one(self)
+            .await
+            .map_err(error)?;
+        Ok(watched(key, holder, token, acquired_at, expires_at))
     }
 
     async fn renew(
@@ -172,6 +177,8 @@ pub fn error(error: sqlx::Error) -> Error {
         | sqlx::Error::TypeNotFound { .. }
         | sqlx::Error::ColumnNotFound(_)
         | sqlx::Error::ColumnIndexOutOfBounds { .. } => Error::Decode(error.to_string()),
+        // No connection to send the statement on: nothing was sent.
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => Error::Pool(error.to_string()),
         _ => Error::Connection(error.to_string()),
     }
 }

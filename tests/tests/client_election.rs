@@ -1,0 +1,155 @@
+//! `Election` through both backends: candidates campaign, lead and resign,
+//! a leader paused past its ttl is succeeded and a leader forced out is
+//! told; there is never more than one leader at an instant, terms only
+//! increase, and an observer sees the leadership changes in order, "no
+//! leader" included.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pg_fence_client::{Backend, Election, LeaseOptions, LossReason};
+use pg_fence_tests::*;
+
+/// Observe `election` until it has seen `terms` leaders and then nobody;
+/// the changes, in order.
+fn observing<B: Backend>(
+    backend: &B,
+    election: &Election,
+    terms: usize,
+) -> tokio::task::JoinHandle<Vec<Option<(i64, String)>>> {
+    let mut observer = election.observe(backend);
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        loop {
+            let now = observer
+                .next()
+                .await
+                .unwrap()
+                .map(|lease| (lease.token, lease.holder));
+            let leaders = seen.iter().filter(|s: &&Option<_>| s.is_some()).count()
+                + usize::from(now.is_some());
+            let done = now.is_none() && leaders >= terms;
+            seen.push(now);
+            if done {
+                return seen;
+            }
+        }
+    })
+}
+
+/// The leaders' terms must only increase, each seen once, with no two
+/// answers in a row the same.
+fn terms_of(seen: &[Option<(i64, String)>]) -> Vec<i64> {
+    for pair in seen.windows(2) {
+        assert_ne!(pair[0], pair[1], "an answer repeated: {seen:?}");
+    }
+    let terms: Vec<i64> = seen.iter().flatten().map(|(token, _)| *token).collect();
+    assert!(
+        terms.windows(2).all(|pair| pair[0] < pair[1]),
+        "terms went down: {seen:?}"
+    );
+    terms
+}
+
+through_both_backends!(candidates_take_turns_and_an_observer_sees_each_term);
+async fn candidates_take_turns_and_an_observer_sees_each_term<B: Backend>(
+    backend: B,
+    _app: String,
+) {
+    let election = Election::new(unique_key("election"));
+    assert_eq!(election.leader(&backend).await.unwrap(), None);
+    let observer = observing(&backend, &election, 6);
+    let leading = Arc::new(AtomicUsize::new(0));
+    let granted = Arc::new(Mutex::new(Vec::new()));
+    let mut candidates = Vec::new();
+    for name in ["alpha", "beta", "gamma"] {
+        let (backend, election, leading, granted) = (
+            backend.clone(),
+            election.clone(),
+            leading.clone(),
+            granted.clone(),
+        );
+        candidates.push(tokio::spawn(async move {
+            let options = LeaseOptions::new(Duration::from_secs(3)).holder(unique_key(name));
+            for _ in 0..2 {
+                let leader = election.campaign(&backend, &options).await.unwrap();
+                assert_eq!(leading.fetch_add(1, Ordering::SeqCst), 0, "two leaders");
+                granted.lock().unwrap().push(leader.token());
+                let now = election.leader(&backend).await.unwrap().expect("a leader");
+                assert_eq!(now.token, leader.token(), "leader() names the leader");
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                leading.fetch_sub(1, Ordering::SeqCst);
+                assert!(leader.release().await.unwrap(), "resigned");
+                // Step back a moment, so the others' turns are observable.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+    }
+    for candidate in candidates {
+        candidate.await.unwrap();
+    }
+    let seen = tokio::time::timeout(Duration::from_secs(10), observer)
+        .await
+        .expect("the observer saw the end")
+        .unwrap();
+    let mut granted = granted.lock().unwrap().clone();
+    granted.sort();
+    assert_eq!(terms_of(&seen), granted, "every term, in order: {seen:?}");
+    assert_eq!(seen.last(), Some(&None), "and then no leader");
+}
+
+through_both_backends!(a_paused_leader_is_succeeded_and_a_forced_one_is_told);
+async fn a_paused_leader_is_succeeded_and_a_forced_one_is_told<B: Backend>(
+    backend: B,
+    _app: String,
+) {
+    let db = connect().await;
+    let election = Election::new(unique_key("election-pause"));
+    let observer = observing(&backend, &election, 3);
+    // A leader that stops renewing (a paused process): a bare grant.
+    let paused = acquire(&db, election.key(), "600 milliseconds", Some("paused"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The next candidate takes over at its expiry.
+    let options = LeaseOptions::new(Duration::from_secs(3)).holder(unique_key("next"));
+    let next = election.campaign(&backend, &options).await.unwrap();
+    assert!(next.token() > paused);
+    let lost = next.lost();
+    // It leads a while (a term that begins and ends between two looks of
+    // the observer is not seen); then an admin forces it out: the leader
+    // is told, and a third takes over.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let forced: bool = db
+        .query_one("SELECT fence.lock_force_release($1)", &[&election.key()])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(forced);
+    let reason = tokio::time::timeout(Duration::from_secs(2), lost)
+        .await
+        .expect("the forced leader was told within a renewal period");
+    assert_eq!(reason, LossReason::NotLive);
+    let third = election
+        .campaign(&backend, &LeaseOptions::new(Duration::from_secs(3)))
+        .await
+        .unwrap();
+    let terms = vec![paused, next.token(), third.token()];
+    drop(next);
+    // A term long enough to be seen (one that begins and ends between two
+    // looks of the observer is not).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(third.release().await.unwrap());
+    let seen = tokio::time::timeout(Duration::from_secs(10), observer)
+        .await
+        .expect("the observer saw the end")
+        .unwrap();
+    // The three leaders, in order, and then nobody. (Whether the moment
+    // between one leader and the next shows as "no leader" depends on how
+    // long the key stayed free: a hand-off at expiry can be quicker than
+    // the observer's next look.)
+    assert_eq!(terms_of(&seen), terms, "{seen:?}");
+    assert_eq!(seen.last(), Some(&None));
+}
