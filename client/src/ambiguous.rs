@@ -30,6 +30,9 @@ pub(crate) struct Cleanup {
     after_acquire: bool,
     /// Its registry keys, distinct and sorted: what it releases.
     keys: Vec<String>,
+    /// For the cleanup of an unanswered acquire: until when the lost
+    /// request could still grant, and until when such a lease lives.
+    bounds: Option<(Instant, Instant)>,
 }
 
 /// Held by a cleanup's task: dropped when the task ends, however it ends
@@ -41,7 +44,10 @@ pub(crate) struct Finish(Arc<Cleanup>);
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        cleanups().retain(|_, entry| !Arc::ptr_eq(entry, &self.0));
+        cleanups().retain(|_, entries| {
+            entries.retain(|entry| !Arc::ptr_eq(entry, &self.0));
+            !entries.is_empty()
+        });
         self.0.done.send_replace(true);
     }
 }
@@ -50,7 +56,7 @@ impl Drop for Finish {
 /// multi-key one under each of its keys, a semaphore acquire's under the
 /// semaphore's `name:permit:*`), so an acquire finds every cleanup whose
 /// keys overlap its own.
-type Registry = HashMap<(String, String), Arc<Cleanup>>;
+type Registry = HashMap<(String, String), Vec<Arc<Cleanup>>>;
 
 fn cleanups() -> std::sync::MutexGuard<'static, Registry> {
     static CLEANUPS: OnceLock<Mutex<Registry>> = OnceLock::new();
@@ -81,7 +87,11 @@ fn entries(wanted: &Wanted) -> Vec<String> {
 /// (a single key of this set, say) is left to finish: this acquire could
 /// not take its lease back (a multi-key G6 needs every key), so the
 /// cleanup releases it, and this acquire then finds the key free.
-pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> bool {
+///
+/// Returns the stopped cleanup's bounds, if it stopped one: the caller must
+/// start it again ([`clean_up_after`]) unless its own acquire ends with the
+/// lease ([`Rearm`]).
+pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> Option<(Instant, Instant)> {
     let wanted_keys = entries(wanted);
     let permits = match wanted {
         Wanted::Permit { name, .. } => Some(format!("{name}:permit:")),
@@ -90,22 +100,29 @@ pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> bool {
     let running: Vec<Arc<Cleanup>> = {
         let registry = cleanups();
         let mut distinct: Vec<Arc<Cleanup>> = Vec::new();
-        for ((key, id), cleanup) in registry.iter() {
+        for ((key, id), cleanups) in registry.iter() {
             let overlaps = id == holder
                 && (wanted_keys.contains(key)
                     || permits.as_ref().is_some_and(|p| key.starts_with(p)));
-            if overlaps && !distinct.iter().any(|c| Arc::ptr_eq(c, cleanup)) {
-                distinct.push(cleanup.clone());
+            for cleanup in cleanups.iter().filter(|_| overlaps) {
+                if !distinct.iter().any(|c| Arc::ptr_eq(c, cleanup)) {
+                    distinct.push(cleanup.clone());
+                }
             }
         }
         distinct
     };
-    let mut resumed = false;
+    let mut resumed: Option<(Instant, Instant)> = None;
     for cleanup in running {
         if cleanup.after_acquire && cleanup.keys == wanted_keys {
             cleanup.stop.store(true, Ordering::SeqCst);
             cleanup.stopped.notify_one();
-            resumed = true;
+            if let Some((granting, until)) = cleanup.bounds {
+                resumed = Some(match resumed {
+                    Some((g, u)) => (g.max(granting), u.max(until)),
+                    None => (granting, until),
+                });
+            }
         }
         let mut done = cleanup.done.subscribe();
         let _ = done.wait_for(|done| *done).await;
@@ -115,19 +132,57 @@ pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> bool {
 
 /// A new cleanup of `keys` for `holder`, registered under each key; its
 /// task must hold the returned [`Finish`] until it ends.
-fn register(keys: Vec<String>, holder: &str, after_acquire: bool) -> Finish {
+fn register(keys: Vec<String>, holder: &str, bounds: Option<(Instant, Instant)>) -> Finish {
     let cleanup = Arc::new(Cleanup {
         stop: AtomicBool::new(false),
         stopped: Notify::new(),
         done: watch::channel(false).0,
-        after_acquire,
+        after_acquire: bounds.is_some(),
         keys,
+        bounds,
     });
     let mut registry = cleanups();
     for key in &cleanup.keys {
-        registry.insert((key.clone(), holder.to_owned()), cleanup.clone());
+        registry
+            .entry((key.clone(), holder.to_owned()))
+            .or_default()
+            .push(cleanup.clone());
     }
     Finish(cleanup)
+}
+
+/// Held by an acquire that stopped the cleanup of its holder's unanswered
+/// acquire to retry it: unless the acquire ends with the lease
+/// ([`Rearm::disarm`]), dropping it (an error, "busy", a cancel) starts the
+/// cleanup again, so the lost request's lease is never left to nobody.
+pub(crate) struct Rearm<B: Backend> {
+    pub(crate) backend: B,
+    pub(crate) wanted: Wanted,
+    pub(crate) ttl: Duration,
+    pub(crate) holder: String,
+    pub(crate) bounds: Option<(Instant, Instant)>,
+}
+
+impl<B: Backend> Rearm<B> {
+    /// The acquire got the lease (or started a cleanup of its own, with
+    /// these bounds folded in): nothing to start again.
+    pub(crate) fn disarm(&mut self) -> Option<(Instant, Instant)> {
+        self.bounds.take()
+    }
+}
+
+impl<B: Backend> Drop for Rearm<B> {
+    fn drop(&mut self) {
+        if let Some(bounds) = self.bounds.take() {
+            clean_up_after(
+                &self.backend,
+                self.wanted.clone(),
+                self.ttl,
+                &self.holder,
+                bounds,
+            );
+        }
+    }
 }
 
 /// Register a release about to run in the background for `holder` on
@@ -137,7 +192,7 @@ pub(crate) fn track(keys: &[String], holder: &str) -> Finish {
     let mut keys = keys.to_vec();
     keys.sort_unstable();
     keys.dedup();
-    register(keys, holder, false)
+    register(keys, holder, None)
 }
 
 /// Release, in the background (if a Tokio runtime is running), whatever
@@ -157,7 +212,7 @@ pub(crate) fn clean_up_after<B: Backend>(
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let finish = register(entries(&wanted), holder, true);
+    let finish = register(entries(&wanted), holder, Some((granting_until, until)));
     let (backend, holder) = (backend.clone(), holder.to_owned());
     runtime.spawn(async move {
         release_as(
@@ -182,53 +237,68 @@ async fn release_as<B: Backend>(
     cleanup: &Arc<Cleanup>,
 ) {
     let mut pause = Duration::from_millis(100);
+    let backoff = |pause: &mut Duration| {
+        let now = *pause;
+        *pause = (*pause * 2).min(Duration::from_secs(2));
+        now
+    };
     while Instant::now() < until && !cleanup.stop.load(Ordering::SeqCst) {
-        let found = match wanted {
-            Wanted::Key(key) => backend
-                .acquire(key, ttl, holder, Duration::ZERO, true)
-                .await
-                .map(|grant| grant.map(|grant| (Keys::one(key.clone()), grant))),
-            Wanted::Permit { name, permits } => backend
-                .acquire_permit(name, *permits, ttl, holder, Duration::ZERO, true)
-                .await
-                .map(|grant| grant.map(|(key, grant)| (Keys::one(key), grant))),
-            Wanted::All(keys) => backend
-                .acquire_all(keys, ttl, holder, Duration::ZERO, true)
-                .await
-                .map(|grant| grant.map(|(keys, grant)| (Keys::all(keys), grant))),
+        let request = async {
+            match wanted {
+                Wanted::Key(key) => backend
+                    .acquire(key, ttl, holder, Duration::ZERO, true)
+                    .await
+                    .map(|grant| grant.map(|grant| (Keys::one(key.clone()), grant))),
+                Wanted::Permit { name, permits } => backend
+                    .acquire_permit(name, *permits, ttl, holder, Duration::ZERO, true)
+                    .await
+                    .map(|grant| grant.map(|(key, grant)| (Keys::one(key), grant))),
+                Wanted::All(keys) => backend
+                    .acquire_all(keys, ttl, holder, Duration::ZERO, true)
+                    .await
+                    .map(|grant| grant.map(|(keys, grant)| (Keys::all(keys), grant))),
+            }
         };
-        match found {
+        // No request outlives the lease it looks for, and a stop ends it.
+        let left = until.saturating_duration_since(Instant::now());
+        let found = tokio::select! {
+            found = tokio::time::timeout(left, request) => match found {
+                Ok(found) => found,
+                Err(_) => break,
+            },
+            _ = cleanup.stopped.notified() => break,
+        };
+        let pause_now = match found {
             Ok(Some((keys, grant))) => {
                 if let Err(error) = keys.release(backend, grant.token).await {
                     let key = keys.first();
                     tracing::warn!(%error, key, holder, "releasing an unacknowledged lease failed; it will expire");
+                    break;
                 }
-                break;
+                // Released; but the lost request may still be waiting in the
+                // server and grant later (until its wait runs out, or the
+                // server notices its client is gone): look again until then.
+                if Instant::now() >= granting_until {
+                    break;
+                }
+                backoff(&mut pause)
             }
             // Held by someone else (or queued for): nothing of ours is, as
-            // far as the server can tell now. The lost request may still be
-            // waiting in the server, though (until its wait runs out, or
-            // until the server notices its client is gone): look again
-            // until then.
-            Ok(None) if Instant::now() < granting_until => {
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = cleanup.stopped.notified() => {}
-                }
-                pause = (pause * 2).min(Duration::from_secs(2));
-            }
+            // far as the server can tell now; look again while the lost
+            // request could still grant.
+            Ok(None) if Instant::now() < granting_until => backoff(&mut pause),
             Ok(None) => break,
             Err(error) if error.is_ambiguous() || matches!(error, crate::Error::Pool(_)) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = cleanup.stopped.notified() => {}
-                }
-                pause = (pause * 2).min(Duration::from_secs(2));
+                backoff(&mut pause)
             }
             Err(error) => {
                 tracing::warn!(%error, holder, "cannot release an unacknowledged lease; it will expire");
                 break;
             }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause_now) => {}
+            _ = cleanup.stopped.notified() => break,
         }
     }
 }

@@ -256,8 +256,16 @@ impl<B: Backend> Lease<B> {
         // release the lease this call is about to get back (G6).
         let wanted = target.owned();
         // Stopping the cleanup of this holder's unanswered acquire makes
-        // this call a retry of that request, which may take its lease back.
-        let resumed = ambiguous::wait_for_cleanup(&wanted, &holder).await;
+        // this call a retry of that request, which may take its lease back;
+        // if it does not get it, the cleanup starts again (on drop).
+        let mut rearm = ambiguous::Rearm {
+            backend: backend.clone(),
+            wanted: wanted.clone(),
+            ttl: options.ttl,
+            holder: holder.clone(),
+            bounds: ambiguous::wait_for_cleanup(&wanted, &holder).await,
+        };
+        let resumed = rearm.bounds.is_some();
         let mut attempts = 0u32;
         let first_sent = Instant::now();
         // A request may wait in the server for `wait` before it grants.
@@ -302,7 +310,7 @@ impl<B: Backend> Lease<B> {
                         tracing::warn!(%error, attempts, holder, "acquire replies lost; giving up, releasing in the background");
                         // A lease granted to the last request lives at most
                         // until its wait and then its ttl have run out.
-                        let until = (sent + wait, sent + wait + options.ttl);
+                        let until = later((sent + wait, sent + wait + options.ttl), rearm.disarm());
                         ambiguous::clean_up_after(backend, wanted, options.ttl, &holder, until);
                         return Err(Error::AcquireAmbiguous {
                             holder,
@@ -317,7 +325,7 @@ impl<B: Backend> Lease<B> {
                 // decode: nobody knows the lease, so release it as for a
                 // lost reply.
                 Err(error @ Error::Decode(_)) => {
-                    let until = (sent + wait, sent + wait + options.ttl);
+                    let until = later((sent + wait, sent + wait + options.ttl), rearm.disarm());
                     ambiguous::clean_up_after(backend, wanted, options.ttl, &holder, until);
                     return Err(error);
                 }
@@ -333,8 +341,11 @@ impl<B: Backend> Lease<B> {
             },
         )) = grant
         else {
+            // Busy: a stopped cleanup starts again as `rearm` drops.
             return Ok(None);
         };
+        // The lease (the lost request's, or a fresh one): nothing to clean up.
+        rearm.disarm();
         tracing::Span::current().record("token", token);
         // `remaining` runs from the statement's start (after `sent`), through
         // any wait, to the expiry: never later than the server's.
@@ -566,6 +577,14 @@ impl<B: Backend> Lease<B> {
     }
 }
 
+/// The later of two cleanup bounds (`granting_until`, `until`).
+fn later(bounds: (Instant, Instant), other: Option<(Instant, Instant)>) -> (Instant, Instant) {
+    match other {
+        Some((granting, until)) => (bounds.0.max(granting), bounds.1.max(until)),
+        None => bounds,
+    }
+}
+
 /// The least time a release is given, even at or past the deadline.
 const RELEASE_AT_LEAST: Duration = Duration::from_millis(250);
 
@@ -582,7 +601,10 @@ impl<B: Backend> Drop for Lease<B> {
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (backend, keys, token) = (self.backend.clone(), self.keys.clone(), self.token);
+            // Tracked, so an acquire naming this holder waits for it.
+            let tracked = ambiguous::track(keys.as_slice(), &self.holder);
             runtime.spawn(async move {
+                let _tracked = tracked;
                 if let Err(error) = keys.release(&backend, token).await {
                     let key = keys.first();
                     tracing::warn!(%error, key, token, "release on drop failed; the lease will expire");

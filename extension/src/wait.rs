@@ -73,6 +73,13 @@ pub fn advertise(event: u32) {
     unsafe { *pg_sys::my_wait_event_info = event };
 }
 
+/// Whether this backend still advertises `event`: a wait inside a read
+/// (for a buffer, a lock) resets the advertisement when it ends.
+pub fn advertising(event: u32) -> bool {
+    // SAFETY: as for advertise().
+    unsafe { *pg_sys::my_wait_event_info == event }
+}
+
 /// Stop advertising. An error path needs no call: AbortTransaction clears it.
 pub fn stop_advertising() {
     // SAFETY: as for advertise().
@@ -89,7 +96,8 @@ pub fn reset_latch() {
 unsafe extern "C-unwind" {
     /// libpq/pqcomm.c (PostgreSQL 14 and later): false once the client's
     /// socket has been closed (what `client_connection_check_interval`
-    /// checks).
+    /// checks). Called through `pg_guard_ffi_boundary`: an ERROR inside it
+    /// unwinds as a Rust panic rather than jumping over our frames.
     fn pq_check_connection() -> bool;
 }
 
@@ -112,7 +120,9 @@ pub fn sleep(event: u32, timeout_ms: i64) {
         // WaitLatch cleared our advertisement; the next attempt sets it again.
         // A session with a client (not a background worker's) whose client
         // is gone: have ProcessInterrupts end it.
-        if !pg_sys::MyProcPort.is_null() && !pq_check_connection() {
+        if !pg_sys::MyProcPort.is_null()
+            && !pg_sys::ffi::pg_guard_ffi_boundary(|| pq_check_connection())
+        {
             pg_sys::ClientConnectionLost = 1;
             pg_sys::InterruptPending = 1;
         }

@@ -9,9 +9,12 @@
 //! releases or forces a lease on the key wakes all of them once it has
 //! committed and let go of its locks (wait.rs); the expiry of the lease it
 //! knows it sleeps until by itself. Renewals change nothing a watcher
-//! cares about (the same token stays live) and wake nobody. A missed
-//! wake-up (its advertisement briefly overwritten while it reads, a hash
-//! collision) costs at most [`WATCH_RECHECK_MS`]. No shared memory is
+//! cares about (the same token stays live) and wake nobody (one that
+//! shortens the lease is learned at the next recheck). A missed wake-up (a
+//! hash collision; its advertisement overwritten while it reads is caught
+//! by looking again) costs at most [`WATCH_RECHECK_MS`]. A lease that looks
+//! expired while a renewal of it is still in flight is looked at again a
+//! moment later, not reported ended. No shared memory is
 //! needed, so it works without preload too; on a hot standby, where no
 //! transaction of the primary wakes it, it learns of changes only at that
 //! recheck (and of an expiry on time).
@@ -67,8 +70,25 @@ pub fn watch(
         // this transaction's own changes).
         // SAFETY: inside a transaction (every pg_extern is), outside any scan.
         unsafe { pg_sys::CommandCounterIncrement() };
-        let live = probe::lease_row(key, probe::Snapshot::Latest, true)?.filter(|row| row.live);
+        let row = probe::lease_row(key, probe::Snapshot::Latest, true)?;
         let now = now_micros();
+        // A lease that looks ended while a transaction has its row locked or
+        // updated (a renew that judged it live in time, not yet committed)
+        // may be live again in a moment: look again shortly rather than
+        // report an end that did not happen (an observer would see the
+        // term end and come back).
+        let in_flight = row.as_ref().is_some_and(|row| !row.live && !row.untouched);
+        if in_flight && now < deadline {
+            wait::sleep(event, wait::LOCKED_ROW_RETRY_MS);
+            continue;
+        }
+        // The probe may have waited (for a buffer, a lock), which clears our
+        // advertisement: a change committed since could have missed us, so
+        // advertise again and look once more.
+        if wait_micros > 0 && !wait::advertising(event) {
+            continue;
+        }
+        let live = row.filter(|row| row.live);
         if live.as_ref().map(|row| row.token) != known_token || now >= deadline {
             break live;
         }

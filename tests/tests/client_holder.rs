@@ -115,7 +115,7 @@ async fn a_second_guard_waiting_in_the_server_is_refused_when_the_first_gets_it<
         let (backend, key, options) = (backend.clone(), key.clone(), options.clone());
         async move { Lease::acquire(&backend, &key, &options, Duration::from_secs(10)).await }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_queued(&db, &key, 1).await;
     let second = tokio::spawn({
         let (backend, key, options) = (backend.clone(), key.clone(), options.clone());
         async move {
@@ -123,7 +123,7 @@ async fn a_second_guard_waiting_in_the_server_is_refused_when_the_first_gets_it<
             Lease::acquire(&backend, &key, &short, Duration::from_secs(10)).await
         }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_queued(&db, &key, 2).await;
     assert!(release(&db, &key, other).await.unwrap());
     let first = first
         .await
@@ -202,4 +202,52 @@ async fn a_retry_after_no_connection_is_no_retry_of_a_sent_request<B: Backend>(
         "a try after a pool error adopted another guard's lease"
     );
     assert!(first.release().await.unwrap());
+}
+
+/// Wait, up to 10 s, until `n` sessions are queued for `key` (preload
+/// mode's fence.waiters): the order the test then relies on is real.
+async fn until_queued(db: &Client, key: &str, n: i64) {
+    for _ in 0..1000 {
+        let queued: i64 = db
+            .query_one(
+                "SELECT count(*) FROM fence.waiters WHERE lock_key = $1",
+                &[&key],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if queued == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never {n} queued for {key}");
+}
+
+/// The internal acquire functions the client calls: `adopt => false`
+/// refuses the holder's own live lease with FN002, straight from the
+/// server, and leaves it; `adopt => true` is G6; NULL `adopt` is 22004.
+#[tokio::test]
+async fn the_internal_acquires_refuse_or_adopt_as_told() {
+    let db = connect().await;
+    let key = unique_key("holder-sql");
+    let take = |adopt: &str| {
+        format!("SELECT (fence._lock_acquire('{key}', '1 minute', 'h', '0', {adopt})).token")
+    };
+    let token: i64 = db.query_one(&take("false"), &[]).await.unwrap().get(0);
+    let (state, message) = expect_error(&db, &take("false")).await;
+    assert_eq!(state, "FN002", "{message}");
+    assert_eq!(live_token(&db, &key).await, Some(token));
+    let again: i64 = db.query_one(&take("true"), &[]).await.unwrap().get(0);
+    assert_eq!(again, token, "G6 when adopting");
+    let (state, _) = expect_error(&db, &take("NULL")).await;
+    assert_eq!(state, "22004");
+    for sql in [
+        "SELECT fence._semaphore_acquire('s', 2, '1 minute', 'h', '0', NULL)",
+        "SELECT * FROM fence._lock_acquire_all(ARRAY['a'], '1 minute', 'h', '0', NULL)",
+    ] {
+        let (state, message) = expect_error(&db, sql).await;
+        assert_eq!(state, "22004", "{sql}: {message}");
+    }
+    assert!(release(&db, &key, token).await.unwrap());
 }
