@@ -9,6 +9,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use tokio_postgres::{Client, Error, NoTls};
 
+mod faulty;
+pub use faulty::{Acquire, Faulty};
+
 pub fn port() -> u16 {
     std::env::var("PGFENCE_PORT")
         .ok()

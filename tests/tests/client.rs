@@ -311,84 +311,17 @@ async fn fenced_transactions_through_both_drivers() {
     assert_eq!(n, 2, "exactly the two writes with live tokens landed");
 }
 
-/// A backend whose first acquire reaches the server but whose reply is
-/// "lost" on the way back: the request took effect, the client saw an error.
-#[derive(Clone)]
-struct LostFirstReply<B> {
-    inner: B,
-    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl<B: Backend> Backend for LostFirstReply<B> {
-    async fn acquire(
-        &self,
-        key: &str,
-        ttl: Duration,
-        holder: &str,
-        wait: Duration,
-        adopt: bool,
-    ) -> Result<Option<pg_fence_client::Grant>, Error> {
-        let grant = self.inner.acquire(key, ttl, holder, wait, adopt).await?;
-        if !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::Connection(
-                "connection reset before the reply".into(),
-            ));
-        }
-        Ok(grant)
-    }
-
-    async fn acquire_permit(
-        &self,
-        name: &str,
-        permits: i32,
-        ttl: Duration,
-        holder: &str,
-        wait: Duration,
-        adopt: bool,
-    ) -> Result<Option<(String, pg_fence_client::Grant)>, Error> {
-        let permit = self
-            .inner
-            .acquire_permit(name, permits, ttl, holder, wait, adopt)
-            .await?;
-        if !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::Connection(
-                "connection reset before the reply".into(),
-            ));
-        }
-        Ok(permit)
-    }
-
-    async fn renew(
-        &self,
-        key: &str,
-        token: i64,
-        ttl: Duration,
-    ) -> Result<Option<std::time::SystemTime>, Error> {
-        self.inner.renew(key, token, ttl).await
-    }
-
-    async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
-        self.inner.release(key, token).await
-    }
-}
-
 through_both_backends!(a_lost_acquire_reply_is_retried_as_the_same_holder);
 async fn a_lost_acquire_reply_is_retried_as_the_same_holder<B: Backend>(backend: B, _app: String) {
     let key = unique_key("client-lost-reply");
-    let flaky = LostFirstReply {
-        inner: backend,
-        lost: Default::default(),
-    };
+    let flaky = Faulty::new(backend).lose_first_reply();
     // Without G6 the retry would find the key busy (held by our own first,
     // unacknowledged request) and we would be locked out for the ttl.
     let lease = Lease::try_acquire(&flaky, &key, &LeaseOptions::default())
         .await
         .unwrap()
         .expect("G6: our own lease back");
-    assert!(
-        flaky.lost.load(std::sync::atomic::Ordering::SeqCst),
-        "the first reply was lost"
-    );
+    assert!(flaky.fired(), "the first reply was lost");
     assert_eq!(
         live_token(&connect().await, &key).await,
         Some(lease.token()),
@@ -403,16 +336,13 @@ through_both_backends!(a_lost_permit_reply_is_retried_as_the_same_holder);
 /// permit), not a second one.
 async fn a_lost_permit_reply_is_retried_as_the_same_holder<B: Backend>(backend: B, _app: String) {
     let semaphore = pg_fence_client::Semaphore::new(unique_key("client-lost-permit"), 3).unwrap();
-    let flaky = LostFirstReply {
-        inner: backend,
-        lost: Default::default(),
-    };
+    let flaky = Faulty::new(backend).lose_first_reply();
     let permit = semaphore
         .try_acquire(&flaky, &LeaseOptions::default())
         .await
         .unwrap()
         .expect("G6: our own permit back");
-    assert!(flaky.lost.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(flaky.fired());
     let live: i64 = connect()
         .await
         .query_one(
@@ -816,69 +746,6 @@ async fn run_reports_a_lease_forced_away_during_the_work_as_lost<B: Backend>(
     assert_eq!(outcome, RunOutcome::Lost(LossReason::NotLive));
 }
 
-/// A backend whose acquire requests reach the server but whose replies are
-/// "lost" until `until`: a server restart or a failover, seen from the
-/// client.
-#[derive(Clone)]
-struct RepliesLostUntil<B> {
-    inner: B,
-    until: std::time::Instant,
-}
-
-impl<B: Backend> RepliesLostUntil<B> {
-    fn lost<T>(&self, outcome: Result<T, Error>) -> Result<T, Error> {
-        let outcome = outcome?;
-        if std::time::Instant::now() < self.until {
-            return Err(Error::Connection(
-                "connection reset before the reply".into(),
-            ));
-        }
-        Ok(outcome)
-    }
-}
-
-impl<B: Backend> Backend for RepliesLostUntil<B> {
-    async fn acquire(
-        &self,
-        key: &str,
-        ttl: Duration,
-        holder: &str,
-        wait: Duration,
-        adopt: bool,
-    ) -> Result<Option<pg_fence_client::Grant>, Error> {
-        self.lost(self.inner.acquire(key, ttl, holder, wait, adopt).await)
-    }
-
-    async fn acquire_permit(
-        &self,
-        name: &str,
-        permits: i32,
-        ttl: Duration,
-        holder: &str,
-        wait: Duration,
-        adopt: bool,
-    ) -> Result<Option<(String, pg_fence_client::Grant)>, Error> {
-        self.lost(
-            self.inner
-                .acquire_permit(name, permits, ttl, holder, wait, adopt)
-                .await,
-        )
-    }
-
-    async fn renew(
-        &self,
-        key: &str,
-        token: i64,
-        ttl: Duration,
-    ) -> Result<Option<std::time::SystemTime>, Error> {
-        self.inner.renew(key, token, ttl).await
-    }
-
-    async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
-        self.inner.release(key, token).await
-    }
-}
-
 through_both_backends!(lost_replies_are_retried_with_backoff_until_the_server_answers);
 /// Issue 16, 3: replies lost for longer than a few immediate retries last
 /// (a restart, a failover) are retried with backoff, as the same holder,
@@ -888,10 +755,8 @@ async fn lost_replies_are_retried_with_backoff_until_the_server_answers<B: Backe
     _app: String,
 ) {
     let key = unique_key("client-lost-replies");
-    let flaky = RepliesLostUntil {
-        inner: backend,
-        until: std::time::Instant::now() + Duration::from_millis(1500),
-    };
+    let flaky = Faulty::new(backend)
+        .lose_replies_until(std::time::Instant::now() + Duration::from_millis(1500));
     let lease = Lease::try_acquire(&flaky, &key, &LeaseOptions::default())
         .await
         .unwrap()
@@ -909,10 +774,8 @@ through_both_backends!(an_acquire_that_gives_up_leaves_nothing_held);
 /// released once the server answers again, long before its ttl.
 async fn an_acquire_that_gives_up_leaves_nothing_held<B: Backend>(backend: B, _app: String) {
     let key = unique_key("client-gave-up");
-    let flaky = RepliesLostUntil {
-        inner: backend,
-        until: std::time::Instant::now() + Duration::from_millis(1500),
-    };
+    let flaky = Faulty::new(backend)
+        .lose_replies_until(std::time::Instant::now() + Duration::from_millis(1500));
     let options =
         LeaseOptions::new(Duration::from_secs(30)).ambiguous_retry_for(Duration::from_millis(300));
     let error = Lease::try_acquire(&flaky, &key, &options)
@@ -947,10 +810,8 @@ async fn a_cleanup_never_releases_a_lease_its_holder_took_back<B: Backend>(
     _app: String,
 ) {
     let key = unique_key("client-cleanup-adopted");
-    let flaky = RepliesLostUntil {
-        inner: backend.clone(),
-        until: std::time::Instant::now() + Duration::from_millis(1500),
-    };
+    let flaky = Faulty::new(backend.clone())
+        .lose_replies_until(std::time::Instant::now() + Duration::from_millis(1500));
     let options = LeaseOptions::new(Duration::from_secs(30))
         .holder("worker-h")
         .ambiguous_retry_for(Duration::from_millis(300));
@@ -1004,48 +865,11 @@ fn a_release_past_the_deadline_tells_the_loss_deadpool() {
     );
 }
 
-/// A backend whose releases take `delay` to reach the server.
-#[derive(Clone)]
-struct SlowRelease<B> {
-    inner: B,
-    delay: Duration,
-}
-
-impl<B: Backend> Backend for SlowRelease<B> {
-    async fn acquire(
-        &self,
-        key: &str,
-        ttl: Duration,
-        holder: &str,
-        wait: Duration,
-        adopt: bool,
-    ) -> Result<Option<pg_fence_client::Grant>, Error> {
-        self.inner.acquire(key, ttl, holder, wait, adopt).await
-    }
-
-    async fn renew(
-        &self,
-        key: &str,
-        token: i64,
-        ttl: Duration,
-    ) -> Result<Option<std::time::SystemTime>, Error> {
-        self.inner.renew(key, token, ttl).await
-    }
-
-    async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
-        tokio::time::sleep(self.delay).await;
-        self.inner.release(key, token).await
-    }
-}
-
 through_both_backends!(a_release_waits_no_longer_than_the_leases_deadline);
 /// Issue 16, 7: after a partition a release would wait for minutes; it
 /// waits until the lease's local deadline (the lease is assumed gone then).
 async fn a_release_waits_no_longer_than_the_leases_deadline<B: Backend>(backend: B, _app: String) {
-    let slow = SlowRelease {
-        inner: backend,
-        delay: Duration::from_secs(5),
-    };
+    let slow = Faulty::new(backend).slow_release(Duration::from_secs(5));
     let key = unique_key("client-slow-release");
     let lease = Lease::try_acquire(&slow, &key, &LeaseOptions::new(Duration::from_millis(600)))
         .await
@@ -1068,10 +892,7 @@ async fn a_release_waits_no_longer_than_the_leases_deadline<B: Backend>(backend:
     );
     assert!(now < deadline + Duration::from_secs(1));
     // With the deadline far off, a slow answer is waited for.
-    let slow = SlowRelease {
-        inner: slow.inner,
-        delay: Duration::from_secs(1),
-    };
+    let slow = slow.slow_release(Duration::from_secs(1));
     let key = unique_key("client-slow-release-ok");
     let lease = Lease::try_acquire(&slow, &key, &LeaseOptions::default())
         .await
@@ -1084,10 +905,7 @@ through_both_backends!(a_release_whose_future_is_dropped_still_releases);
 /// Issue 16, 7: a `release()` dropped while its request waits (for a
 /// connection, say) still releases.
 async fn a_release_whose_future_is_dropped_still_releases<B: Backend>(backend: B, _app: String) {
-    let slow = SlowRelease {
-        inner: backend,
-        delay: Duration::from_millis(300),
-    };
+    let slow = Faulty::new(backend).slow_release(Duration::from_millis(300));
     let key = unique_key("client-dropped-release");
     let lease = Lease::try_acquire(&slow, &key, &LeaseOptions::default())
         .await
@@ -1119,10 +937,7 @@ async fn a_late_release_never_ends_the_lease_its_holder_took_back<B: Backend>(
     backend: B,
     _app: String,
 ) {
-    let slow = SlowRelease {
-        inner: backend,
-        delay: Duration::from_millis(800),
-    };
+    let slow = Faulty::new(backend).slow_release(Duration::from_millis(800));
     let key = unique_key("client-late-release");
     let options = LeaseOptions::default().holder("worker-late");
     let lease = Lease::try_acquire(&slow, &key, &options)

@@ -140,42 +140,6 @@ async fn a_second_guard_waiting_in_the_server_is_refused_when_the_first_gets_it<
     assert!(first.release().await.unwrap());
 }
 
-/// A backend whose first acquire gets no pooled connection: nothing sent.
-#[derive(Clone)]
-struct NoConnectionFirst<B> {
-    inner: B,
-    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl<B: Backend> Backend for NoConnectionFirst<B> {
-    async fn acquire(
-        &self,
-        key: &str,
-        ttl: Duration,
-        holder: &str,
-        wait: Duration,
-        adopt: bool,
-    ) -> Result<Option<pg_fence_client::Grant>, Error> {
-        if !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::Pool("timed out waiting for a connection".into()));
-        }
-        self.inner.acquire(key, ttl, holder, wait, adopt).await
-    }
-
-    async fn renew(
-        &self,
-        key: &str,
-        token: i64,
-        ttl: Duration,
-    ) -> Result<Option<std::time::SystemTime>, Error> {
-        self.inner.renew(key, token, ttl).await
-    }
-
-    async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
-        self.inner.release(key, token).await
-    }
-}
-
 through_both_backends!(a_retry_after_no_connection_is_no_retry_of_a_sent_request);
 /// An acquire whose first try got no pooled connection sent nothing, so
 /// its next try is a first attempt, not a retry that may adopt: with
@@ -190,12 +154,11 @@ async fn a_retry_after_no_connection_is_no_retry_of_a_sent_request<B: Backend>(
         .await
         .unwrap()
         .expect("free");
-    let flaky = NoConnectionFirst {
-        inner: backend.clone(),
-        failed: Default::default(),
-    };
+    let flaky = Faulty::new(backend.clone())
+        .only(&[Acquire::Key])
+        .no_connection_first();
     let second = Lease::try_acquire(&flaky, &key, &options).await;
-    assert!(flaky.failed.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(flaky.fired());
     let refused = holder_in_use(second);
     assert!(
         refused,

@@ -4,11 +4,11 @@
 //! retried as the same holder (G6); racing guards over overlapping sets
 //! never overlap and never deadlock.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pg_fence_client::{Backend, Error, Grant, Lease, LeaseOptions, LossReason};
+use pg_fence_client::{Backend, Error, Lease, LeaseOptions, LossReason};
 use pg_fence_tests::*;
 use tokio::time::Instant;
 
@@ -91,91 +91,20 @@ async fn dropping_a_multi_key_guard_releases_every_key<B: Backend>(backend: B, _
     }
 }
 
-/// A backend whose first multi-key acquire reaches the server but whose
-/// reply is lost on the way back.
-#[derive(Clone)]
-struct LostFirstReply<B> {
-    inner: B,
-    lost: Arc<AtomicBool>,
-}
-
-impl<B: Backend> Backend for LostFirstReply<B> {
-    async fn acquire(
-        &self,
-        key: &str,
-        ttl: Duration,
-        holder: &str,
-        wait: Duration,
-        adopt: bool,
-    ) -> Result<Option<Grant>, Error> {
-        self.inner.acquire(key, ttl, holder, wait, adopt).await
-    }
-
-    async fn acquire_all(
-        &self,
-        keys: &[String],
-        ttl: Duration,
-        holder: &str,
-        wait: Duration,
-        adopt: bool,
-    ) -> Result<Option<(Vec<String>, Grant)>, Error> {
-        let grant = self
-            .inner
-            .acquire_all(keys, ttl, holder, wait, adopt)
-            .await?;
-        if !self.lost.swap(true, Ordering::SeqCst) {
-            return Err(Error::Connection(
-                "connection reset before the reply".into(),
-            ));
-        }
-        Ok(grant)
-    }
-
-    async fn renew_all(
-        &self,
-        keys: &[String],
-        token: i64,
-        ttl: Duration,
-    ) -> Result<Option<std::time::SystemTime>, Error> {
-        self.inner.renew_all(keys, token, ttl).await
-    }
-
-    async fn release_all(&self, keys: &[String], token: i64) -> Result<bool, Error> {
-        self.inner.release_all(keys, token).await
-    }
-
-    async fn renew(
-        &self,
-        key: &str,
-        token: i64,
-        ttl: Duration,
-    ) -> Result<Option<std::time::SystemTime>, Error> {
-        self.inner.renew(key, token, ttl).await
-    }
-
-    async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
-        self.inner.release(key, token).await
-    }
-}
-
 through_both_backends!(a_lost_reply_is_retried_as_the_same_holder);
 async fn a_lost_reply_is_retried_as_the_same_holder<B: Backend>(backend: B, _app: String) {
     let db = connect().await;
     let k = keys("cm-retry", 2);
-    let flaky = LostFirstReply {
-        inner: backend,
-        lost: Default::default(),
-    };
+    let flaky = Faulty::new(backend)
+        .only(&[Acquire::All])
+        .lose_first_reply();
     // Without G6 for the whole set the retry would find every key held by
     // its own first, unacknowledged request, and be locked out for the ttl.
     let lease = Lease::try_acquire_all(&flaky, &k, &LeaseOptions::default())
         .await
         .unwrap()
         .expect("G6: our own leases back");
-    assert!(
-        flaky.lost.load(Ordering::SeqCst),
-        "the first reply was lost"
-    );
+    assert!(flaky.fired(), "the first reply was lost");
     for key in &k {
         assert_eq!(live_token(&db, key).await, Some(lease.token()));
     }
@@ -249,68 +178,6 @@ async fn bad_key_lists_keep_the_servers_sqlstate<B: Backend>(backend: B, _app: S
     assert!(error.to_string().contains("64"), "{error}");
 }
 
-/// A backend whose single-key acquires reach the server but lose their
-/// replies until `until`.
-#[derive(Clone)]
-struct SingleRepliesLost<B> {
-    inner: B,
-    until: std::time::Instant,
-}
-
-impl<B: Backend> Backend for SingleRepliesLost<B> {
-    async fn acquire(
-        &self,
-        key: &str,
-        ttl: Duration,
-        holder: &str,
-        wait: Duration,
-        adopt: bool,
-    ) -> Result<Option<Grant>, Error> {
-        let grant = self.inner.acquire(key, ttl, holder, wait, adopt).await?;
-        if std::time::Instant::now() < self.until {
-            return Err(Error::Connection("reply lost".into()));
-        }
-        Ok(grant)
-    }
-
-    async fn acquire_all(
-        &self,
-        keys: &[String],
-        ttl: Duration,
-        holder: &str,
-        wait: Duration,
-        adopt: bool,
-    ) -> Result<Option<(Vec<String>, Grant)>, Error> {
-        self.inner.acquire_all(keys, ttl, holder, wait, adopt).await
-    }
-
-    async fn renew_all(
-        &self,
-        keys: &[String],
-        token: i64,
-        ttl: Duration,
-    ) -> Result<Option<std::time::SystemTime>, Error> {
-        self.inner.renew_all(keys, token, ttl).await
-    }
-
-    async fn release_all(&self, keys: &[String], token: i64) -> Result<bool, Error> {
-        self.inner.release_all(keys, token).await
-    }
-
-    async fn renew(
-        &self,
-        key: &str,
-        token: i64,
-        ttl: Duration,
-    ) -> Result<Option<std::time::SystemTime>, Error> {
-        self.inner.renew(key, token, ttl).await
-    }
-
-    async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
-        self.inner.release(key, token).await
-    }
-}
-
 through_both_backends!(a_cleanup_of_one_key_never_releases_a_multi_key_lease_on_it);
 /// The cleanup after an unanswered single-key acquire of `a` (which the
 /// server had answered "busy") must not, once `a` comes free and the same
@@ -327,10 +194,9 @@ async fn a_cleanup_of_one_key_never_releases_a_multi_key_lease_on_it<B: Backend>
         .await
         .unwrap()
         .unwrap();
-    let flaky = SingleRepliesLost {
-        inner: backend.clone(),
-        until: std::time::Instant::now() + Duration::from_millis(1500),
-    };
+    let flaky = Faulty::new(backend.clone())
+        .only(&[Acquire::Key])
+        .lose_replies_until(std::time::Instant::now() + Duration::from_millis(1500));
     let options = LeaseOptions::new(Duration::from_secs(30))
         .holder(unique_key("w"))
         .ambiguous_retry_for(Duration::from_millis(300));
