@@ -199,8 +199,11 @@ impl<B: Backend> Lease<B> {
     /// still retried, for up to `ambiguous_retry_for`.)
     ///
     /// Cancel safety: if this future is dropped after the request was sent,
-    /// the server may have granted a lease nobody holds; it expires after
-    /// its ttl, or acquiring again with the same holder returns it (G6).
+    /// its connection is closed (not handed back to the pool with the
+    /// statement still running), and a wait in the server ends when the
+    /// server sees the client gone. A lease granted before then is held by
+    /// nobody and expires after its ttl; an acquire naming the same holder
+    /// is refused (`HolderInUse`) until then.
     pub async fn try_acquire(
         backend: &B,
         key: &str,

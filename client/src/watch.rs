@@ -29,9 +29,9 @@ pub struct LeaseInfo {
 /// (perhaps still the known one). It holds one pooled connection while it
 /// waits.
 ///
-/// Cancel safety: dropping the future abandons the wait; the connection it
-/// was on is not returned to the pool until the server's answer (the end
-/// of `wait` at the latest).
+/// Cancel safety: dropping the future abandons the wait: its connection is
+/// closed, not handed back to the pool with the watch still running on it,
+/// and the server ends the watch when it sees the client gone.
 pub async fn watch<B: Backend>(
     backend: &B,
     key: &str,

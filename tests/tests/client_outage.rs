@@ -89,3 +89,74 @@ async fn a_lost_server_is_reported_at_the_local_deadline_before_the_server_expir
     drop((deadpool_lease, sqlx_lease));
     cluster("destroy");
 }
+
+/// A waiting acquire given up by its caller (its future dropped) must not
+/// leave its statement running on a connection the pool hands to the next
+/// user: through a pool of one connection, a renewal right after such a
+/// cancel answers at once, not when the abandoned wait would have ended
+/// (both drivers waited the whole 10 s before the fix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_wait_does_not_hold_up_the_next_user_of_its_connection() {
+    let mut config = deadpool_postgres::Config::new();
+    config.host = Some("127.0.0.1".into());
+    config.port = Some(port());
+    config.user = Some("postgres".into());
+    config.dbname = Some("pg_fence".into());
+    config.pool = Some(deadpool_postgres::PoolConfig::new(1));
+    let deadpool = config
+        .create_pool(Some(deadpool_postgres::Runtime::Tokio1), NoTls)
+        .unwrap();
+    cancelled_wait_through(deadpool).await;
+    let options = sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(port())
+        .username("postgres")
+        .database("pg_fence");
+    let sqlx = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .unwrap();
+    cancelled_wait_through(sqlx).await;
+}
+
+async fn cancelled_wait_through<B: Backend>(pool: B) {
+    let db = connect().await;
+    let busy = unique_key("cancel-busy");
+    let held = acquire(&db, &busy, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let other = unique_key("cancel-other");
+    let lease = Lease::try_acquire(&pool, &other, &LeaseOptions::default())
+        .await
+        .unwrap()
+        .expect("free");
+    // A wait of 10 s on the busy key, given up after 200 ms.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        Backend::acquire(
+            &pool,
+            &busy,
+            Duration::from_secs(30),
+            "w",
+            Duration::from_secs(10),
+            false,
+        ),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the wait was cut short");
+    let started = std::time::Instant::now();
+    let renewed = pool
+        .renew(&other, lease.token(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(renewed.is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the renewal waited {:?} behind the abandoned wait",
+        started.elapsed()
+    );
+    assert!(lease.release().await.unwrap());
+    assert!(release(&db, &busy, held).await.unwrap());
+}

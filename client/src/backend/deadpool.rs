@@ -16,7 +16,8 @@ impl Backend for Pool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<Grant>, Error> {
-        let client = self.get().await.map_err(pool_error)?;
+        let mut own = Own::get(self).await?;
+        let client = own.client();
         let statement = client.prepare_cached(sql::ACQUIRE).await.map_err(error)?;
         let row = client
             .query_one(
@@ -24,7 +25,9 @@ impl Backend for Pool {
                 &[&key, &millis(ttl), &holder, &millis(wait), &adopt],
             )
             .await
-            .map_err(error)?;
+            .map_err(error);
+        own.answered();
+        let row = row?;
         Ok(grant(get(&row, 0)?, get(&row, 1)?, get(&row, 2)?))
     }
 
@@ -37,7 +40,8 @@ impl Backend for Pool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<(String, Grant)>, Error> {
-        let client = self.get().await.map_err(pool_error)?;
+        let mut own = Own::get(self).await?;
+        let client = own.client();
         let statement = client
             .prepare_cached(sql::SEMAPHORE_ACQUIRE)
             .await
@@ -55,7 +59,9 @@ impl Backend for Pool {
                 ],
             )
             .await
-            .map_err(error)?;
+            .map_err(error);
+        own.answered();
+        let row = row?;
         let key: Option<String> = get(&row, 0)?;
         Ok(key.zip(grant(get(&row, 1)?, get(&row, 2)?, get(&row, 3)?)))
     }
@@ -68,7 +74,8 @@ impl Backend for Pool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<(Vec<String>, Grant)>, Error> {
-        let client = self.get().await.map_err(pool_error)?;
+        let mut own = Own::get(self).await?;
+        let client = own.client();
         let statement = client
             .prepare_cached(sql::ACQUIRE_ALL)
             .await
@@ -79,7 +86,9 @@ impl Backend for Pool {
                 &[&keys, &millis(ttl), &holder, &millis(wait), &adopt],
             )
             .await
-            .map_err(error)?;
+            .map_err(error);
+        own.answered();
+        let row = row?;
         let keys: Option<Vec<String>> = get(&row, 0)?;
         Ok(keys.zip(grant(get(&row, 1)?, get(&row, 2)?, get(&row, 3)?)))
     }
@@ -118,12 +127,15 @@ impl Backend for Pool {
         known: Option<i64>,
         wait: Duration,
     ) -> Result<Option<crate::LeaseInfo>, Error> {
-        let client = self.get().await.map_err(pool_error)?;
+        let mut own = Own::get(self).await?;
+        let client = own.client();
         let statement = client.prepare_cached(sql::WATCH).await.map_err(error)?;
         let row = client
             .query_one(&statement, &[&key, &known, &millis(wait)])
             .await
-            .map_err(error)?;
+            .map_err(error);
+        own.answered();
+        let row = row?;
         Ok(watched(
             key,
             get(&row, 0)?,
@@ -156,6 +168,37 @@ impl Backend for Pool {
             .await
             .map_err(error)?;
         get(&row, 0)
+    }
+}
+
+/// A pooled connection for one statement that may wait in the server (an
+/// acquire, a watch). Dropped before the statement answered (the caller
+/// gave up on the future), the connection is taken out of the pool and
+/// closed rather than handed to the next user with the wait still running
+/// on it, whose statements would queue behind it; the server sees the
+/// client gone at its next wake-up and ends the wait.
+struct Own(Option<deadpool_postgres::Object>, bool);
+
+impl Own {
+    async fn get(pool: &Pool) -> Result<Own, Error> {
+        Ok(Own(Some(pool.get().await.map_err(pool_error)?), false))
+    }
+
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.0.as_ref().expect("held until dropped")
+    }
+
+    /// The statement answered (or failed): the connection may go back.
+    fn answered(&mut self) {
+        self.1 = true;
+    }
+}
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        if let (Some(object), false) = (self.0.take(), self.1) {
+            drop(deadpool_postgres::Object::take(object));
+        }
     }
 }
 

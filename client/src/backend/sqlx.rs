@@ -25,15 +25,18 @@ impl Backend for PgPool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<Grant>, Error> {
-        let (token, remaining, expires_at): Row = sqlx::query_as(sql::ACQUIRE)
+        let mut own = Own::get(self).await?;
+        let row: Result<Row, Error> = sqlx::query_as(sql::ACQUIRE)
             .bind(key)
             .bind(millis(ttl))
             .bind(holder)
             .bind(millis(wait))
             .bind(adopt)
-            .fetch_one(self)
+            .fetch_one(own.connection())
             .await
-            .map_err(error)?;
+            .map_err(error);
+        own.answered();
+        let (token, remaining, expires_at) = row?;
         Ok(grant(token, remaining, expires_at))
     }
 
@@ -46,16 +49,19 @@ impl Backend for PgPool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<(String, Grant)>, Error> {
-        let (key, token, remaining, expires_at): Permit = sqlx::query_as(sql::SEMAPHORE_ACQUIRE)
+        let mut own = Own::get(self).await?;
+        let row: Result<Permit, Error> = sqlx::query_as(sql::SEMAPHORE_ACQUIRE)
             .bind(name)
             .bind(permits)
             .bind(millis(ttl))
             .bind(holder)
             .bind(millis(wait))
             .bind(adopt)
-            .fetch_one(self)
+            .fetch_one(own.connection())
             .await
-            .map_err(error)?;
+            .map_err(error);
+        own.answered();
+        let (key, token, remaining, expires_at) = row?;
         Ok(key.zip(grant(token, remaining, expires_at)))
     }
 
@@ -67,15 +73,18 @@ impl Backend for PgPool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<(Vec<String>, Grant)>, Error> {
-        let (keys, token, remaining, expires_at): Granted = sqlx::query_as(sql::ACQUIRE_ALL)
+        let mut own = Own::get(self).await?;
+        let row: Result<Granted, Error> = sqlx::query_as(sql::ACQUIRE_ALL)
             .bind(keys)
             .bind(millis(ttl))
             .bind(holder)
             .bind(millis(wait))
             .bind(adopt)
-            .fetch_one(self)
+            .fetch_one(own.connection())
             .await
-            .map_err(error)?;
+            .map_err(error);
+        own.answered();
+        let (keys, token, remaining, expires_at) = row?;
         Ok(keys.zip(grant(token, remaining, expires_at)))
     }
 
@@ -110,13 +119,16 @@ impl Backend for PgPool {
         known: Option<i64>,
         wait: Duration,
     ) -> Result<Option<crate::LeaseInfo>, Error> {
-        let (holder, token, acquired_at, expires_at): Watched = sqlx::query_as(sql::WATCH)
+        let mut own = Own::get(self).await?;
+        let row: Result<Watched, Error> = sqlx::query_as(sql::WATCH)
             .bind(key)
             .bind(known)
             .bind(millis(wait))
-            .fetch_one(self)
+            .fetch_one(own.connection())
             .await
-            .map_err(error)?;
+            .map_err(error);
+        own.answered();
+        let (holder, token, acquired_at, expires_at) = row?;
         Ok(watched(key, holder, token, acquired_at, expires_at))
     }
 
@@ -143,6 +155,37 @@ impl Backend for PgPool {
             .fetch_one(self)
             .await
             .map_err(error)
+    }
+}
+
+/// A pooled connection for one statement that may wait in the server (an
+/// acquire, a watch). Dropped before the statement answered (the caller
+/// gave up on the future), the connection is detached from the pool and
+/// closed rather than handed to the next user with the wait still running
+/// on it, whose statements would queue behind it; the server sees the
+/// client gone at its next wake-up and ends the wait.
+struct Own(Option<sqlx::pool::PoolConnection<sqlx::Postgres>>, bool);
+
+impl Own {
+    async fn get(pool: &PgPool) -> Result<Own, Error> {
+        Ok(Own(Some(pool.acquire().await.map_err(error)?), false))
+    }
+
+    fn connection(&mut self) -> &mut sqlx::PgConnection {
+        self.0.as_mut().expect("held until dropped")
+    }
+
+    /// The statement answered (or failed): the connection may go back.
+    fn answered(&mut self) {
+        self.1 = true;
+    }
+}
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        if let (Some(connection), false) = (self.0.take(), self.1) {
+            drop(connection.detach());
+        }
     }
 }
 
