@@ -468,9 +468,9 @@ mod tests {
         let mut r = Reservation::default();
         // Nothing held: a place on every key.
         assert_eq!(r.places(0, 3, 0), 0b111);
-        // Key 1 held from just after a window's end: every key until it has
-        // been held RESERVE_MS and a window comes.
-        let start = YIELD_MS * ms + ms;
+        // Key 1 held from 50 ms on: every key until it has been held
+        // RESERVE_MS and a window comes (the next, at 1100 ms).
+        let start = 50 * ms;
         assert_eq!(r.places(0b010, 3, start), 0b111);
         assert_eq!(r.places(0b010, 3, period - ms), 0b111);
         // The next window (number 1: 1 % 2^0 == 0): only the held key, for
