@@ -91,14 +91,18 @@ fn entries(wanted: &Wanted) -> Vec<String> {
 /// Returns the stopped cleanup's bounds, if it stopped one: the caller must
 /// start it again ([`clean_up_after`]) unless its own acquire ends with the
 /// lease ([`Rearm`]).
-pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> Option<(Instant, Instant)> {
+pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> Resumed {
     let wanted_keys = entries(wanted);
     let permits = match wanted {
         Wanted::Permit { name, .. } => Some(format!("{name}:permit:")),
         _ => None,
     };
+    let mut resumed = Resumed {
+        bounds: None,
+        resuming: None,
+    };
     let running: Vec<Arc<Cleanup>> = {
-        let registry = cleanups();
+        let mut registry = cleanups();
         let mut distinct: Vec<Arc<Cleanup>> = Vec::new();
         for ((key, id), cleanups) in registry.iter() {
             let overlaps = id == holder
@@ -110,19 +114,36 @@ pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> Option<(I
                 }
             }
         }
+        // Only one acquire resumes a lost request: the one that stops its
+        // cleanup. It is itself waited for, until it ends, by any other
+        // acquire naming that holder, which could otherwise have its own
+        // fresh lease adopted by the resumer, or adopt the lost one too.
+        for cleanup in &distinct {
+            if cleanup.after_acquire
+                && cleanup.keys == wanted_keys
+                && !cleanup.stop.swap(true, Ordering::SeqCst)
+            {
+                if let Some((granting, until)) = cleanup.bounds {
+                    resumed.bounds = Some(match resumed.bounds {
+                        Some((g, u)) => (g.max(granting), u.max(until)),
+                        None => (granting, until),
+                    });
+                }
+            }
+        }
+        if resumed.bounds.is_some() {
+            resumed.resuming = Some(register_in(
+                &mut registry,
+                wanted_keys.clone(),
+                holder,
+                None,
+            ));
+        }
         distinct
     };
-    let mut resumed: Option<(Instant, Instant)> = None;
     for cleanup in running {
-        if cleanup.after_acquire && cleanup.keys == wanted_keys {
-            cleanup.stop.store(true, Ordering::SeqCst);
+        if cleanup.stop.load(Ordering::SeqCst) {
             cleanup.stopped.notify_one();
-            if let Some((granting, until)) = cleanup.bounds {
-                resumed = Some(match resumed {
-                    Some((g, u)) => (g.max(granting), u.max(until)),
-                    None => (granting, until),
-                });
-            }
         }
         let mut done = cleanup.done.subscribe();
         let _ = done.wait_for(|done| *done).await;
@@ -130,9 +151,28 @@ pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> Option<(I
     resumed
 }
 
+/// What [`wait_for_cleanup`] found: the bounds of the lost request this
+/// acquire resumes, if it does (it must start the cleanup again unless it
+/// gets the lease: [`Rearm`]), and the entry other acquires wait on while
+/// it does (held until the acquire ends).
+pub(crate) struct Resumed {
+    pub(crate) bounds: Option<(Instant, Instant)>,
+    pub(crate) resuming: Option<Finish>,
+}
+
 /// A new cleanup of `keys` for `holder`, registered under each key; its
 /// task must hold the returned [`Finish`] until it ends.
 fn register(keys: Vec<String>, holder: &str, bounds: Option<(Instant, Instant)>) -> Finish {
+    register_in(&mut cleanups(), keys, holder, bounds)
+}
+
+/// [`register`] with the registry already locked.
+fn register_in(
+    registry: &mut Registry,
+    keys: Vec<String>,
+    holder: &str,
+    bounds: Option<(Instant, Instant)>,
+) -> Finish {
     let cleanup = Arc::new(Cleanup {
         stop: AtomicBool::new(false),
         stopped: Notify::new(),
@@ -141,7 +181,6 @@ fn register(keys: Vec<String>, holder: &str, bounds: Option<(Instant, Instant)>)
         keys,
         bounds,
     });
-    let mut registry = cleanups();
     for key in &cleanup.keys {
         registry
             .entry((key.clone(), holder.to_owned()))
@@ -161,6 +200,9 @@ pub(crate) struct Rearm<B: Backend> {
     pub(crate) ttl: Duration,
     pub(crate) holder: String,
     pub(crate) bounds: Option<(Instant, Instant)>,
+    /// The entry other acquires of this holder wait on meanwhile; dropped
+    /// after `drop` has started the cleanup again, if it does.
+    pub(crate) _resuming: Option<Finish>,
 }
 
 impl<B: Backend> Rearm<B> {

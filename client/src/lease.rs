@@ -261,12 +261,14 @@ impl<B: Backend> Lease<B> {
         // Stopping the cleanup of this holder's unanswered acquire makes
         // this call a retry of that request, which may take its lease back;
         // if it does not get it, the cleanup starts again (on drop).
+        let resumed = ambiguous::wait_for_cleanup(&wanted, &holder).await;
         let mut rearm = ambiguous::Rearm {
             backend: backend.clone(),
             wanted: wanted.clone(),
             ttl: options.ttl,
             holder: holder.clone(),
-            bounds: ambiguous::wait_for_cleanup(&wanted, &holder).await,
+            bounds: resumed.bounds,
+            _resuming: resumed.resuming,
         };
         let resumed = rearm.bounds.is_some();
         let mut attempts = 0u32;

@@ -214,3 +214,43 @@ async fn the_internal_acquires_refuse_or_adopt_as_told() {
     }
     assert!(release(&db, &key, token).await.unwrap());
 }
+
+through_both_backends!(two_acquires_resuming_one_lost_request_do_not_both_adopt_it);
+/// After an acquire whose replies were all lost (its cleanup running), two
+/// acquires naming that holder at once: only one is the retry of the lost
+/// request and gets its lease back; the other finds the lease the first
+/// took and is refused (one lease, one guard).
+async fn two_acquires_resuming_one_lost_request_do_not_both_adopt_it<B: Backend>(
+    backend: B,
+    _app: String,
+) {
+    let key = unique_key("holder-resume");
+    let flaky = Faulty::new(backend.clone())
+        .only(&[Acquire::Key])
+        .lose_replies_until(std::time::Instant::now() + Duration::from_millis(800));
+    let options = LeaseOptions::new(Duration::from_secs(30))
+        .holder(unique_key("worker-9"))
+        .ambiguous_retry_for(Duration::from_millis(300));
+    let error = Lease::try_acquire(&flaky, &key, &options)
+        .await
+        .err()
+        .expect("every reply lost");
+    assert!(matches!(error, Error::AcquireAmbiguous { .. }), "{error:?}");
+    let (first, second) = tokio::join!(
+        Lease::try_acquire(&backend, &key, &options),
+        Lease::try_acquire(&backend, &key, &options),
+    );
+    let got: Vec<_> = [first, second]
+        .into_iter()
+        .map(|outcome| match outcome {
+            Ok(Some(lease)) => Some(lease),
+            Err(Error::HolderInUse { .. }) => None,
+            other => panic!("{:?}", other.map(|lease| lease.map(|l| l.token()))),
+        })
+        .collect();
+    let guards = got.iter().flatten().count();
+    assert_eq!(guards, 1, "two guards for the lost request's lease");
+    for lease in got.into_iter().flatten() {
+        assert!(lease.release().await.unwrap());
+    }
+}
