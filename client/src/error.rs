@@ -115,8 +115,9 @@ pub enum Error {
     /// effect), unlike [`Error::Connection`].
     #[error("no pooled connection: {0}")]
     Pool(String),
-    /// Not a server error: the connection or the pool failed (no answer, so
-    /// the call may or may not have taken effect). Ambiguous: a lease
+    /// Not a server error: the connection failed mid-call (no answer, so
+    /// the call may or may not have taken effect; a pool with no connection
+    /// to give is [`Error::Pool`]). Ambiguous: a lease
     /// acquire retries it as the same holder.
     #[error("connection: {0}")]
     Connection(String),

@@ -425,10 +425,9 @@ pub fn retry_until(expires_at: pg_sys::TimestampTz) -> i64 {
     }
 }
 
-pub fn busy_until(expires_at: Option<TimestampWithTimeZone>) -> Attempt {
-    let retry_in_ms = expires_at.map_or(wait::RECHECK_INTERVAL_MS, |at| {
-        millis_until(at, wait::RECHECK_INTERVAL_MS)
-    });
+fn busy_until(expires_at: Option<TimestampWithTimeZone>) -> Attempt {
+    let retry_in_ms =
+        expires_at.map_or(wait::RECHECK_INTERVAL_MS, |at| retry_until(at.into_inner()));
     Attempt::Busy { retry_in_ms }
 }
 

@@ -34,7 +34,7 @@ pub struct LeaseRow {
     pub live: bool,
     pub expires_at: pg_sys::TimestampTz,
     pub owner_role: pg_sys::Oid,
-    /// When the lease was granted.
+    /// When the lease was granted. Read only `for_grant` (0 otherwise).
     pub acquired_at: pg_sys::TimestampTz,
     /// Read only `for_grant`.
     pub holder: Option<String>,
@@ -131,7 +131,10 @@ pub fn lease_row(
                 owner_role: value(owner_at).map_or(pg_sys::InvalidOid, |datum| {
                     pg_sys::Oid::from(datum.value() as u32)
                 }),
-                acquired_at: value(acquired_at).map_or(i64::MIN, |at| at.value() as i64),
+                acquired_at: match (for_grant, value(acquired_at)) {
+                    (true, Some(at)) => at.value() as i64,
+                    _ => 0,
+                },
                 holder,
                 untouched,
                 expired_after_micros,

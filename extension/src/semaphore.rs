@@ -17,7 +17,10 @@
 //! Waiting: one waiter queue per semaphore (preload mode, G7), under the
 //! queue key `<name>:permit:*`, and the wait event of that key without
 //! preload. A release, force-release or rolled-back grant of a permit key
-//! wakes the semaphore's queue head as well as the key's own (wait.rs).
+//! wakes the semaphore's queue head as well as the key's own (wait.rs); so
+//! does a queued waiter's grant once it has committed (another permit may
+//! be free: the next head looks), which also wakes the key's own head and
+//! watchers, who look and find it held.
 
 use pgrx::datum::Interval;
 use pgrx::prelude::*;

@@ -73,6 +73,11 @@ pub struct Header {
     /// Filled waiter slots, all databases: 0 lets an acquire skip looking
     /// for a queue (waiters.rs).
     pub queued: AtomicU32,
+    /// Sessions inside `fence.lock_watch`, all databases (watch.rs): 0 lets
+    /// a commit skip looking for watchers to wake (wait.rs). Never lower
+    /// than the truth (a watcher that dies uncounted leaves it higher,
+    /// which costs only a look).
+    pub watchers: AtomicU32,
     /// Entries in use in each table (written under its exclusive lock).
     classes_used: AtomicU32,
     tables_used: AtomicU32,

@@ -237,10 +237,22 @@ pub fn on_resource_release(
     }
     let events = PENDING_WAKEUPS.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
     if is_commit {
+        // In preload mode, nobody counted as watching (at this moment, after
+        // the commit became visible) means nobody to wake: a watcher counts
+        // itself before its first look, which then sees the change.
+        let watched = crate::shmem::segment().is_none_or(|segment| {
+            segment
+                .header()
+                .watchers
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > 0
+        });
         for (event, key, wake) in events {
-            // SAFETY: at commit, in a backend attached to shared memory,
-            // outside any critical section.
-            unsafe { wake_all_waiting_on(watch_event_for(&key)) };
+            if watched {
+                // SAFETY: at commit, in a backend attached to shared
+                // memory, outside any critical section.
+                unsafe { wake_all_waiting_on(watch_event_for(&key)) };
+            }
             if wake == Wake::Watchers {
                 continue;
             }

@@ -20,6 +20,8 @@
 //! recheck (and of an expiry on time).
 
 use pgrx::datum::{Interval, TimestampWithTimeZone};
+use std::sync::atomic::Ordering;
+
 use pgrx::pg_sys;
 
 use crate::args::{interval_micros, required};
@@ -59,6 +61,9 @@ pub fn watch(
     }
     let deadline = now_micros().saturating_add(i64::try_from(wait_micros).unwrap_or(i64::MAX));
     let event = wait::watch_event_for(key);
+    // Counted (preload mode) before the first look, so a commit that finds
+    // no watcher counted happened before that look, which then sees it.
+    let _counted = (wait_micros > 0).then(Counted::enter);
     let outcome = loop {
         if wait_micros > 0 {
             // Before the look: a change that commits after it sets our
@@ -105,6 +110,26 @@ pub fn watch(
         wait::stop_advertising();
     }
     outcome.map(|row| as_lease(key, row)).transpose()
+}
+
+/// This session counted among the watchers (preload mode) while it lives.
+struct Counted(bool);
+
+impl Counted {
+    fn enter() -> Counted {
+        Counted(crate::shmem::segment().is_some_and(|segment| {
+            segment.header().watchers.fetch_add(1, Ordering::SeqCst);
+            true
+        }))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let (true, Some(segment)) = (self.0, crate::shmem::segment()) {
+            segment.header().watchers.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 fn as_lease(key: &str, row: LeaseRow) -> Result<Lease, Failure> {

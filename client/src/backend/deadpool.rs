@@ -16,18 +16,12 @@ impl Backend for Pool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<Grant>, Error> {
-        let mut own = Own::get(self).await?;
-        let client = own.client();
-        let statement = client.prepare_cached(sql::ACQUIRE).await.map_err(error)?;
-        let row = client
-            .query_one(
-                &statement,
-                &[&key, &millis(ttl), &holder, &millis(wait), &adopt],
-            )
-            .await
-            .map_err(error);
-        own.answered();
-        let row = row?;
+        let row = query_waiting(
+            self,
+            sql::ACQUIRE,
+            &[&key, &millis(ttl), &holder, &millis(wait), &adopt],
+        )
+        .await?;
         Ok(grant(get(&row, 0)?, get(&row, 1)?, get(&row, 2)?))
     }
 
@@ -40,28 +34,19 @@ impl Backend for Pool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<(String, Grant)>, Error> {
-        let mut own = Own::get(self).await?;
-        let client = own.client();
-        let statement = client
-            .prepare_cached(sql::SEMAPHORE_ACQUIRE)
-            .await
-            .map_err(error)?;
-        let row = client
-            .query_one(
-                &statement,
-                &[
-                    &name,
-                    &permits,
-                    &millis(ttl),
-                    &holder,
-                    &millis(wait),
-                    &adopt,
-                ],
-            )
-            .await
-            .map_err(error);
-        own.answered();
-        let row = row?;
+        let row = query_waiting(
+            self,
+            sql::SEMAPHORE_ACQUIRE,
+            &[
+                &name,
+                &permits,
+                &millis(ttl),
+                &holder,
+                &millis(wait),
+                &adopt,
+            ],
+        )
+        .await?;
         let key: Option<String> = get(&row, 0)?;
         Ok(key.zip(grant(get(&row, 1)?, get(&row, 2)?, get(&row, 3)?)))
     }
@@ -74,21 +59,12 @@ impl Backend for Pool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<(Vec<String>, Grant)>, Error> {
-        let mut own = Own::get(self).await?;
-        let client = own.client();
-        let statement = client
-            .prepare_cached(sql::ACQUIRE_ALL)
-            .await
-            .map_err(error)?;
-        let row = client
-            .query_one(
-                &statement,
-                &[&keys, &millis(ttl), &holder, &millis(wait), &adopt],
-            )
-            .await
-            .map_err(error);
-        own.answered();
-        let row = row?;
+        let row = query_waiting(
+            self,
+            sql::ACQUIRE_ALL,
+            &[&keys, &millis(ttl), &holder, &millis(wait), &adopt],
+        )
+        .await?;
         let keys: Option<Vec<String>> = get(&row, 0)?;
         Ok(keys.zip(grant(get(&row, 1)?, get(&row, 2)?, get(&row, 3)?)))
     }
@@ -127,15 +103,7 @@ impl Backend for Pool {
         known: Option<i64>,
         wait: Duration,
     ) -> Result<Option<crate::LeaseInfo>, Error> {
-        let mut own = Own::get(self).await?;
-        let client = own.client();
-        let statement = client.prepare_cached(sql::WATCH).await.map_err(error)?;
-        let row = client
-            .query_one(&statement, &[&key, &known, &millis(wait)])
-            .await
-            .map_err(error);
-        own.answered();
-        let row = row?;
+        let row = query_waiting(self, sql::WATCH, &[&key, &known, &millis(wait)]).await?;
         Ok(watched(
             key,
             get(&row, 0)?,
@@ -179,19 +147,22 @@ impl Backend for Pool {
 /// client gone at its next wake-up and ends the wait.
 struct Own(Option<deadpool_postgres::Object>, bool);
 
-impl Own {
-    async fn get(pool: &Pool) -> Result<Own, Error> {
-        Ok(Own(Some(pool.get().await.map_err(pool_error)?), false))
-    }
-
-    fn client(&self) -> &deadpool_postgres::Object {
-        self.0.as_ref().expect("held until dropped")
-    }
-
-    /// The statement answered (or failed): the connection may go back.
-    fn answered(&mut self) {
-        self.1 = true;
-    }
+/// Run one statement that may wait in the server (an acquire, a watch) on
+/// a connection held through [`Own`].
+async fn query_waiting(
+    pool: &Pool,
+    text: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<tokio_postgres::Row, Error> {
+    let mut own = Own(Some(pool.get().await.map_err(pool_error)?), false);
+    let client = own.0.as_ref().expect("held until dropped");
+    let answer = match client.prepare_cached(text).await {
+        Ok(statement) => client.query_one(&statement, params).await,
+        Err(failed) => Err(failed),
+    };
+    // Answered (or failed): the connection may go back to the pool.
+    own.1 = true;
+    answer.map_err(error)
 }
 
 impl Drop for Own {

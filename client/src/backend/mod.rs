@@ -58,9 +58,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
         adopt: bool,
     ) -> impl Future<Output = Result<Option<(String, Grant)>, Error>> + Send {
         let _ = (name, permits, ttl, holder, wait, adopt);
-        std::future::ready(Err(Error::Usage(
-            "this Backend does not implement acquire_permit (semaphores)".into(),
-        )))
+        std::future::ready(Err(unsupported("acquire_permit")))
     }
     /// `fence.lock_acquire_all`: the keys granted (distinct, in byte order)
     /// and their one grant (the earliest expiry), `None` when they were not
@@ -108,9 +106,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
         wait: Duration,
     ) -> impl Future<Output = Result<Option<crate::LeaseInfo>, Error>> + Send {
         let _ = (key, known, wait);
-        std::future::ready(Err(Error::Usage(
-            "this Backend does not implement watch".into(),
-        )))
+        std::future::ready(Err(unsupported("watch")))
     }
     /// `fence.lock_renew`: the new expiry (server clock), `None` when the
     /// lease is no longer live.
@@ -125,9 +121,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
 }
 
 fn unsupported(call: &str) -> Error {
-    Error::Usage(format!(
-        "this Backend does not implement {call} (multi-key leases)"
-    ))
+    Error::Usage(format!("this Backend does not implement {call}"))
 }
 
 /// A watch's row (holder, token, acquired_at and expires_at as Unix

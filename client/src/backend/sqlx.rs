@@ -25,18 +25,17 @@ impl Backend for PgPool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<Grant>, Error> {
-        let mut own = Own::get(self).await?;
-        let row: Result<Row, Error> = sqlx::query_as(sql::ACQUIRE)
-            .bind(key)
-            .bind(millis(ttl))
-            .bind(holder)
-            .bind(millis(wait))
-            .bind(adopt)
-            .fetch_one(own.connection())
-            .await
-            .map_err(error);
-        own.answered();
-        let (token, remaining, expires_at) = row?;
+        let row: Row = fetch_waiting(
+            self,
+            sqlx::query_as(sql::ACQUIRE)
+                .bind(key)
+                .bind(millis(ttl))
+                .bind(holder)
+                .bind(millis(wait))
+                .bind(adopt),
+        )
+        .await?;
+        let (token, remaining, expires_at) = row;
         Ok(grant(token, remaining, expires_at))
     }
 
@@ -49,19 +48,18 @@ impl Backend for PgPool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<(String, Grant)>, Error> {
-        let mut own = Own::get(self).await?;
-        let row: Result<Permit, Error> = sqlx::query_as(sql::SEMAPHORE_ACQUIRE)
-            .bind(name)
-            .bind(permits)
-            .bind(millis(ttl))
-            .bind(holder)
-            .bind(millis(wait))
-            .bind(adopt)
-            .fetch_one(own.connection())
-            .await
-            .map_err(error);
-        own.answered();
-        let (key, token, remaining, expires_at) = row?;
+        let row: Permit = fetch_waiting(
+            self,
+            sqlx::query_as(sql::SEMAPHORE_ACQUIRE)
+                .bind(name)
+                .bind(permits)
+                .bind(millis(ttl))
+                .bind(holder)
+                .bind(millis(wait))
+                .bind(adopt),
+        )
+        .await?;
+        let (key, token, remaining, expires_at) = row;
         Ok(key.zip(grant(token, remaining, expires_at)))
     }
 
@@ -73,18 +71,17 @@ impl Backend for PgPool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<(Vec<String>, Grant)>, Error> {
-        let mut own = Own::get(self).await?;
-        let row: Result<Granted, Error> = sqlx::query_as(sql::ACQUIRE_ALL)
-            .bind(keys)
-            .bind(millis(ttl))
-            .bind(holder)
-            .bind(millis(wait))
-            .bind(adopt)
-            .fetch_one(own.connection())
-            .await
-            .map_err(error);
-        own.answered();
-        let (keys, token, remaining, expires_at) = row?;
+        let row: Granted = fetch_waiting(
+            self,
+            sqlx::query_as(sql::ACQUIRE_ALL)
+                .bind(keys)
+                .bind(millis(ttl))
+                .bind(holder)
+                .bind(millis(wait))
+                .bind(adopt),
+        )
+        .await?;
+        let (keys, token, remaining, expires_at) = row;
         Ok(keys.zip(grant(token, remaining, expires_at)))
     }
 
@@ -119,16 +116,15 @@ impl Backend for PgPool {
         known: Option<i64>,
         wait: Duration,
     ) -> Result<Option<crate::LeaseInfo>, Error> {
-        let mut own = Own::get(self).await?;
-        let row: Result<Watched, Error> = sqlx::query_as(sql::WATCH)
-            .bind(key)
-            .bind(known)
-            .bind(millis(wait))
-            .fetch_one(own.connection())
-            .await
-            .map_err(error);
-        own.answered();
-        let (holder, token, acquired_at, expires_at) = row?;
+        let row: Watched = fetch_waiting(
+            self,
+            sqlx::query_as(sql::WATCH)
+                .bind(key)
+                .bind(known)
+                .bind(millis(wait)),
+        )
+        .await?;
+        let (holder, token, acquired_at, expires_at) = row;
         Ok(watched(key, holder, token, acquired_at, expires_at))
     }
 
@@ -166,19 +162,21 @@ impl Backend for PgPool {
 /// client gone at its next wake-up and ends the wait.
 struct Own(Option<sqlx::pool::PoolConnection<sqlx::Postgres>>, bool);
 
-impl Own {
-    async fn get(pool: &PgPool) -> Result<Own, Error> {
-        Ok(Own(Some(pool.acquire().await.map_err(error)?), false))
-    }
-
-    fn connection(&mut self) -> &mut sqlx::PgConnection {
-        self.0.as_mut().expect("held until dropped")
-    }
-
-    /// The statement answered (or failed): the connection may go back.
-    fn answered(&mut self) {
-        self.1 = true;
-    }
+/// Run one statement that may wait in the server (an acquire, a watch) on
+/// a connection held through [`Own`].
+async fn fetch_waiting<'q, T>(
+    pool: &PgPool,
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, T, sqlx::postgres::PgArguments>,
+) -> Result<T, Error>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let mut own = Own(Some(pool.acquire().await.map_err(error)?), false);
+    let connection = own.0.as_mut().expect("held until dropped");
+    let answer = query.fetch_one(&mut **connection).await.map_err(error);
+    // Answered (or failed): the connection may go back to the pool.
+    own.1 = true;
+    answer
 }
 
 impl Drop for Own {
@@ -206,8 +204,10 @@ pub async fn set_fence_token(
     Ok(())
 }
 
-/// Map a sqlx error: the server's SQLSTATE through [`Error::from_sqlstate`],
-/// anything else (I/O, pool timeout) as [`Error::Connection`].
+/// Map a sqlx error: the server's SQLSTATE through [`Error::from_sqlstate`];
+/// a value that does not decode or encode as [`Error::Decode`]; no pooled
+/// connection (timed out, closed) as [`Error::Pool`]; anything else (I/O) as
+/// [`Error::Connection`].
 pub fn error(error: sqlx::Error) -> Error {
     match &error {
         sqlx::Error::Database(db) => match db.code() {
