@@ -20,7 +20,7 @@ BEGIN
        AND d.refobjid = 'fence.locks'::pg_catalog.regclass
        AND r.ev_class <> 'fence.locks'::pg_catalog.regclass;
     IF dependents IS NOT NULL THEN
-        RAISE EXCEPTION 'pg_fence 0.2.0 re-creates view fence.locks (owner_role becomes regrole), and views depend on it: %', dependents
+        RAISE EXCEPTION 'pg_fence 0.2.0 re-creates view fence.locks (owner_role becomes regrole, shared leases and a mode column join it), and views depend on it: %', dependents
             USING ERRCODE = '2BP01',
                   HINT = 'Drop them, run ALTER EXTENSION pg_fence UPDATE, then create them again.';
     END IF;
@@ -29,6 +29,30 @@ $do$;
 DROP VIEW fence.locks;
 ALTER TABLE fence.leases ALTER COLUMN owner_role TYPE regrole;
 ALTER TABLE fence.operations ALTER COLUMN owner_role TYPE regrole;
+-- Shared (reader) leases (schema.sql): any number per key at once,
+-- while the key has no live exclusive lease, each with its own token. A
+-- row per lease, deleted when it is released or forced; an expired one is
+-- deleted by the next shared grant on its key (or fence.sweep). Live:
+-- expires_at > clock_timestamp(). The key's exclusive lease stays in
+-- fence.leases, so current_token and the fence check never see these.
+CREATE TABLE fence.shared_leases (
+    lock_key         text COLLATE "C" NOT NULL,
+    token            bigint NOT NULL,
+    holder           text NOT NULL,
+    ttl              interval NOT NULL,
+    acquired_at      timestamptz NOT NULL,
+    expires_at       timestamptz NOT NULL,
+    owner_role       regrole NOT NULL,      -- regrole for pg_dump, as in fence.leases
+    application_name text,
+    CONSTRAINT shared_leases_pkey PRIMARY KEY (lock_key, token)
+);
+COMMENT ON TABLE fence.shared_leases IS
+    'pg_fence shared (reader) leases, one row per lease. Live: expires_at > clock_timestamp(). Write only through the fence.lock_* functions.';
+SELECT pg_catalog.pg_extension_config_dump('fence.shared_leases', '');
+
+REVOKE ALL ON fence.shared_leases FROM PUBLIC;
+GRANT SELECT ON fence.shared_leases TO PUBLIC;
+-- fence.locks lists them too, with a mode column.
 CREATE VIEW fence.locks AS
 SELECT l.lock_key,
        l.holder,
@@ -36,10 +60,22 @@ SELECT l.lock_key,
        l.acquired_at,
        l.expires_at,
        l.owner_role,
-       l.application_name
+       l.application_name,
+       'exclusive'::text AS mode
   FROM fence.leases AS l
  WHERE l.released_at IS NULL
-   AND l.expires_at > pg_catalog.clock_timestamp();
+   AND l.expires_at > pg_catalog.clock_timestamp()
+UNION ALL
+SELECT s.lock_key,
+       s.holder,
+       s.token,
+       s.acquired_at,
+       s.expires_at,
+       s.owner_role,
+       s.application_name,
+       'shared'::text AS mode
+  FROM fence.shared_leases AS s
+ WHERE s.expires_at > pg_catalog.clock_timestamp();
 GRANT SELECT ON fence.locks TO PUBLIC;
 
 -- A ttl is an exact duration (G5): 0.2 stores it as microseconds only, so
@@ -106,6 +142,19 @@ VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', '_lock_acquire_all_wrapper';
+
+CREATE FUNCTION fence."_lock_acquire_shared"(
+	"lock_key" TEXT,
+	"ttl" interval,
+	"holder" TEXT,
+	"wait" interval,
+	"adopt" bool
+) RETURNS fence.lease /* Option < :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox ::
+AllocatedByRust > > */
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_lock_acquire_shared_wrapper';
 
 CREATE FUNCTION fence."_lock_stats"() RETURNS TABLE (
 	"key_class" TEXT,
@@ -216,6 +265,18 @@ VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'lock_acquire_all_wrapper';
+
+CREATE FUNCTION fence."lock_acquire_shared"(
+	"lock_key" TEXT,
+	"ttl" interval DEFAULT '30 seconds',
+	"holder" TEXT DEFAULT NULL,
+	"wait" interval DEFAULT '0'
+) RETURNS fence.lease /* Option < :: pgrx :: heap_tuple :: PgHeapTuple < '_, :: pgrx :: pgbox ::
+AllocatedByRust > > */
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'lock_acquire_shared_wrapper';
 
 CREATE FUNCTION fence."lock_release_all"(
 	"lock_keys" TEXT[],

@@ -58,7 +58,28 @@ COMMENT ON TABLE fence.leases IS
 SELECT pg_catalog.pg_extension_config_dump('fence.leases', '');
 SELECT pg_catalog.pg_extension_config_dump('fence.token_seq', '');
 
--- Live leases, for people and monitoring.
+-- Shared (reader) leases (0.2, shared.rs): any number per key at once,
+-- while the key has no live exclusive lease, each with its own token. A
+-- row per lease, deleted when it is released or forced; an expired one is
+-- deleted by the next shared grant on its key (or fence.sweep). Live:
+-- expires_at > clock_timestamp(). The key's exclusive lease stays in
+-- fence.leases, so current_token and the fence check never see these.
+CREATE TABLE fence.shared_leases (
+    lock_key         text COLLATE "C" NOT NULL,
+    token            bigint NOT NULL,
+    holder           text NOT NULL,
+    ttl              interval NOT NULL,
+    acquired_at      timestamptz NOT NULL,
+    expires_at       timestamptz NOT NULL,
+    owner_role       regrole NOT NULL,      -- regrole for pg_dump, as in fence.leases
+    application_name text,
+    CONSTRAINT shared_leases_pkey PRIMARY KEY (lock_key, token)
+);
+COMMENT ON TABLE fence.shared_leases IS
+    'pg_fence shared (reader) leases, one row per lease. Live: expires_at > clock_timestamp(). Write only through the fence.lock_* functions.';
+SELECT pg_catalog.pg_extension_config_dump('fence.shared_leases', '');
+
+-- Live leases, exclusive and shared, for people and monitoring.
 CREATE VIEW fence.locks AS
 SELECT l.lock_key,
        l.holder,
@@ -66,17 +87,29 @@ SELECT l.lock_key,
        l.acquired_at,
        l.expires_at,
        l.owner_role,
-       l.application_name
+       l.application_name,
+       'exclusive'::text AS mode
   FROM fence.leases AS l
  WHERE l.released_at IS NULL
-   AND l.expires_at > pg_catalog.clock_timestamp();
+   AND l.expires_at > pg_catalog.clock_timestamp()
+UNION ALL
+SELECT s.lock_key,
+       s.holder,
+       s.token,
+       s.acquired_at,
+       s.expires_at,
+       s.owner_role,
+       s.application_name,
+       'shared'::text AS mode
+  FROM fence.shared_leases AS s
+ WHERE s.expires_at > pg_catalog.clock_timestamp();
 
 -- Nobody writes the state directly: the lease functions are SECURITY
 -- DEFINER and check the caller's role themselves (G4). Reading is harmless
 -- and lets lock_status/current_token run as the caller.
-REVOKE ALL ON fence.leases, fence.token_seq FROM PUBLIC;
+REVOKE ALL ON fence.leases, fence.shared_leases, fence.token_seq FROM PUBLIC;
 GRANT USAGE ON SCHEMA fence TO PUBLIC;
-GRANT SELECT ON fence.leases, fence.locks TO PUBLIC;
+GRANT SELECT ON fence.leases, fence.shared_leases, fence.locks TO PUBLIC;
 
 -- Run-once records (idempotency): one row per (role, operation key) whose
 -- work committed. fence.claim_operation() inserts it inside the caller's

@@ -24,15 +24,20 @@ use crate::lease::{granted, Lease};
 use crate::plans::{with_spi, Plans};
 use crate::roles::{caller_role, is_fence_admin, not_owner, refuse_security_restricted};
 use crate::subxact::in_subtransaction;
-use crate::{keylock, multi, probe, semaphore, stats, wait, waiters};
+use crate::{keylock, multi, probe, semaphore, shared, stats, wait, waiters};
 
 /// What an acquire is for: one key, any one permit of a semaphore, or
 /// every one of several keys (distinct, in "C" order) under one token.
 #[derive(Clone, Copy)]
 pub enum Target<'a> {
     Key(&'a str),
-    Semaphore { name: &'a str, permits: i32 },
+    Semaphore {
+        name: &'a str,
+        permits: i32,
+    },
     All(&'a [String]),
+    /// A shared (reader) lease on one key (shared.rs).
+    Shared(&'a str),
 }
 
 pub enum Attempt {
@@ -66,7 +71,7 @@ fn now_micros() -> i64 {
 }
 
 /// Milliseconds until `at` (rounded up, so we wake after it), capped.
-fn millis_until(at: TimestampWithTimeZone, cap: i64) -> i64 {
+pub fn millis_until(at: TimestampWithTimeZone, cap: i64) -> i64 {
     let micros: i64 = at.into_inner().saturating_sub(now_micros());
     (micros.saturating_add(999) / 1000).clamp(1, cap)
 }
@@ -132,6 +137,8 @@ pub fn run(
             waiters::Mode::Semaphore,
             name,
         ),
+        // In the key's one queue, with its exclusive waiters.
+        Target::Shared(key) => (std::borrow::Cow::Borrowed(key), waiters::Mode::Shared, key),
         // Queued under every key; asleep on the wait event of the key in
         // the way (without preload), the first one to begin with.
         Target::All(keys) => (
@@ -188,6 +195,18 @@ pub fn run(
                 role,
                 queued,
                 adopt,
+            ),
+            Target::Shared(key) => shared::attempt(
+                client,
+                &shared::Request {
+                    key,
+                    holder: &holder,
+                    holder_given,
+                    ttl,
+                    role,
+                    adopt,
+                },
+                queued,
             ),
             Target::All(keys) => multi::attempt(
                 client,
@@ -256,12 +275,23 @@ pub fn run(
             wait::wake_after_commit(&lease.lock_key);
         }
     }
+    // A reader that had to wait wakes the next waiter once its grant has
+    // committed: readers behind it may go in too (and without preload,
+    // where nothing queues, they are not left to their next look).
+    if let (Target::Shared(key), false, true, false) =
+        (target, granted.is_empty(), contended, regrant)
+    {
+        wait::wake_after_commit(key);
+    }
     // If this grant is rolled back, the keys are free again: wake the
-    // queues. If it commits, whoever watches the keys hears of it.
+    // queues. If it commits, whoever watches the keys hears of it (a
+    // watch follows the exclusive lease: a reader's grant is not news).
     if !regrant {
         for (lease, _) in &granted {
             wait::wake_if_rolled_back(&lease.lock_key);
-            wait::wake_watchers_after_commit(&lease.lock_key);
+            if !matches!(target, Target::Shared(_)) {
+                wait::wake_watchers_after_commit(&lease.lock_key);
+            }
         }
     }
     drop(waiting);
@@ -433,10 +463,19 @@ fn busy_until(expires_at: Option<TimestampWithTimeZone>) -> Attempt {
 
 /// Lock the key exclusively for this (sub)transaction, the right to grant a
 /// new lease on it; `Some(Busy)` if a fenced write or another grant holds it.
-fn claim_key(key: &str) -> Option<Attempt> {
-    (!keylock::try_exclusive(key)).then_some(Attempt::Busy {
-        retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
-    })
+/// Shared leases live on the key hold it off too (G2): busy until the
+/// last one's expiry (capped), or until a release wakes us.
+fn claim_key(key: &str) -> Result<Option<Attempt>, Failure> {
+    if !keylock::try_exclusive(key) {
+        return Ok(Some(Attempt::Busy {
+            retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
+        }));
+    }
+    if let Some(retry_in_ms) = shared::holding(key)? {
+        keylock::release_exclusive(key);
+        return Ok(Some(Attempt::Busy { retry_in_ms }));
+    }
+    Ok(None)
 }
 
 fn take_locked_row(
@@ -450,7 +489,7 @@ fn take_locked_row(
     // G3: a fenced write that checked the old lease still holds the key in
     // share mode; no new lease until its transaction ends. Tried first, so a
     // busy key costs no row lock and no transaction id.
-    if let Some(busy) = claim_key(key) {
+    if let Some(busy) = claim_key(key)? {
         return Ok(busy);
     }
     match lock_free_row(client, plans, key, holder)? {
@@ -567,7 +606,7 @@ fn grant_under_key_lock(
     role: pg_sys::Oid,
     replaced: Option<Replaced>,
 ) -> Result<Attempt, Failure> {
-    if let Some(busy) = claim_key(key) {
+    if let Some(busy) = claim_key(key)? {
         return Ok(busy);
     }
     let outcome = grant(client, statement, key, holder, ttl, role, replaced)?;
@@ -669,7 +708,7 @@ fn application_name() -> Option<String> {
 
 /// The outcome of a statement that grants (returning `acquired_at`,
 /// `expires_at`): `Again` if it matched no row, else the lease.
-fn grant_outcome(
+pub fn grant_outcome(
     rows: pgrx::spi::SpiTupleTable<'_>,
     key: &str,
     holder: &str,

@@ -147,6 +147,39 @@ fn lock_watch(
     )
 }
 
+/// A shared (reader) lease on `lock_key`: any number at once while the
+/// key has no live exclusive lease; NULL if none was granted within `wait`.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn lock_acquire_shared(
+    lock_key: Option<&str>,
+    ttl: default!(Option<Interval>, "'30 seconds'"),
+    holder: default!(Option<&str>, "NULL"),
+    wait: default!(Option<Interval>, "'0'"),
+) -> Option<pgrx::composite_type!('static, "fence.lease")> {
+    or_raise(
+        crate::shared::acquire(lock_key, ttl, holder, wait)
+            .and_then(|lease| lease.map(Lease::into_composite).transpose()),
+    )
+}
+
+/// `lock_acquire_shared` for pg_fence_client, with `adopt` as for
+/// `_lock_acquire`.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn _lock_acquire_shared(
+    lock_key: Option<&str>,
+    ttl: Option<Interval>,
+    holder: Option<&str>,
+    wait: Option<Interval>,
+    adopt: Option<bool>,
+) -> Option<pgrx::composite_type!('static, "fence.lease")> {
+    or_raise(
+        crate::shared::acquire_adopting(lock_key, ttl, holder, wait, adopt)
+            .and_then(|lease| lease.map(Lease::into_composite).transpose()),
+    )
+}
+
 /// `lock_acquire` for pg_fence_client: `adopt` false refuses (`FN002`)
 /// the holder's own live lease instead of giving it back (G6), which only
 /// a retry of a request whose reply was lost may do.

@@ -33,6 +33,19 @@ pub fn leases() -> Result<(pg_sys::Oid, pg_sys::Oid), Failure> {
     Ok((relation(c"leases")?, relation(c"leases_pkey")?))
 }
 
+/// `fence.shared_leases` and its primary key: None in a database still on
+/// the 0.1.0 schema, which has no shared leases.
+pub fn shared_leases() -> Option<(pg_sys::Oid, pg_sys::Oid)> {
+    // SAFETY: syscache lookups by name and namespace.
+    let (table, index) = unsafe {
+        (
+            pg_sys::get_relname_relid(c"shared_leases".as_ptr(), namespace()),
+            pg_sys::get_relname_relid(c"shared_leases_pkey".as_ptr(), namespace()),
+        )
+    };
+    (table != pg_sys::InvalidOid && index != pg_sys::InvalidOid).then_some((table, index))
+}
+
 /// `fence.token_seq`, the one global order of tokens (G1).
 pub fn token_sequence() -> Result<pg_sys::Oid, Failure> {
     relation(c"token_seq")

@@ -4,7 +4,8 @@
 //! A fenced write takes the key's lock in share mode before it reads the
 //! lease, and so do renew, release, force-release and a holder's re-acquire
 //! before they update the lease row; `lock_acquire` try-takes it exclusively
-//! before it grants a new lease. The locks last until the transaction ends
+//! before it grants a new lease, and `lock_acquire_shared` in row-exclusive
+//! mode (which conflicts with both, but not with itself). The locks last until the transaction ends
 //! (a grant attempt inside an internal subtransaction, until that ends),
 //! except that a grant or renew/release whose statement matched nothing gives
 //! its hold back at once. So once a write has passed its check no newer lease
@@ -69,6 +70,28 @@ pub fn try_exclusive(lock_key: &str) -> bool {
     result != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
 }
 
+/// Try to lock the key for a shared grant until the end of the
+/// (sub)transaction: in `RowExclusiveLock`, which conflicts with an
+/// exclusive grant's lock and a fenced write's, renew's or release's share
+/// lock, but not with another shared grant's, so readers are granted side by
+/// side. False if a fenced write, an exclusive grant or a renew or release
+/// holds it.
+pub fn try_shared_grant(lock_key: &str) -> bool {
+    let tag = tag(lock_key);
+    // SAFETY: as for share(), without waiting (dontWait).
+    let result = unsafe { pg_sys::LockAcquire(&tag, pg_sys::RowExclusiveLock as i32, false, true) };
+    result != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}
+
+/// Release one hold taken by [`try_shared_grant`] in this same function
+/// call, for a shared attempt that did not grant.
+pub fn release_shared_grant(lock_key: &str) {
+    let tag = tag(lock_key);
+    // SAFETY: releases one hold this resource owner took in try_shared_grant
+    // (the caller's contract).
+    unsafe { pg_sys::LockRelease(&tag, pg_sys::RowExclusiveLock as i32, false) };
+}
+
 /// Release one hold of the key's exclusive lock taken by [`try_exclusive`]
 /// in this same function call (same resource owner): for an attempt that
 /// took the lock and then did not grant. An earlier hold by this
@@ -91,7 +114,7 @@ pub fn release_share(lock_key: &str) {
     unsafe { pg_sys::LockRelease(&tag, pg_sys::ShareLock as i32, false) };
 }
 
-/// Whether this transaction holds the key's lock, in either mode (a grant,
+/// Whether this transaction holds the key's lock, in any mode (a grant,
 /// a fenced write, a renew or release of it earlier in the transaction).
 /// Nobody else can be granted the key before this transaction ends then,
 /// so a fair queue must not make it wait behind them (waiters.rs).
@@ -101,5 +124,6 @@ pub fn held_by_me(lock_key: &str) -> bool {
     unsafe {
         pg_sys::LockHeldByMe(&tag, pg_sys::ShareLock as i32)
             || pg_sys::LockHeldByMe(&tag, pg_sys::ExclusiveLock as i32)
+            || pg_sys::LockHeldByMe(&tag, pg_sys::RowExclusiveLock as i32)
     }
 }

@@ -24,7 +24,7 @@ use crate::errors::{fail, Failure, FenceError};
 use crate::key::check_key;
 use crate::plans::{with_spi, Plans};
 use crate::roles::{caller_role, is_fence_admin, not_owner, refuse_security_restricted};
-use crate::{catalog, keylock, stats, wait};
+use crate::{catalog, keylock, shared, stats, wait};
 
 /// A granted lease, as returned in a `fence.lease` value.
 #[derive(Debug, Clone)]
@@ -112,6 +112,20 @@ fn live_owner(
     )))
 }
 
+/// [`live_owner`] for the key's exclusive lease, else for one of its
+/// shared leases.
+fn owner_of(
+    client: &mut SpiClient<'_>,
+    plans: &Plans,
+    key: &str,
+    token: Option<i64>,
+) -> Result<Option<(pg_sys::Oid, i64)>, Failure> {
+    match live_owner(client, plans, key, token)? {
+        Some(found) => Ok(Some(found)),
+        None => shared::live_owner(client, key, token),
+    }
+}
+
 /// How long the lease a release statement ended was held (its
 /// `acquired_at` to its `released_at`).
 fn held_micros(rows: pgrx::spi::SpiTupleTable<'_>) -> Result<u64, Failure> {
@@ -152,8 +166,13 @@ pub fn renew(
             stats::renewal(key, true);
             return Ok(rows.first().get(1)?);
         }
+        // Not the exclusive lease's token: a shared lease's, perhaps.
+        if let Some(expires_at) = shared::renew(client, key, token, ttl, role, admin)? {
+            stats::renewal(key, true);
+            return Ok(Some(expires_at));
+        }
         keylock::release_share(key);
-        match live_owner(client, plans, key, Some(token))? {
+        match owner_of(client, plans, key, Some(token))? {
             Some((owner, _)) => fail(not_owner("renew", key, token, owner, role)),
             None => {
                 stats::renewal(key, false);
@@ -191,8 +210,12 @@ pub fn release_key(key: &str, token: i64) -> Result<bool, Failure> {
             stats::release(key, Some(held_micros(rows)?));
             return Ok(true);
         }
+        if let Some(held) = shared::release(client, key, token, role, admin)? {
+            stats::release(key, Some(held));
+            return Ok(true);
+        }
         keylock::release_share(key);
-        match live_owner(client, plans, key, Some(token))? {
+        match owner_of(client, plans, key, Some(token))? {
             Some((owner, _)) => fail(not_owner("release", key, token, owner, role)),
             None => {
                 stats::release(key, None);
@@ -220,8 +243,16 @@ pub fn force_release(lock_key: Option<&str>) -> Result<bool, Failure> {
             stats::forced(key, held_micros(rows)?);
             return Ok(true);
         }
+        // No exclusive lease: the key's shared leases, if any.
+        let forced = shared::force(client, key, role, admin)?;
+        if !forced.is_empty() {
+            for held in forced {
+                stats::forced(key, held);
+            }
+            return Ok(true);
+        }
         keylock::release_share(key);
-        match live_owner(client, plans, key, None)? {
+        match owner_of(client, plans, key, None)? {
             Some((owner, token)) => fail(not_owner("force-release", key, token, owner, role)),
             None => Ok(false),
         }

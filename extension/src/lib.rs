@@ -35,6 +35,7 @@ pub mod reach;
 pub mod roles;
 pub mod semaphore;
 pub mod settings;
+pub mod shared;
 pub mod shmem;
 pub mod statement;
 pub mod stats;

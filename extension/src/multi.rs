@@ -394,6 +394,14 @@ fn grant_all(
             retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
         });
     }
+    // Readers on a key hold it off as a writer does (G2, shared.rs).
+    for (i, key) in keys.iter().enumerate() {
+        if let Some(retry_in_ms) = crate::shared::holding(key)? {
+            blocked.on = Some(i);
+            blocked.held |= 1 << i;
+            return Ok(Attempt::Busy { retry_in_ms });
+        }
+    }
     // Every row that needs locking is locked before the token is spent.
     let mut replaced = Vec::with_capacity(keys.len());
     for (i, (key, row)) in keys.iter().zip(rows).enumerate() {

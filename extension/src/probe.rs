@@ -151,6 +151,103 @@ pub fn lease_row(
     }
 }
 
+/// A key's shared leases, as committed now.
+#[derive(Debug, Clone, Default)]
+pub struct SharedRows {
+    /// How many are live (`expires_at > clock_timestamp()`).
+    pub live: u32,
+    /// The latest expiry among the live ones (0 if none).
+    pub last_expiry: pg_sys::TimestampTz,
+    /// Rows that have expired and are still there.
+    pub expired: u32,
+    /// The live one of the holder asked about: its token and owner.
+    pub own: Option<(i64, pg_sys::Oid)>,
+}
+
+/// The shared leases of `key`, read with the latest snapshot through
+/// `fence.shared_leases_pkey` (one index probe, like [`lease_row`]): what
+/// an exclusive grant checks under the key's lock, which every shared grant
+/// holds until it commits, so none is missed. Nothing in a database still
+/// on the 0.1.0 schema. `holder`: also find that holder's live one.
+pub fn shared_rows(key: &str, holder: Option<&str>) -> Result<SharedRows, Failure> {
+    let internal =
+        |what: &str| FenceError::internal(format!("reading fence.shared_leases: {what}"));
+    let Some((table_oid, index_oid)) = catalog::shared_leases() else {
+        return Ok(SharedRows::default());
+    };
+    let key_datum = key.into_datum().ok_or_else(|| internal("NULL key"))?;
+    let mut rows = SharedRows::default();
+    // SAFETY: as in lease_row: relations opened and closed here under
+    // AccessShareLock, the snapshot registered and unregistered here, the
+    // slot and scan created and dropped here, attribute numbers checked.
+    unsafe {
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let table = pg_sys::table_open(table_oid, lock);
+        let index = pg_sys::index_open(index_oid, lock);
+        let descriptor = (*table).rd_att;
+        let column = |name: &CStr| pg_sys::SPI_fnumber(descriptor, name.as_ptr());
+        let attributes = [
+            column(c"token"),
+            column(c"expires_at"),
+            column(c"owner_role"),
+            column(c"holder"),
+        ];
+        if attributes.iter().any(|&attnum| attnum <= 0) {
+            pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+            pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
+            return fail(internal(
+                "a column (token, expires_at, owner_role, holder) is missing",
+            ));
+        }
+        let [token_at, expires_at, owner_at, holder_at] = attributes;
+        let last = *attributes.iter().max().unwrap_or(&1);
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let mut scan_key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut scan_key,
+            1,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::Oid::from(pg_sys::F_TEXTEQ),
+            key_datum,
+        );
+        let scan = pg_sys::index_beginscan(table, index, snapshot, 1, 0);
+        pg_sys::index_rescan(scan, &mut scan_key, 1, std::ptr::null_mut(), 0);
+        let slot = pg_sys::table_slot_create(table, std::ptr::null_mut());
+        let now = pg_sys::GetCurrentTimestamp();
+        while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+            pg_sys::slot_getsomeattrs_int(slot, last);
+            let value = |attnum: i32| {
+                let i = (attnum - 1) as usize;
+                (!*(*slot).tts_isnull.add(i)).then(|| *(*slot).tts_values.add(i))
+            };
+            let expires = value(expires_at).map_or(i64::MIN, |at| at.value() as i64);
+            if expires <= now {
+                rows.expired += 1;
+                continue;
+            }
+            rows.live += 1;
+            rows.last_expiry = rows.last_expiry.max(expires);
+            if let (Some(holder), None) = (holder, rows.own) {
+                let theirs = value(holder_at).and_then(|datum| String::from_datum(datum, false));
+                if theirs.as_deref() == Some(holder) {
+                    rows.own = Some((
+                        value(token_at).map_or(0, |datum| datum.value() as i64),
+                        value(owner_at).map_or(pg_sys::InvalidOid, |datum| {
+                            pg_sys::Oid::from(datum.value() as u32)
+                        }),
+                    ));
+                }
+            }
+        }
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::index_endscan(scan);
+        pg_sys::UnregisterSnapshot(snapshot);
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
+    }
+    Ok(rows)
+}
+
 /// Whether no transaction has locked or updated the row version in `slot`
 /// (a buffer heap slot from the probe): xmax unset, or known invalid. xmax and
 /// the hint bits live in the shared page, so they are read under the buffer's

@@ -49,6 +49,11 @@ pub enum Mode {
     /// (`places`), except for a moment now and then when a held key has
     /// kept it out long (multi.rs, `RESERVE_MS`).
     All = 3,
+    /// `lock_acquire_shared`: a shared lease on the key, queued in the
+    /// key's one queue with its exclusive waiters. Only an exclusive (or
+    /// multi-key) waiter ahead holds it off: readers ahead of it are
+    /// granted side by side with it.
+    Shared = 4,
 }
 
 impl Mode {
@@ -57,6 +62,7 @@ impl Mode {
             1 => Some(Mode::Exclusive),
             2 => Some(Mode::Semaphore),
             3 => Some(Mode::All),
+            4 => Some(Mode::Shared),
             _ => None,
         }
     }
@@ -66,7 +72,14 @@ impl Mode {
             Mode::Exclusive => "exclusive",
             Mode::Semaphore => "semaphore",
             Mode::All => "all",
+            Mode::Shared => "shared",
         }
+    }
+
+    /// Whether a waiter in this mode is in a key's own queue (exclusive
+    /// and shared waiters are in one queue, in arrival order).
+    fn in_key_queue(value: u32) -> bool {
+        value == Mode::Exclusive as u32 || value == Mode::Shared as u32
     }
 }
 
@@ -98,16 +111,18 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// Whether this slot is a live backend waiting for this key in this
-    /// mode (waiters lock held); in exclusive mode, a multi-key waiter
-    /// whose keys include it too.
+    /// Whether this slot is a live backend waiting in this key's queue for
+    /// `mode` (waiters lock held): for the key's own queue (exclusive or
+    /// shared mode) its exclusive and shared waiters, and the multi-key
+    /// waiters whose keys include it.
     fn waits_for(&self, number: usize, database: u32, hash: u64, key: &[u8], mode: Mode) -> bool {
         let pid = self.pid.load(Ordering::Relaxed);
         if pid == 0 {
             return false;
         }
         let slot_mode = self.mode.load(Ordering::Relaxed);
-        if mode == Mode::Exclusive && slot_mode == Mode::All as u32 {
+        let key_queue = Mode::in_key_queue(mode as u32);
+        if key_queue && slot_mode == Mode::All as u32 {
             let count = (self.keys.load(Ordering::Relaxed) as usize).min(MAX_KEYS);
             let places = self.places.load(Ordering::Relaxed);
             return self.database.load(Ordering::Relaxed) == database
@@ -118,7 +133,7 @@ impl Slot {
                 && backend_pid(number) == Some(pid);
         }
         self.hash.load(Ordering::Relaxed) == hash
-            && slot_mode == mode as u32
+            && (slot_mode == mode as u32 || (key_queue && Mode::in_key_queue(slot_mode)))
             && self.database.load(Ordering::Relaxed) == database
             && self.length.load(Ordering::Relaxed) as usize == key.len()
             // SAFETY: the waiters lock is held, so the slot's backend is
@@ -321,7 +336,8 @@ pub fn someone_ahead(key: &str, mode: Mode, me: Option<&Waiting>) -> bool {
 /// Who is queued for `key` in `mode` before `me`: None if nobody;
 /// `Some(true)` if only multi-key waiters are (they take a free key only
 /// once all their keys are free, perhaps much later, and wake the queue
-/// when they leave or release it), `Some(false)` otherwise.
+/// when they leave or release it), `Some(false)` otherwise. For a shared
+/// request, shared waiters ahead do not count: they go in together.
 pub fn ahead(key: &str, mode: Mode, me: Option<&Waiting>) -> Option<bool> {
     let segment = shmem::segment()?;
     if segment.header().queued.load(Ordering::Relaxed) == 0 {
@@ -335,6 +351,7 @@ pub fn ahead(key: &str, mode: Mode, me: Option<&Waiting>) -> Option<bool> {
     for (number, slot) in segment.waiter_slots().iter().enumerate() {
         if slot.arrival.load(Ordering::Relaxed) < mine
             && slot.waits_for(number, database, hash, bytes, mode)
+            && !(mode == Mode::Shared && slot.mode.load(Ordering::Relaxed) == Mode::Shared as u32)
         {
             let multi = slot.mode.load(Ordering::Relaxed) == Mode::All as u32;
             if !multi {

@@ -78,6 +78,36 @@ async fn without_preload_the_shared_memory_calls_fail_with_55000_and_the_rest_wo
     assert_eq!(state, "FN001");
     assert!(release(&db, "t:1", token).await.unwrap());
     assert!(waiter.await.unwrap().unwrap().unwrap() > token);
+    // Shared leases work without a queue: readers share, a writer waits
+    // for the last of them, and readers waiting for the writer's release
+    // all get in together.
+    let share =
+        "SELECT (fence.lock_acquire_shared('r:1', '1 minute', NULL, $1::text::interval)).token";
+    let reader: i64 = db.query_one(share, &[&"0"]).await.unwrap().get(0);
+    let writer_session = connect_to(PORT, "postgres").await;
+    let writer = tokio::spawn(async move {
+        acquire(&writer_session, "r:1", "1 minute", None, "10 seconds").await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!writer.is_finished());
+    assert!(release(&db, "r:1", reader).await.unwrap());
+    let written = writer.await.unwrap().unwrap().unwrap();
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let session = connect_to(PORT, "postgres").await;
+        readers.push(tokio::spawn(async move {
+            let row = session.query_one(share, &[&"10 seconds"]).await.unwrap();
+            (row.get::<_, Option<i64>>(0), std::time::Instant::now())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let released = std::time::Instant::now();
+    assert!(release(&db, "r:1", written).await.unwrap());
+    for reader in readers {
+        let (token, at) = reader.await.unwrap();
+        assert!(token.unwrap() > written);
+        assert!(at.saturating_duration_since(released) < Duration::from_millis(500));
+    }
     let refused: Option<i64> = db
         .query_one("SELECT refused_writes FROM fence.protected_tables", &[])
         .await
