@@ -30,6 +30,9 @@ pub(crate) struct Cleanup {
     after_acquire: bool,
     /// Its registry keys, distinct and sorted: what it releases.
     keys: Vec<String>,
+    /// It releases a shared (reader) lease: an exclusive acquire of the
+    /// same key is not a retry of it, nor the other way round.
+    shared: bool,
     /// For the cleanup of an unanswered acquire: until when the lost
     /// request could still grant, and until when such a lease lives.
     bounds: Option<(Instant, Instant)>,
@@ -72,6 +75,7 @@ fn entries(wanted: &Wanted) -> Vec<String> {
         Wanted::Key(key) => vec![key.clone()],
         Wanted::Permit { name, .. } => vec![format!("{name}:permit:*")],
         Wanted::All(keys) => keys.clone(),
+        Wanted::Shared(key) => vec![key.clone()],
     };
     keys.sort_unstable();
     keys.dedup();
@@ -93,6 +97,7 @@ fn entries(wanted: &Wanted) -> Vec<String> {
 /// lease ([`Rearm`]).
 pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> Resumed {
     let wanted_keys = entries(wanted);
+    let shared = matches!(wanted, Wanted::Shared(_));
     let permits = match wanted {
         Wanted::Permit { name, .. } => Some(format!("{name}:permit:")),
         _ => None,
@@ -121,6 +126,7 @@ pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> Resumed {
         for cleanup in &distinct {
             if cleanup.after_acquire
                 && cleanup.keys == wanted_keys
+                && cleanup.shared == shared
                 && !cleanup.stop.swap(true, Ordering::SeqCst)
             {
                 if let Some((granting, until)) = cleanup.bounds {
@@ -137,6 +143,7 @@ pub(crate) async fn wait_for_cleanup(wanted: &Wanted, holder: &str) -> Resumed {
                 wanted_keys.clone(),
                 holder,
                 None,
+                shared,
             ));
         }
         distinct
@@ -162,8 +169,13 @@ pub(crate) struct Resumed {
 
 /// A new cleanup of `keys` for `holder`, registered under each key; its
 /// task must hold the returned [`Finish`] until it ends.
-fn register(keys: Vec<String>, holder: &str, bounds: Option<(Instant, Instant)>) -> Finish {
-    register_in(&mut cleanups(), keys, holder, bounds)
+fn register(
+    keys: Vec<String>,
+    holder: &str,
+    bounds: Option<(Instant, Instant)>,
+    shared: bool,
+) -> Finish {
+    register_in(&mut cleanups(), keys, holder, bounds, shared)
 }
 
 /// [`register`] with the registry already locked.
@@ -172,6 +184,7 @@ fn register_in(
     keys: Vec<String>,
     holder: &str,
     bounds: Option<(Instant, Instant)>,
+    shared: bool,
 ) -> Finish {
     let cleanup = Arc::new(Cleanup {
         stop: AtomicBool::new(false),
@@ -179,6 +192,7 @@ fn register_in(
         done: watch::channel(false).0,
         after_acquire: bounds.is_some(),
         keys,
+        shared,
         bounds,
     });
     for key in &cleanup.keys {
@@ -234,7 +248,7 @@ pub(crate) fn track(keys: &[String], holder: &str) -> Finish {
     let mut keys = keys.to_vec();
     keys.sort_unstable();
     keys.dedup();
-    register(keys, holder, None)
+    register(keys, holder, None, false)
 }
 
 /// Release, in the background (if a Tokio runtime is running), whatever
@@ -254,7 +268,13 @@ pub(crate) fn clean_up_after<B: Backend>(
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let finish = register(entries(&wanted), holder, Some((granting_until, until)));
+    let shared = matches!(wanted, Wanted::Shared(_));
+    let finish = register(
+        entries(&wanted),
+        holder,
+        Some((granting_until, until)),
+        shared,
+    );
     let (backend, holder) = (backend.clone(), holder.to_owned());
     runtime.spawn(async move {
         release_as(
@@ -299,6 +319,10 @@ async fn release_as<B: Backend>(
                     .acquire_all(keys, ttl, holder, Duration::ZERO, true)
                     .await
                     .map(|grant| grant.map(|(keys, grant)| (Keys::all(keys), grant))),
+                Wanted::Shared(key) => backend
+                    .acquire_shared(key, ttl, holder, Duration::ZERO, true)
+                    .await
+                    .map(|grant| grant.map(|grant| (Keys::shared(key.clone()), grant))),
             }
         };
         // No request outlives the lease it looks for, and a stop ends it.

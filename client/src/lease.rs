@@ -25,6 +25,8 @@ pub(crate) enum Target<'a> {
     },
     /// Every one of these keys, under one token (`fence.lock_acquire_all`).
     All(&'a [String]),
+    /// A shared (reader) lease on the key (`fence.lock_acquire_shared`).
+    Shared(&'a str),
 }
 
 /// A [`Target`] owned, for a cleanup that outlives the call.
@@ -33,6 +35,7 @@ pub(crate) enum Wanted {
     Key(String),
     Permit { name: String, permits: i32 },
     All(Vec<String>),
+    Shared(String),
 }
 
 impl Target<'_> {
@@ -44,6 +47,7 @@ impl Target<'_> {
                 permits,
             },
             Target::All(keys) => Wanted::All(keys.to_vec()),
+            Target::Shared(key) => Wanted::Shared(key.to_owned()),
         }
     }
 }
@@ -295,6 +299,10 @@ impl<B: Backend> Lease<B> {
                     .acquire_all(keys, options.ttl, &holder, wait, adopt)
                     .await
                     .map(|grant| grant.map(|(keys, grant)| (Keys::all(keys), grant))),
+                Target::Shared(key) => backend
+                    .acquire_shared(key, options.ttl, &holder, wait, adopt)
+                    .await
+                    .map(|grant| grant.map(|grant| (Keys::shared(key.to_owned()), grant))),
             };
             match granted {
                 Ok(grant) => break (sent, grant),
@@ -402,6 +410,11 @@ impl<B: Backend> Lease<B> {
     /// (distinct, in byte order), all under [`Lease::token`].
     pub fn keys(&self) -> &[String] {
         self.keys.as_slice()
+    }
+
+    /// Whether it is a shared (reader) lease ([`Lease::acquire_shared`]).
+    pub fn is_shared(&self) -> bool {
+        self.keys.shared
     }
 
     /// The holder id it was acquired with.

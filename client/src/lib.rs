@@ -50,6 +50,7 @@ mod multi;
 pub mod once;
 pub mod rows;
 mod semaphore;
+mod shared;
 pub mod sql;
 mod watch;
 

@@ -14,6 +14,8 @@ use crate::{Error, Lease, LeaseOptions};
 pub(crate) struct Keys {
     keys: Arc<[String]>,
     all: bool,
+    /// A shared (reader) lease on its one key.
+    pub(crate) shared: bool,
 }
 
 impl Keys {
@@ -21,6 +23,14 @@ impl Keys {
         Keys {
             keys: Arc::from(vec![key]),
             all: false,
+            shared: false,
+        }
+    }
+
+    pub(crate) fn shared(key: String) -> Keys {
+        Keys {
+            shared: true,
+            ..Keys::one(key)
         }
     }
 
@@ -28,6 +38,7 @@ impl Keys {
         Keys {
             keys: Arc::from(keys),
             all: true,
+            shared: false,
         }
     }
 

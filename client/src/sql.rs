@@ -18,6 +18,13 @@ pub const ACQUIRE: &str = "SELECT l.token, \
    FROM fence._lock_acquire($1, make_interval(secs => $2::float8 / 1000), $3, \
                             make_interval(secs => $4::float8 / 1000), $5) AS l";
 
+/// As [`ACQUIRE`], for a shared (reader) lease: `fence._lock_acquire_shared`.
+pub const ACQUIRE_SHARED: &str = "SELECT l.token, \
+        (extract(epoch FROM l.expires_at - statement_timestamp()) * 1000)::bigint AS remaining_ms, \
+        extract(epoch FROM l.expires_at)::float8 AS expires_at \
+   FROM fence._lock_acquire_shared($1, make_interval(secs => $2::float8 / 1000), $3, \
+                                   make_interval(secs => $4::float8 / 1000), $5) AS l";
+
 /// `$1` semaphore name, `$2` permits, `$3` ttl ms, `$4` holder, `$5` wait
 /// ms, `$6` adopt: as [`ACQUIRE`], the permit's key first (NULLs if none
 /// was granted).

@@ -19,6 +19,8 @@ pub enum Acquire {
     Permit,
     /// `Backend::acquire_all`, a multi-key lease.
     All,
+    /// `Backend::acquire_shared`, a shared (reader) lease.
+    Shared,
 }
 
 #[derive(Clone, Copy)]
@@ -143,6 +145,24 @@ impl<B: Backend> Backend for Faulty<B> {
         }
         let outcome = self.inner.acquire(key, ttl, holder, wait, adopt).await;
         self.after(Acquire::Key, outcome)
+    }
+
+    async fn acquire_shared(
+        &self,
+        key: &str,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+        adopt: bool,
+    ) -> Result<Option<Grant>, Error> {
+        if let Some(error) = self.before(Acquire::Shared) {
+            return Err(error);
+        }
+        let outcome = self
+            .inner
+            .acquire_shared(key, ttl, holder, wait, adopt)
+            .await;
+        self.after(Acquire::Shared, outcome)
     }
 
     async fn acquire_permit(

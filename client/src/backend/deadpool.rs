@@ -25,6 +25,23 @@ impl Backend for Pool {
         Ok(grant(get(&row, 0)?, get(&row, 1)?, get(&row, 2)?))
     }
 
+    async fn acquire_shared(
+        &self,
+        key: &str,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+        adopt: bool,
+    ) -> Result<Option<Grant>, Error> {
+        let row = query_waiting(
+            self,
+            sql::ACQUIRE_SHARED,
+            &[&key, &millis(ttl), &holder, &millis(wait), &adopt],
+        )
+        .await?;
+        Ok(grant(get(&row, 0)?, get(&row, 1)?, get(&row, 2)?))
+    }
+
     async fn acquire_permit(
         &self,
         name: &str,

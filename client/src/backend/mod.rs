@@ -45,6 +45,21 @@ pub trait Backend: Clone + Send + Sync + 'static {
         wait: Duration,
         adopt: bool,
     ) -> impl Future<Output = Result<Option<Grant>, Error>> + Send;
+    /// `fence.lock_acquire_shared`: a shared (reader) lease, `None` when
+    /// the key stayed held exclusively (or, in preload mode, a writer was
+    /// queued first) for `wait`. Both backends implement it; another
+    /// implementation that does not gets [`Error::Usage`].
+    fn acquire_shared(
+        &self,
+        key: &str,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+        adopt: bool,
+    ) -> impl Future<Output = Result<Option<Grant>, Error>> + Send {
+        let _ = (key, ttl, holder, wait, adopt);
+        std::future::ready(Err(unsupported("acquire_shared")))
+    }
     /// `fence.semaphore_acquire`: the permit's key and grant, `None` when no
     /// permit was free for `wait`. Both backends implement it; another
     /// implementation that does not gets [`Error::Usage`] from [`crate::Semaphore`].

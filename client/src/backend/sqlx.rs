@@ -39,6 +39,28 @@ impl Backend for PgPool {
         Ok(grant(token, remaining, expires_at))
     }
 
+    async fn acquire_shared(
+        &self,
+        key: &str,
+        ttl: Duration,
+        holder: &str,
+        wait: Duration,
+        adopt: bool,
+    ) -> Result<Option<Grant>, Error> {
+        let row: Row = fetch_waiting(
+            self,
+            sqlx::query_as(sql::ACQUIRE_SHARED)
+                .bind(key)
+                .bind(millis(ttl))
+                .bind(holder)
+                .bind(millis(wait))
+                .bind(adopt),
+        )
+        .await?;
+        let (token, remaining, expires_at) = row;
+        Ok(grant(token, remaining, expires_at))
+    }
+
     async fn acquire_permit(
         &self,
         name: &str,
