@@ -53,3 +53,8 @@ fn the_readme_semaphore_excerpt_is_the_goldens_output() {
 fn the_readme_multi_key_excerpt_is_the_goldens_output() {
     excerpt_is_the_goldens_output("multi.out");
 }
+
+#[test]
+fn the_readme_shared_lease_excerpt_is_the_goldens_output() {
+    excerpt_is_the_goldens_output("shared.out");
+}
