@@ -46,6 +46,13 @@ pub fn shared_leases() -> Option<(pg_sys::Oid, pg_sys::Oid)> {
     (table != pg_sys::InvalidOid && index != pg_sys::InvalidOid).then_some((table, index))
 }
 
+/// `fence.shared_leases` alone (one lookup, for the writers' filter).
+pub fn shared_leases_table() -> Option<pg_sys::Oid> {
+    // SAFETY: a syscache lookup by name and namespace.
+    let oid = unsafe { pg_sys::get_relname_relid(c"shared_leases".as_ptr(), namespace()) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
 /// `fence.token_seq`, the one global order of tokens (G1).
 pub fn token_sequence() -> Result<pg_sys::Oid, Failure> {
     relation(c"token_seq")

@@ -61,6 +61,33 @@ pub fn share(lock_key: &str) {
     unsafe { pg_sys::LockAcquire(&tag, pg_sys::ShareLock as i32, false, false) };
 }
 
+/// Try [`share`] without waiting: false if a grant holds the key.
+pub fn try_share(lock_key: &str) -> bool {
+    let tag = tag(lock_key);
+    // SAFETY: as for share(), without waiting (dontWait).
+    let result = unsafe { pg_sys::LockAcquire(&tag, pg_sys::ShareLock as i32, false, true) };
+    result != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}
+
+/// Lock the key in row-share mode until the end of the transaction, for a
+/// change to a shared lease (its renewal, release, force or re-acquire):
+/// it conflicts with an exclusive grant only, so a reader's grant in
+/// flight (even in a long transaction) never holds it up. Waits, as
+/// [`share`] does.
+pub fn row_share(lock_key: &str) {
+    let tag = tag(lock_key);
+    // SAFETY: as for share().
+    unsafe { pg_sys::LockAcquire(&tag, pg_sys::RowShareLock as i32, false, false) };
+}
+
+/// Release one hold taken by [`row_share`] in this same function call.
+pub fn release_row_share(lock_key: &str) {
+    let tag = tag(lock_key);
+    // SAFETY: releases one hold this resource owner took in row_share (the
+    // caller's contract).
+    unsafe { pg_sys::LockRelease(&tag, pg_sys::RowShareLock as i32, false) };
+}
+
 /// Try to lock the key exclusively until the end of the (sub)transaction:
 /// false if a fenced write (or another grant) holds it.
 pub fn try_exclusive(lock_key: &str) -> bool {
@@ -125,5 +152,6 @@ pub fn held_by_me(lock_key: &str) -> bool {
         pg_sys::LockHeldByMe(&tag, pg_sys::ShareLock as i32)
             || pg_sys::LockHeldByMe(&tag, pg_sys::ExclusiveLock as i32)
             || pg_sys::LockHeldByMe(&tag, pg_sys::RowExclusiveLock as i32)
+            || pg_sys::LockHeldByMe(&tag, pg_sys::RowShareLock as i32)
     }
 }

@@ -24,7 +24,7 @@ use crate::errors::{fail, Failure, FenceError};
 use crate::key::check_key;
 use crate::plans::{with_spi, Plans};
 use crate::roles::{caller_role, is_fence_admin, not_owner, refuse_security_restricted};
-use crate::{catalog, keylock, shared, stats, wait};
+use crate::{catalog, keylock, probe, shared, stats, wait};
 
 /// A granted lease, as returned in a `fence.lease` value.
 #[derive(Debug, Clone)]
@@ -112,6 +112,57 @@ fn live_owner(
     )))
 }
 
+/// How a renew, release or force holds the key's lock while it writes.
+///
+/// The exclusive lease is changed under the share lock, which conflicts
+/// with every grant: a reader granted while a writer's renewal is on its
+/// way would overlap the writer. A shared lease is changed under the
+/// row-share lock, which conflicts only with an exclusive grant, so a
+/// reader's grant in flight (even in a long transaction) never holds up
+/// another reader's renewal or release.
+///
+/// Which lease a token names is not known before the lock: the share lock
+/// is tried without waiting, and only if a grant holds the key is the
+/// exclusive lease looked at to choose. That choice is final, as a token
+/// never changes hands: a token that is not the exclusive lease's now
+/// never will be. A force (no token) takes the share lock if the
+/// exclusive lease is live.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    Share,
+    RowShare,
+}
+
+impl Hold {
+    fn take(key: &str, token: Option<i64>) -> Result<Hold, Failure> {
+        if keylock::try_share(key) {
+            return Ok(Hold::Share);
+        }
+        let row = probe::lease_row(key, probe::Snapshot::Latest, false)?;
+        let exclusive = match token {
+            Some(token) => row.is_some_and(|row| row.token == token),
+            None => row.is_some_and(|row| row.live),
+        };
+        Ok(if exclusive {
+            keylock::share(key);
+            Hold::Share
+        } else {
+            keylock::row_share(key);
+            Hold::RowShare
+        })
+    }
+
+    /// The statement matched nothing: let go at once, so a no-op on a
+    /// lease that is no longer live does not hold off a grant until its
+    /// transaction ends.
+    fn give_back(self, key: &str) {
+        match self {
+            Hold::Share => keylock::release_share(key),
+            Hold::RowShare => keylock::release_row_share(key),
+        }
+    }
+}
+
 /// [`live_owner`] for the key's exclusive lease, else for one of its
 /// shared leases.
 fn owner_of(
@@ -147,31 +198,35 @@ pub fn renew(
     let ttl = ttl.map(|ttl| exact_ttl(F, &ttl)).transpose()?;
     let role = caller_role();
     let admin = is_fence_admin(role);
-    keylock::share(key);
+    let hold = Hold::take(key, Some(token))?;
     with_spi(|client, plans| {
-        let rows = may_commit_asynchronously(|| {
-            client.update(
-                &plans.renew,
-                Some(1),
-                &[
-                    key.into(),
-                    token.into(),
-                    ttl.into(),
-                    role.into(),
-                    admin.into(),
-                ],
-            )
-        })?;
-        if !rows.is_empty() {
-            stats::renewal(key, true);
-            return Ok(rows.first().get(1)?);
+        if hold == Hold::Share {
+            let rows = may_commit_asynchronously(|| {
+                client.update(
+                    &plans.renew,
+                    Some(1),
+                    &[
+                        key.into(),
+                        token.into(),
+                        ttl.into(),
+                        role.into(),
+                        admin.into(),
+                    ],
+                )
+            })?;
+            if !rows.is_empty() {
+                stats::renewal(key, true);
+                return Ok(rows.first().get(1)?);
+            }
         }
         // Not the exclusive lease's token: a shared lease's, perhaps.
-        if let Some(expires_at) = shared::renew(client, key, token, ttl, role, admin)? {
+        let renewed =
+            may_commit_asynchronously(|| shared::renew(client, key, token, ttl, role, admin))?;
+        if let Some(expires_at) = renewed {
             stats::renewal(key, true);
             return Ok(Some(expires_at));
         }
-        keylock::release_share(key);
+        hold.give_back(key);
         match owner_of(client, plans, key, Some(token))? {
             Some((owner, _)) => fail(not_owner("renew", key, token, owner, role)),
             None => {
@@ -196,25 +251,29 @@ pub fn release(lock_key: Option<&str>, token: Option<i64>) -> Result<bool, Failu
 pub fn release_key(key: &str, token: i64) -> Result<bool, Failure> {
     let role = caller_role();
     let admin = is_fence_admin(role);
-    keylock::share(key);
+    let hold = Hold::take(key, Some(token))?;
     with_spi(|client, plans| {
-        let rows = may_commit_asynchronously(|| {
-            client.update(
-                &plans.release,
-                Some(1),
-                &[key.into(), token.into(), role.into(), admin.into()],
-            )
-        })?;
-        if !rows.is_empty() {
-            wait::wake_after_commit(key);
-            stats::release(key, Some(held_micros(rows)?));
-            return Ok(true);
+        if hold == Hold::Share {
+            let rows = may_commit_asynchronously(|| {
+                client.update(
+                    &plans.release,
+                    Some(1),
+                    &[key.into(), token.into(), role.into(), admin.into()],
+                )
+            })?;
+            if !rows.is_empty() {
+                wait::wake_after_commit(key);
+                stats::release(key, Some(held_micros(rows)?));
+                return Ok(true);
+            }
         }
-        if let Some(held) = shared::release(client, key, token, role, admin)? {
+        let released =
+            may_commit_asynchronously(|| shared::release(client, key, token, role, admin))?;
+        if let Some(held) = released {
             stats::release(key, Some(held));
             return Ok(true);
         }
-        keylock::release_share(key);
+        hold.give_back(key);
         match owner_of(client, plans, key, Some(token))? {
             Some((owner, _)) => fail(not_owner("release", key, token, owner, role)),
             None => {
@@ -231,8 +290,10 @@ pub fn force_release(lock_key: Option<&str>) -> Result<bool, Failure> {
     let key = check_key(F, lock_key)?;
     let role = caller_role();
     let admin = is_fence_admin(role);
-    keylock::share(key);
+    let hold = Hold::take(key, None)?;
     with_spi(|client, plans| {
+        // Under either hold: ending a lease never makes two overlap, and
+        // with the row-share hold a grant cannot run meanwhile either.
         let rows = client.update(
             &plans.force_release,
             Some(1),
@@ -251,7 +312,7 @@ pub fn force_release(lock_key: Option<&str>) -> Result<bool, Failure> {
             }
             return Ok(true);
         }
-        keylock::release_share(key);
+        hold.give_back(key);
         match owner_of(client, plans, key, None)? {
             Some((owner, token)) => fail(not_owner("force-release", key, token, owner, role)),
             None => Ok(false),

@@ -170,13 +170,55 @@ pub struct SharedRows {
 /// holds until it commits, so none is missed. Nothing in a database still
 /// on the 0.1.0 schema. `holder`: also find that holder's live one.
 pub fn shared_rows(key: &str, holder: Option<&str>) -> Result<SharedRows, Failure> {
+    let mut rows = SharedRows::default();
+    // SAFETY: a plain read of the clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    scan_shared(Some(key), holder.is_some(), |row| {
+        if row.expires_at <= now {
+            rows.expired += 1;
+            return;
+        }
+        rows.live += 1;
+        rows.last_expiry = rows.last_expiry.max(row.expires_at);
+        if rows.own.is_none() && holder.is_some() && row.holder.as_deref() == holder {
+            rows.own = Some((row.token, row.owner_role));
+        }
+    })?;
+    Ok(rows)
+}
+
+/// Every key that has a row in `fence.shared_leases` (latest snapshot),
+/// once per row: for the filter of keys that may have readers (shared.rs).
+pub fn shared_keys(mut visit: impl FnMut(&str)) -> Result<(), Failure> {
+    scan_shared(None, false, |row| visit(&row.lock_key))
+}
+
+/// One row of `fence.shared_leases`, as [`scan_shared`] read it.
+struct SharedRow {
+    lock_key: String,
+    token: i64,
+    expires_at: pg_sys::TimestampTz,
+    owner_role: pg_sys::Oid,
+    holder: Option<String>,
+}
+
+/// Read `fence.shared_leases` through its primary key with the latest
+/// snapshot: the rows of `key`, or (None) every row. `lock_key` is read
+/// only for a full scan, `holder` only if asked for.
+fn scan_shared(
+    key: Option<&str>,
+    with_holder: bool,
+    mut visit: impl FnMut(SharedRow),
+) -> Result<(), Failure> {
     let internal =
         |what: &str| FenceError::internal(format!("reading fence.shared_leases: {what}"));
     let Some((table_oid, index_oid)) = catalog::shared_leases() else {
-        return Ok(SharedRows::default());
+        return Ok(());
     };
-    let key_datum = key.into_datum().ok_or_else(|| internal("NULL key"))?;
-    let mut rows = SharedRows::default();
+    let key_datum = match key {
+        Some(key) => Some(key.into_datum().ok_or_else(|| internal("NULL key"))?),
+        None => None,
+    };
     // SAFETY: as in lease_row: relations opened and closed here under
     // AccessShareLock, the snapshot registered and unregistered here, the
     // slot and scan created and dropped here, attribute numbers checked.
@@ -191,53 +233,61 @@ pub fn shared_rows(key: &str, holder: Option<&str>) -> Result<SharedRows, Failur
             column(c"expires_at"),
             column(c"owner_role"),
             column(c"holder"),
+            column(c"lock_key"),
         ];
         if attributes.iter().any(|&attnum| attnum <= 0) {
             pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
             pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
             return fail(internal(
-                "a column (token, expires_at, owner_role, holder) is missing",
+                "a column (token, expires_at, owner_role, holder, lock_key) is missing",
             ));
         }
-        let [token_at, expires_at, owner_at, holder_at] = attributes;
+        let [token_at, expires_at, owner_at, holder_at, key_at] = attributes;
         let last = *attributes.iter().max().unwrap_or(&1);
         let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
         let mut scan_key: pg_sys::ScanKeyData = std::mem::zeroed();
-        pg_sys::ScanKeyInit(
-            &mut scan_key,
-            1,
-            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
-            pg_sys::Oid::from(pg_sys::F_TEXTEQ),
-            key_datum,
-        );
-        let scan = pg_sys::index_beginscan(table, index, snapshot, 1, 0);
-        pg_sys::index_rescan(scan, &mut scan_key, 1, std::ptr::null_mut(), 0);
+        let keys = match key_datum {
+            Some(datum) => {
+                pg_sys::ScanKeyInit(
+                    &mut scan_key,
+                    1,
+                    pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+                    pg_sys::Oid::from(pg_sys::F_TEXTEQ),
+                    datum,
+                );
+                1
+            }
+            None => 0,
+        };
+        let scan = pg_sys::index_beginscan(table, index, snapshot, keys, 0);
+        let scan_keys = if keys == 1 {
+            &mut scan_key as *mut pg_sys::ScanKeyData
+        } else {
+            std::ptr::null_mut()
+        };
+        pg_sys::index_rescan(scan, scan_keys, keys, std::ptr::null_mut(), 0);
         let slot = pg_sys::table_slot_create(table, std::ptr::null_mut());
-        let now = pg_sys::GetCurrentTimestamp();
         while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
             pg_sys::slot_getsomeattrs_int(slot, last);
             let value = |attnum: i32| {
                 let i = (attnum - 1) as usize;
                 (!*(*slot).tts_isnull.add(i)).then(|| *(*slot).tts_values.add(i))
             };
-            let expires = value(expires_at).map_or(i64::MIN, |at| at.value() as i64);
-            if expires <= now {
-                rows.expired += 1;
-                continue;
-            }
-            rows.live += 1;
-            rows.last_expiry = rows.last_expiry.max(expires);
-            if let (Some(holder), None) = (holder, rows.own) {
-                let theirs = value(holder_at).and_then(|datum| String::from_datum(datum, false));
-                if theirs.as_deref() == Some(holder) {
-                    rows.own = Some((
-                        value(token_at).map_or(0, |datum| datum.value() as i64),
-                        value(owner_at).map_or(pg_sys::InvalidOid, |datum| {
-                            pg_sys::Oid::from(datum.value() as u32)
-                        }),
-                    ));
-                }
-            }
+            let text =
+                |attnum: i32| value(attnum).and_then(|datum| String::from_datum(datum, false));
+            visit(SharedRow {
+                lock_key: if key.is_none() {
+                    text(key_at).unwrap_or_default()
+                } else {
+                    String::new()
+                },
+                token: value(token_at).map_or(0, |datum| datum.value() as i64),
+                expires_at: value(expires_at).map_or(i64::MIN, |at| at.value() as i64),
+                owner_role: value(owner_at).map_or(pg_sys::InvalidOid, |datum| {
+                    pg_sys::Oid::from(datum.value() as u32)
+                }),
+                holder: if with_holder { text(holder_at) } else { None },
+            });
         }
         pg_sys::ExecDropSingleTupleTableSlot(slot);
         pg_sys::index_endscan(scan);
@@ -245,7 +295,7 @@ pub fn shared_rows(key: &str, holder: Option<&str>) -> Result<SharedRows, Failur
         pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
         pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
     }
-    Ok(rows)
+    Ok(())
 }
 
 /// Whether no transaction has locked or updated the row version in `slot`

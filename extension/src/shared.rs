@@ -18,9 +18,11 @@
 //! - an exclusive grant, holding the key exclusively, reads the key's
 //!   shared leases as committed now (`holding`): a shared grant in flight
 //!   holds the lock, so none is missed;
-//! - renewing a shared lease takes the key's lock in share mode, as for an
-//!   exclusive one, so an exclusive grant never judges a shared lease
-//!   expired while its renewal is on the way;
+//! - renewing, releasing or re-acquiring a shared lease takes the key's
+//!   lock in row-share mode (lease.rs, `Hold`), which conflicts with an
+//!   exclusive grant only: an exclusive grant never judges a shared lease
+//!   expired while its renewal is on the way, and a reader's grant in
+//!   flight never holds up another reader's renewal;
 //! - shared grants do not conflict with each other: readers are granted
 //!   side by side.
 //!
@@ -38,6 +40,7 @@
 //! for a shared one (or the other way round) is busy like anyone else.
 
 use std::cell::OnceCell;
+use std::sync::atomic::Ordering;
 
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
@@ -47,10 +50,10 @@ use crate::acquire::{self, Attempt, Target};
 use crate::args::required;
 use crate::durability::issue_token;
 use crate::errors::{fail, Failure, FenceError};
-use crate::key::check_key;
+use crate::key::{check_key, MAX_KEY_BYTES};
 use crate::lease::Lease;
 use crate::roles::{is_fence_admin, not_owner};
-use crate::{keylock, probe, stats, wait, waiters};
+use crate::{keylock, probe, shmem, stats, wait, waiters};
 
 const LIVE: &str = "s.expires_at > pg_catalog.clock_timestamp()";
 
@@ -273,6 +276,7 @@ pub fn attempt(
             retry_in_ms: acquire::retry_until(row.expires_at),
         });
     }
+    mark(key);
     with_plans(client, |client, plans| {
         if shared.expired > 0 {
             client.update(&plans.prune, None, &[key.into()])?;
@@ -309,7 +313,7 @@ fn extend(
     if owner != request.role && !is_fence_admin(request.role) {
         return fail(not_owner("re-acquire", key, token, owner, request.role));
     }
-    keylock::share(key);
+    keylock::row_share(key);
     let rows = client.update(
         &plans.extend,
         Some(1),
@@ -321,20 +325,95 @@ fn extend(
         ],
     )?;
     if rows.is_empty() {
-        keylock::release_share(key);
+        keylock::release_row_share(key);
     }
     acquire::grant_outcome(rows, key, request.holder, token)
 }
 
 /// For an exclusive grant holding the key's lock exclusively: how long to
 /// wait if shared leases are live on the key (until the last one's expiry,
-/// capped), None if none is.
+/// capped), None if none is. In preload mode a key that never had a reader
+/// costs a bit test, not a read of the table (`may_have_readers`).
 pub fn holding(key: &str) -> Result<Option<i64>, Failure> {
+    if !may_have_readers(key)? {
+        return Ok(None);
+    }
     let rows = probe::shared_rows(key, None)?;
     Ok((rows.live > 0).then(|| acquire::retry_until(rows.last_expiry)))
 }
 
-/// `lock_renew` of a shared lease (the key's share lock held): its new
+/// The writers' filter (preload mode, `Header::shared_keys`): the bit of
+/// `key` in this database.
+fn filter_bit(segment: &shmem::Segment, key: &str) -> (usize, u64) {
+    let bytes = &key.as_bytes()[..key.len().min(MAX_KEY_BYTES)];
+    // SAFETY: a backend-local global, set at connection.
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let bits = (shmem::SHARED_KEY_WORDS * 64) as u64;
+    let bit = (segment.hash(database, bytes) % bits) as usize;
+    (bit / 64, 1u64 << (bit % 64))
+}
+
+/// Set `key`'s bit: before a shared lease on it is written, under the
+/// key's lock, so an exclusive grant (which takes that lock after this
+/// grant has ended) sees it.
+fn mark(key: &str) {
+    if let Some(segment) = shmem::segment() {
+        let (word, bit) = filter_bit(&segment, key);
+        segment.header().shared_keys[word].fetch_or(bit, Ordering::SeqCst);
+    }
+}
+
+/// Whether an exclusive grant must read `key`'s shared leases: always
+/// without preload; in preload mode, when the key's bit is set. Bits are
+/// set by every shared grant since the server started (`mark`); the rows
+/// from before it started are read into the filter once per database (and
+/// per `fence.shared_leases`: a re-created table is read again), by the
+/// first exclusive grant that asks. A reader granted while that read goes
+/// on set its bit before writing its row, so no row is missed. Only rows
+/// written past the lease functions (a `COPY` into the table while writers
+/// run, say a restore into a database in use) could be.
+fn may_have_readers(key: &str) -> Result<bool, Failure> {
+    let Some(segment) = shmem::segment() else {
+        return Ok(true);
+    };
+    let Some(table) = crate::catalog::shared_leases_table() else {
+        // The 0.1.0 schema: no shared leases at all.
+        return Ok(false);
+    };
+    // SAFETY: a backend-local global, set at connection.
+    let database = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let tag = (u64::from(database) << 32) | u64::from(table.to_u32());
+    let scanned = &segment.header().shared_scanned;
+    if !scanned
+        .iter()
+        .any(|entry| entry.load(Ordering::SeqCst) == tag)
+    {
+        if !scanned
+            .iter()
+            .any(|entry| entry.load(Ordering::SeqCst) == 0)
+        {
+            // No room to say it was read: read the key's rows every time.
+            return Ok(true);
+        }
+        probe::shared_keys(|key| {
+            let (word, bit) = filter_bit(&segment, key);
+            segment.header().shared_keys[word].fetch_or(bit, Ordering::SeqCst);
+        })?;
+        let registered = scanned.iter().any(|entry| {
+            match entry.compare_exchange(0, tag, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => true,
+                Err(found) => found == tag,
+            }
+        });
+        if !registered {
+            return Ok(true);
+        }
+    }
+    let (word, bit) = filter_bit(&segment, key);
+    Ok(segment.header().shared_keys[word].load(Ordering::SeqCst) & bit != 0)
+}
+
+/// `lock_renew` of a shared lease (the key's lock held, lease.rs `Hold`): its new
 /// expiry, None if no live shared lease of the caller's has this token.
 pub fn renew(
     client: &mut SpiClient<'_>,
@@ -366,7 +445,7 @@ pub fn renew(
     })
 }
 
-/// `lock_release` of a shared lease (the key's share lock held): how long
+/// `lock_release` of a shared lease (the key's lock held): how long
 /// it was held, None if no live shared lease of the caller's has this
 /// token. Its waiters hear of it after the commit.
 pub fn release(
@@ -394,8 +473,8 @@ pub fn release(
     })
 }
 
-/// `lock_force_release` of the key's shared leases (the key's share lock
-/// held): every live one the caller may force, each one's time held.
+/// `lock_force_release` of the key's shared leases (the key's lock held):
+/// every live one the caller may force, each one's time held.
 pub fn force(
     client: &mut SpiClient<'_>,
     key: &str,

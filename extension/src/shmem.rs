@@ -55,6 +55,12 @@ pub enum Lock {
 }
 const LOCKS: i32 = 2;
 
+/// Words of [`Header::shared_keys`]: 65,536 bits, 8 KiB.
+pub const SHARED_KEY_WORDS: usize = 1024;
+/// Entries of [`Header::shared_scanned`]: past them, a database's writers
+/// read its shared leases on every grant (correct, only slower).
+pub const SHARED_SCANNED_DATABASES: usize = 64;
+
 /// The segment's header: sizes fixed at start, and the few counters that
 /// belong to no row.
 #[repr(C)]
@@ -78,6 +84,14 @@ pub struct Header {
     /// than the truth (a watcher that dies uncounted leaves it higher,
     /// which costs only a look).
     pub watchers: AtomicU32,
+    /// Keys that may have shared leases (shared.rs, the writers' filter):
+    /// a bit per keyed hash of (database, key), set before a shared lease
+    /// on such a key is written, never cleared.
+    pub shared_keys: [AtomicU64; SHARED_KEY_WORDS],
+    /// The databases whose `fence.shared_leases` rows from before the
+    /// server started are in `shared_keys`: `database << 32 | table oid`
+    /// (a re-created table is another entry), 0 for a free entry.
+    pub shared_scanned: [AtomicU64; SHARED_SCANNED_DATABASES],
     /// Entries in use in each table (written under its exclusive lock).
     classes_used: AtomicU32,
     tables_used: AtomicU32,

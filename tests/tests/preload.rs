@@ -173,6 +173,18 @@ async fn without_preload_the_shared_memory_calls_fail_with_55000_and_the_rest_wo
         .await
         .unwrap()
         .unwrap();
+    // A reader's lease survives the restart too, and must still hold a
+    // writer off afterwards, though the writers' filter in shared memory
+    // starts empty (the first writer reads the table into it).
+    let reader: Option<i64> = db
+        .query_one(
+            "SELECT (fence.lock_acquire_shared('crash:r', '1 minute')).token",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reader.is_some());
     let victim = connect_to(PORT, "postgres").await;
     let pid = backend_pid(&victim).await;
     let waiting =
@@ -209,5 +221,17 @@ async fn without_preload_the_shared_memory_calls_fail_with_55000_and_the_rest_wo
             .unwrap(),
         None
     );
+    assert_eq!(
+        acquire(&db, "crash:r", "1 minute", None, "0")
+            .await
+            .unwrap(),
+        None,
+        "the reader from before the restart holds the writer off"
+    );
+    assert!(release(&db, "crash:r", reader.unwrap()).await.unwrap());
+    assert!(acquire(&db, "crash:r", "1 minute", None, "0")
+        .await
+        .unwrap()
+        .is_some());
     side_cluster("stop", BASE, PORT);
 }

@@ -658,3 +658,57 @@ async fn bad_input_gets_its_sqlstate() {
         assert_eq!(state, expected, "{sql}: {message}");
     }
 }
+
+/// A reader granted inside a transaction that stays open holds the key's
+/// lock (row-exclusive) until it ends: other readers still renew, release
+/// and re-acquire at once (their changes conflict with a writer's grant
+/// only), and more readers are granted beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reader_in_an_open_transaction_holds_up_no_other_reader() {
+    let db = connect().await;
+    let key = unique_key("shared-open");
+    let other = share(&db, &key, "1 minute", Some("other"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let open = connect().await;
+    open.batch_execute("BEGIN").await.unwrap();
+    share(&open, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    // Blocked calls would end with 57014 after 2 s instead.
+    db.batch_execute("SET statement_timeout = '2s'")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    assert!(renew(&db, &key, other).await.unwrap());
+    assert_eq!(
+        share(&db, &key, "1 minute", Some("other"), "0")
+            .await
+            .unwrap(),
+        Some(other),
+        "G6 re-acquire"
+    );
+    let third = share(&db, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(release(&db, &key, third).await.unwrap());
+    assert!(release(&db, &key, other).await.unwrap());
+    assert!(started.elapsed() < Duration::from_millis(500));
+    // A writer cannot be granted while the open transaction's reader is
+    // in, and gets the key once it commits and releases.
+    assert_eq!(
+        acquire(&db, &key, "1 minute", None, "0").await.unwrap(),
+        None
+    );
+    open.batch_execute("COMMIT").await.unwrap();
+    db.execute("SELECT fence.lock_force_release($1)", &[&key])
+        .await
+        .unwrap();
+    assert!(acquire(&db, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .is_some());
+}
