@@ -53,6 +53,16 @@ async fn run_once_records_and_leases_keep_their_roles_through_dump_and_restore()
         .unwrap()
         .get(0);
 
+    // A reader's lease, too.
+    let reader: i64 = worker
+        .query_one(
+            "SELECT (fence.lock_acquire_shared('catalog:1', '1 hour', 'r1')).token",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
     let dump = std::env::temp_dir().join(format!("pg_fence_dump_{}.pgdump", std::process::id()));
     let status = Command::new(pg_bin("pg_dump"))
         .args([
@@ -125,6 +135,30 @@ async fn run_once_records_and_leases_keep_their_roles_through_dump_and_restore()
     .await;
     assert_eq!(state, "42501");
     assert!(release(&worker, "invoice:1", token).await.unwrap());
+    // The restored reader is the worker's and still holds a writer off
+    // (the writers' filter of the new server reads the restored rows).
+    let mode: String = worker
+        .query_one(
+            "SELECT mode || ' ' || owner_role::text FROM fence.locks WHERE lock_key = 'catalog:1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mode, "shared dump_worker");
+    assert_eq!(
+        acquire(&worker, "catalog:1", "1 minute", None, "0")
+            .await
+            .unwrap(),
+        None
+    );
+    let (state, _) = expect_error(
+        &other,
+        &format!("SELECT fence.lock_release('catalog:1', {reader})"),
+    )
+    .await;
+    assert_eq!(state, "42501");
+    assert!(release(&worker, "catalog:1", reader).await.unwrap());
     // And the global order continues past the restored token (G1).
     let next = acquire(&worker, "invoice:2", "1 minute", None, "0")
         .await
