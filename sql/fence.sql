@@ -574,20 +574,28 @@ GRANT EXECUTE ON FUNCTION fence._fence_descendants(regclass), fence._drop_orphan
 -- Who holds a key's lock right now (keylock.rs), so that an admin can see,
 -- and end, the session that keeps a key from being acquired: a grant in
 -- flight holds it exclusively ('grant'); a fenced write, a renew or a
--- release holds it in share mode until its transaction ends ('write'). A
+-- release holds it in share mode until its transaction ends ('write'); a
+-- reader's grant in row-exclusive mode ('shared grant'); a reader's renew,
+-- release or re-acquire in row-share mode ('shared write'). A
 -- prepared transaction holds it until COMMIT/ROLLBACK PREPARED: pid is NULL
 -- and state names its gid. End a session with pg_terminate_backend(pid).
--- Keys are named through their lease rows; lock_key is NULL for a key
--- whose first grant has not committed yet (its row is not visible).
+-- Keys are named through their lease rows, exclusive or shared; lock_key is
+-- NULL for a key whose first grant has not committed yet (its row is not
+-- visible).
 CREATE OR REPLACE VIEW fence.blockers AS
 SELECT lk.pid,
        COALESCE(a.usename, p.owner)                                     AS role,
        l.lock_key,
-       CASE lk.mode WHEN 'ExclusiveLock' THEN 'grant' ELSE 'write' END  AS what,
+       CASE lk.mode WHEN 'ExclusiveLock' THEN 'grant'
+                    WHEN 'RowExclusiveLock' THEN 'shared grant'
+                    WHEN 'RowShareLock' THEN 'shared write'
+                    ELSE 'write' END                                    AS what,
        COALESCE(a.xact_start, p.prepared)                               AS xact_start,
        CASE WHEN lk.pid IS NULL THEN 'prepared ' || p.gid ELSE a.state END AS state
   FROM pg_catalog.pg_locks AS lk
-  LEFT JOIN fence.leases AS l
+  LEFT JOIN (SELECT e.lock_key FROM fence.leases AS e
+              UNION
+             SELECT s.lock_key FROM fence.shared_leases AS s) AS l
     ON fence._key_lock_id(l.lock_key) = (lk.classid::pg_catalog.int8 << 32 | lk.objid::pg_catalog.int8)
   LEFT JOIN pg_catalog.pg_stat_activity AS a ON a.pid = lk.pid
   LEFT JOIN pg_catalog.pg_prepared_xacts AS p

@@ -61,7 +61,7 @@ SELECT pg_catalog.pg_extension_config_dump('fence.token_seq', '');
 -- Shared (reader) leases (0.2, shared.rs): any number per key at once,
 -- while the key has no live exclusive lease, each with its own token. A
 -- row per lease, deleted when it is released or forced; an expired one is
--- deleted by the next shared grant on its key (or fence.sweep). Live:
+-- deleted by the next shared grant on its key. Live:
 -- expires_at > clock_timestamp(). The key's exclusive lease stays in
 -- fence.leases, so current_token and the fence check never see these.
 CREATE TABLE fence.shared_leases (

@@ -97,8 +97,10 @@ fn wait_for_synchronous_standby(lsn: pg_sys::XLogRecPtr) -> Result<(), Failure> 
 
 /// Make the current transaction's commit durable whatever the caller's
 /// `synchronous_commit`: flushed locally (ForceSyncCommit), and at least
-/// `synchronous_commit = on` so a synchronous standby has it too.
-fn commit_durably() {
+/// `synchronous_commit = on` so a synchronous standby has it too. For a
+/// grant, and for a shared lease's renewal or re-acquire (shared.rs): no
+/// fence keeps a reader safe if its extension is lost.
+pub fn commit_durably() {
     GRANTED.set(true);
     // SAFETY: ForceSyncCommit only sets a flag of the current transaction;
     // synchronous_commit is a backend-local GUC variable.

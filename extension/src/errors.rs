@@ -58,6 +58,10 @@ pub enum FenceError {
     /// `25000`: waiting needs a fresh snapshot per attempt, which REPEATABLE READ
     /// and SERIALIZABLE transactions cannot take.
     WaitNeedsReadCommitted { lock_key: String },
+    /// `40001`: under REPEATABLE READ or SERIALIZABLE, the holder's own
+    /// shared lease was granted after the transaction's snapshot, which
+    /// cannot see it to extend it (G6).
+    SharedLeaseNotInSnapshot { lock_key: String, holder: String },
     /// `FN001`: a write to a fenced table without the token of the key's live lease.
     StaleToken {
         table: String,
@@ -152,6 +156,7 @@ impl FenceError {
             FenceError::InvalidArgument { .. } => "22023",
             FenceError::NotLeaseOwner { .. } => "42501",
             FenceError::WaitNeedsReadCommitted { .. } => "25000",
+            FenceError::SharedLeaseNotInSnapshot { .. } => "40001",
             FenceError::StaleToken { .. } => "FN001",
             FenceError::TruncateRefused { .. } => "42501",
             FenceError::ProtectedColumnMissing { .. } => "42703",
@@ -202,6 +207,10 @@ impl FenceError {
             } => format!(
                 "role \"{caller}\" may not {action} the lease on \"{lock_key}\" (token {token}): \
                  it belongs to role \"{owner}\""
+            ),
+            FenceError::SharedLeaseNotInSnapshot { lock_key, holder } => format!(
+                "could not serialize access: the shared lease of holder \"{holder}\" on \"{lock_key}\" \
+                 was granted after this transaction's snapshot"
             ),
             FenceError::WaitNeedsReadCommitted { lock_key } => format!(
                 "lock_acquire on \"{lock_key}\" cannot wait inside a REPEATABLE READ or \
@@ -304,6 +313,9 @@ impl FenceError {
             FenceError::NotLeaseOwner { .. } => {
                 Some("Only the role that acquired a lease, or a member of fence_admin, may renew, release or force it.")
             }
+            FenceError::SharedLeaseNotInSnapshot { .. } => Some(
+                "Retry the transaction, or re-acquire in a READ COMMITTED one.",
+            ),
             FenceError::WaitNeedsReadCommitted { .. } => Some(
                 "Call it with wait => '0', or wait in a READ COMMITTED transaction: a fixed \
                  snapshot never sees the key being released.",

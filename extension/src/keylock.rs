@@ -52,6 +52,33 @@ fn tag(lock_key: &str) -> pg_sys::LOCKTAG {
     }
 }
 
+/// The lock of one holder id on one key (`objsubid = 4`, apart from the
+/// key locks): taken by a shared grant of a named holder, so two requests
+/// of one holder (a lost reply's retry racing the request itself) never
+/// both write a shared lease (G6).
+fn holder_tag(lock_key: &str, holder: &str) -> pg_sys::LOCKTAG {
+    let mut tag = tag(&format!("{lock_key}\u{0}{holder}"));
+    tag.locktag_field4 = 4;
+    tag
+}
+
+/// Try to take [`holder_tag`]'s lock until the end of the transaction:
+/// false if another request of the same holder holds it.
+pub fn try_holder(lock_key: &str, holder: &str) -> bool {
+    let tag = holder_tag(lock_key, holder);
+    // SAFETY: as for share(), without waiting (dontWait).
+    let result = unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, true) };
+    result != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}
+
+/// Release one hold taken by [`try_holder`] in this same function call.
+pub fn release_holder(lock_key: &str, holder: &str) {
+    let tag = holder_tag(lock_key, holder);
+    // SAFETY: releases one hold this resource owner took in try_holder (the
+    // caller's contract).
+    unsafe { pg_sys::LockRelease(&tag, pg_sys::ExclusiveLock as i32, false) };
+}
+
 /// Share-lock the key until the end of the transaction, waiting (cancellably,
 /// with deadlock detection) for a granting acquire to finish.
 pub fn share(lock_key: &str) {

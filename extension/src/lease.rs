@@ -118,15 +118,19 @@ fn live_owner(
 /// with every grant: a reader granted while a writer's renewal is on its
 /// way would overlap the writer. A shared lease is changed under the
 /// row-share lock, which conflicts only with an exclusive grant, so a
-/// reader's grant in flight (even in a long transaction) never holds up
-/// another reader's renewal or release.
+/// reader's change never holds up another reader's grant, renewal or
+/// release, and a reader's grant in flight (even in a long transaction)
+/// never holds up a reader's change.
 ///
-/// Which lease a token names is not known before the lock: the share lock
-/// is tried without waiting, and only if a grant holds the key is the
-/// exclusive lease looked at to choose. That choice is final, as a token
-/// never changes hands: a token that is not the exclusive lease's now
-/// never will be. A force (no token) takes the share lock if the
-/// exclusive lease is live.
+/// Which lease a token names is not known before the lock. The share lock
+/// is tried without waiting; if it is had, the exclusive lease is tried
+/// first and, if the token is not its, the hold becomes row-share at once
+/// ([`Hold::to_row_share`]), before the shared lease is changed. If a grant
+/// holds the key, the change waits in row-share mode (only an exclusive
+/// grant in flight holds that off) and then reads the exclusive lease: no
+/// exclusive grant is in flight any more, so what it finds is final, and
+/// only a live exclusive lease with this token (for a force: any live
+/// exclusive lease) takes the share lock.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Hold {
     Share,
@@ -138,18 +142,26 @@ impl Hold {
         if keylock::try_share(key) {
             return Ok(Hold::Share);
         }
+        keylock::row_share(key);
         let row = probe::lease_row(key, probe::Snapshot::Latest, false)?;
-        let exclusive = match token {
-            Some(token) => row.is_some_and(|row| row.token == token),
-            None => row.is_some_and(|row| row.live),
-        };
-        Ok(if exclusive {
+        let exclusive = row.is_some_and(|row| row.live && token.is_none_or(|t| t == row.token));
+        if exclusive {
             keylock::share(key);
-            Hold::Share
-        } else {
+            keylock::release_row_share(key);
+            return Ok(Hold::Share);
+        }
+        Ok(Hold::RowShare)
+    }
+
+    /// The exclusive lease did not match: go on in row-share mode only,
+    /// letting go of the share lock now rather than at the end of the
+    /// transaction, so new readers are not held off meanwhile.
+    fn to_row_share(self, key: &str) -> Hold {
+        if self == Hold::Share {
             keylock::row_share(key);
-            Hold::RowShare
-        })
+            keylock::release_share(key);
+        }
+        Hold::RowShare
     }
 
     /// The statement matched nothing: let go at once, so a no-op on a
@@ -219,10 +231,10 @@ pub fn renew(
                 return Ok(rows.first().get(1)?);
             }
         }
-        // Not the exclusive lease's token: a shared lease's, perhaps.
-        let renewed =
-            may_commit_asynchronously(|| shared::renew(client, key, token, ttl, role, admin))?;
-        if let Some(expires_at) = renewed {
+        // Not the exclusive lease's token: a shared lease's, perhaps
+        // (renewed durably: nothing fences a reader).
+        let hold = hold.to_row_share(key);
+        if let Some(expires_at) = shared::renew(client, key, token, ttl, role, admin)? {
             stats::renewal(key, true);
             return Ok(Some(expires_at));
         }
@@ -267,6 +279,7 @@ pub fn release_key(key: &str, token: i64) -> Result<bool, Failure> {
                 return Ok(true);
             }
         }
+        let hold = hold.to_row_share(key);
         let released =
             may_commit_asynchronously(|| shared::release(client, key, token, role, admin))?;
         if let Some(held) = released {
@@ -305,6 +318,7 @@ pub fn force_release(lock_key: Option<&str>) -> Result<bool, Failure> {
             return Ok(true);
         }
         // No exclusive lease: the key's shared leases, if any.
+        let hold = hold.to_row_share(key);
         let forced = shared::force(client, key, role, admin)?;
         if !forced.is_empty() {
             for held in forced {

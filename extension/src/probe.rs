@@ -187,8 +187,10 @@ pub fn shared_rows(key: &str, holder: Option<&str>) -> Result<SharedRows, Failur
     Ok(rows)
 }
 
-/// Every key that has a row in `fence.shared_leases` (latest snapshot),
-/// once per row: for the filter of keys that may have readers (shared.rs).
+/// Every key that has a row in `fence.shared_leases`, once per row, read
+/// with a dirty snapshot (rows of transactions still in progress, a
+/// prepared one's included, count too): for the filter of keys that may
+/// have readers (shared.rs), where one too many only costs a read.
 pub fn shared_keys(mut visit: impl FnMut(&str)) -> Result<(), Failure> {
     scan_shared(None, false, |row| visit(&row.lock_key))
 }
@@ -202,9 +204,9 @@ struct SharedRow {
     holder: Option<String>,
 }
 
-/// Read `fence.shared_leases` through its primary key with the latest
-/// snapshot: the rows of `key`, or (None) every row. `lock_key` is read
-/// only for a full scan, `holder` only if asked for.
+/// Read `fence.shared_leases` through its primary key: the rows of `key`
+/// with the latest snapshot, or (None) every row with a dirty one.
+/// `lock_key` is read only for a full scan, `holder` only if asked for.
 fn scan_shared(
     key: Option<&str>,
     with_holder: bool,
@@ -244,7 +246,12 @@ fn scan_shared(
         }
         let [token_at, expires_at, owner_at, holder_at, key_at] = attributes;
         let last = *attributes.iter().max().unwrap_or(&1);
-        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let mut dirty: pg_sys::SnapshotData = std::mem::zeroed();
+        dirty.snapshot_type = pg_sys::SnapshotType::SNAPSHOT_DIRTY;
+        let snapshot = match key_datum {
+            Some(_) => pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot()),
+            None => &raw mut dirty,
+        };
         let mut scan_key: pg_sys::ScanKeyData = std::mem::zeroed();
         let keys = match key_datum {
             Some(datum) => {
@@ -291,7 +298,9 @@ fn scan_shared(
         }
         pg_sys::ExecDropSingleTupleTableSlot(slot);
         pg_sys::index_endscan(scan);
-        pg_sys::UnregisterSnapshot(snapshot);
+        if key.is_some() {
+            pg_sys::UnregisterSnapshot(snapshot);
+        }
         pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
         pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
     }

@@ -226,6 +226,30 @@ pub fn attempt(
     queued: Option<&waiters::Waiting>,
 ) -> Result<Attempt, Failure> {
     let key = request.key;
+    // G6 for a named holder: one request of it at a time looks for its own
+    // lease and writes one, so a retry racing its own request (both
+    // waiting in the server) never gets a second lease. Held until the
+    // transaction ends if this attempt grants, given back otherwise:
+    // nothing is held across a sleep.
+    let named = request.holder_given;
+    if named && !keylock::try_holder(key, request.holder) {
+        return Ok(Attempt::Busy {
+            retry_in_ms: wait::LOCKED_ROW_RETRY_MS,
+        });
+    }
+    let outcome = attempt_as_holder(client, request, queued);
+    if named && !matches!(outcome, Ok(Attempt::Granted { .. })) {
+        keylock::release_holder(key, request.holder);
+    }
+    outcome
+}
+
+fn attempt_as_holder(
+    client: &mut SpiClient<'_>,
+    request: &Request<'_>,
+    queued: Option<&waiters::Waiting>,
+) -> Result<Attempt, Failure> {
+    let key = request.key;
     // SAFETY: inside a transaction, outside any scan.
     unsafe { pg_sys::CommandCounterIncrement() };
     let shared = probe::shared_rows(key, request.holder_given.then_some(request.holder))?;
@@ -278,7 +302,9 @@ pub fn attempt(
     }
     mark(key);
     with_plans(client, |client, plans| {
-        if shared.expired > 0 {
+        // Not under a transaction snapshot: locking a row another reader
+        // changed since it was taken would fail with 40001.
+        if shared.expired > 0 && !acquire::uses_transaction_snapshot() {
             client.update(&plans.prune, None, &[key.into()])?;
         }
         let token = issue_token()?;
@@ -326,6 +352,17 @@ fn extend(
     )?;
     if rows.is_empty() {
         keylock::release_row_share(key);
+        // Found with the latest snapshot, but this transaction's own
+        // cannot see it: say so rather than try again forever.
+        if acquire::uses_transaction_snapshot() {
+            return fail(FenceError::SharedLeaseNotInSnapshot {
+                lock_key: key.to_owned(),
+                holder: request.holder.to_owned(),
+            });
+        }
+    } else {
+        // Nothing fences a reader: its extension must not be lost.
+        crate::durability::commit_durably();
     }
     acquire::grant_outcome(rows, key, request.holder, token)
 }
@@ -368,14 +405,24 @@ fn mark(key: &str) {
 /// set by every shared grant since the server started (`mark`); the rows
 /// from before it started are read into the filter once per database (and
 /// per `fence.shared_leases`: a re-created table is read again), by the
-/// first exclusive grant that asks. A reader granted while that read goes
-/// on set its bit before writing its row, so no row is missed. Only rows
-/// written past the lease functions (a `COPY` into the table while writers
-/// run, say a restore into a database in use) could be.
+/// first exclusive grant that asks, with a dirty snapshot, so the rows of
+/// transactions still in progress (a prepared one's, across a restart)
+/// are read too. A reader granted while that read goes on set its bit
+/// before writing its row, so no row is missed. Only rows written past the
+/// lease functions (a `COPY` into the table of a database whose writers
+/// have run since the start, say a data-only restore into a database in
+/// use) could be: restore into a fresh database.
 fn may_have_readers(key: &str) -> Result<bool, Failure> {
     let Some(segment) = shmem::segment() else {
         return Ok(true);
     };
+    // A standby replays readers' rows without setting their bits, and a
+    // promotion keeps the segment: in recovery, neither trust the filter
+    // nor record a read of the table.
+    // SAFETY: a read of shared state, no preconditions.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        return Ok(true);
+    }
     let Some(table) = crate::catalog::shared_leases_table() else {
         // The 0.1.0 schema: no shared leases at all.
         return Ok(false);
@@ -441,6 +488,10 @@ pub fn renew(
         if rows.is_empty() {
             return Ok(None);
         }
+        // Nothing fences a reader: a renewal it was told of must not be
+        // lost in a crash or a failover (a writer would be granted at the
+        // old expiry while the reader reads on).
+        crate::durability::commit_durably();
         Ok(rows.first().get(1)?)
     })
 }

@@ -46,6 +46,113 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// A standby of the primary on `primary_port`: a base backup into
+/// `target/<base>/data`, listening on `port`, named `name`; not started.
+/// Its data directory.
+fn base_backup(primary_port: u16, base: &str, port: u16, name: &str) -> String {
+    let standby_base = target().join(base);
+    std::fs::create_dir_all(&standby_base).unwrap();
+    if is_root() {
+        Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&standby_base)
+            .status()
+            .unwrap();
+    }
+    let standby_data = format!("{}/data", standby_base.display());
+    as_postgres(
+        "pg_basebackup",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary_port.to_string(),
+            "-U",
+            "postgres",
+            "-D",
+            &standby_data,
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+        ],
+    );
+    let conf = format!("{standby_data}/postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str(&format!(
+        "port = {port}\ncluster_name = '{name}'\nunix_socket_directories = '{}/run'\n",
+        standby_base.display()
+    ));
+    std::fs::write(&conf, text).unwrap();
+    std::fs::create_dir_all(standby_base.join("run")).unwrap();
+    if is_root() {
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&standby_base)
+            .status()
+            .unwrap();
+    }
+    standby_data
+}
+
+/// A writer's grant tried on a hot standby (refused, read-only) must not
+/// fill the writers' filter of shared leases: readers granted on the
+/// primary afterwards arrive by replay, which sets no bits, and the
+/// promoted standby keeps its shared memory. After the promotion, such a
+/// reader still holds a writer off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reader_replayed_on_a_standby_holds_writers_off_after_its_promotion() {
+    const PRIMARY2: &str = "pg_fence_primary2";
+    const STANDBY2: &str = "pg_fence_standby2";
+    side_cluster("destroy", STANDBY2, 28824);
+    let primary = fresh_side_cluster(PRIMARY2, 28823).await;
+    let standby_data = base_backup(28823, STANDBY2, 28824, "standby2");
+    side_cluster("start", STANDBY2, 28824);
+    let on_standby = connect_to(28824, "postgres").await;
+    wait_until(&on_standby, "SELECT pg_is_in_recovery()").await;
+    let (state, _) = expect_error(&on_standby, "SELECT fence.lock_acquire('replayed:x')").await;
+    assert_eq!(state, "25006");
+    let reader: i64 = primary
+        .query_one(
+            "SELECT (fence.lock_acquire_shared('replayed:r', '1 hour')).token",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let lsn: String = primary
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_until(
+        &on_standby,
+        &format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"),
+    )
+    .await;
+    drop(on_standby);
+    side_cluster("crash", PRIMARY2, 28823);
+    as_postgres("pg_ctl", &["-D", &standby_data, "-w", "promote"]);
+    let promoted = connect_to(28824, "postgres").await;
+    wait_until(&promoted, "SELECT NOT pg_is_in_recovery()").await;
+    assert_eq!(
+        acquire(&promoted, "replayed:r", "1 minute", None, "0")
+            .await
+            .unwrap(),
+        None,
+        "a writer was granted beside the reader {reader} after the promotion"
+    );
+    assert!(release(&promoted, "replayed:r", reader).await.unwrap());
+    assert!(acquire(&promoted, "replayed:r", "1 minute", None, "0")
+        .await
+        .unwrap()
+        .is_some());
+    drop(promoted);
+    side_cluster("destroy", STANDBY2, 28824);
+    side_cluster("destroy", PRIMARY2, 28823);
+}
+
 #[derive(Default)]
 struct Seen {
     tokens: Vec<i64>,
@@ -69,49 +176,8 @@ async fn no_token_is_issued_twice_across_the_promotion_of_a_synchronous_standby(
     let primary = fresh_side_cluster(PRIMARY, PRIMARY_PORT).await;
 
     // The standby: a base backup of the primary, on its own port.
-    let standby_base = target().join(STANDBY);
-    std::fs::create_dir_all(&standby_base).unwrap();
-    if is_root() {
-        Command::new("chown")
-            .args(["postgres:postgres"])
-            .arg(&standby_base)
-            .status()
-            .unwrap();
-    }
-    let standby_data = format!("{}/data", standby_base.display());
-    as_postgres(
-        "pg_basebackup",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &PRIMARY_PORT.to_string(),
-            "-U",
-            "postgres",
-            "-D",
-            &standby_data,
-            "-R",
-            "-X",
-            "stream",
-            "-c",
-            "fast",
-        ],
-    );
+    let standby_data = base_backup(PRIMARY_PORT, STANDBY, STANDBY_PORT, "standby1");
     let conf = format!("{standby_data}/postgresql.conf");
-    let mut text = std::fs::read_to_string(&conf).unwrap();
-    text.push_str(&format!(
-        "port = {STANDBY_PORT}\ncluster_name = 'standby1'\nunix_socket_directories = '{}/run'\n",
-        standby_base.display()
-    ));
-    std::fs::write(&conf, text).unwrap();
-    std::fs::create_dir_all(standby_base.join("run")).unwrap();
-    if is_root() {
-        Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&standby_base)
-            .status()
-            .unwrap();
-    }
     side_cluster("start", STANDBY, STANDBY_PORT);
     for statement in [
         "ALTER SYSTEM SET synchronous_standby_names = 'standby1'",

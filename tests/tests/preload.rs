@@ -119,6 +119,9 @@ async fn without_preload_the_shared_memory_calls_fail_with_55000_and_the_rest_wo
     side_cluster("stop", BASE, PORT);
     side_cluster_preloading("start", BASE, PORT, true);
     let db = reconnect().await;
+    db.batch_execute("ALTER SYSTEM SET max_prepared_transactions = 4")
+        .await
+        .unwrap();
     db.batch_execute("ALTER SYSTEM SET fence.stats_max_classes = 16")
         .await
         .unwrap();
@@ -185,6 +188,13 @@ async fn without_preload_the_shared_memory_calls_fail_with_55000_and_the_rest_wo
         .unwrap()
         .get(0);
     assert!(reader.is_some());
+    // And a reader's grant in a prepared transaction: after the restart it
+    // is still in progress, then committed; the filter must know its key.
+    db.batch_execute(
+        "BEGIN; SELECT fence.lock_acquire_shared('crash:p', '1 minute'); PREPARE TRANSACTION 'reader';",
+    )
+    .await
+    .unwrap();
     let victim = connect_to(PORT, "postgres").await;
     let pid = backend_pid(&victim).await;
     let waiting =
@@ -229,6 +239,14 @@ async fn without_preload_the_shared_memory_calls_fail_with_55000_and_the_rest_wo
         "the reader from before the restart holds the writer off"
     );
     assert!(release(&db, "crash:r", reader.unwrap()).await.unwrap());
+    db.batch_execute("COMMIT PREPARED 'reader'").await.unwrap();
+    assert_eq!(
+        acquire(&db, "crash:p", "1 minute", None, "0")
+            .await
+            .unwrap(),
+        None,
+        "the prepared reader, committed after the restart, holds the writer off"
+    );
     assert!(acquire(&db, "crash:r", "1 minute", None, "0")
         .await
         .unwrap()

@@ -672,11 +672,22 @@ async fn a_reader_in_an_open_transaction_holds_up_no_other_reader() {
         .unwrap()
         .unwrap();
     let open = connect().await;
+    let open_pid = backend_pid(&open).await;
     open.batch_execute("BEGIN").await.unwrap();
     share(&open, &key, "1 minute", None, "0")
         .await
         .unwrap()
         .unwrap();
+    // fence.blockers names the key and what holds it.
+    let what: String = db
+        .query_one(
+            "SELECT what FROM fence.blockers WHERE pid = $1 AND lock_key = $2",
+            &[&open_pid, &key],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(what, "shared grant");
     // Blocked calls would end with 57014 after 2 s instead.
     db.batch_execute("SET statement_timeout = '2s'")
         .await
@@ -711,4 +722,117 @@ async fn a_reader_in_an_open_transaction_holds_up_no_other_reader() {
         .await
         .unwrap()
         .is_some());
+}
+
+/// A reader's renewal inside a transaction that stays open (it holds the
+/// key until the end) does not turn another reader away: a reader's change
+/// holds the key in row-share mode, which no reader's grant conflicts with.
+#[tokio::test]
+async fn a_readers_renewal_in_an_open_transaction_turns_no_reader_away() {
+    let db = connect().await;
+    let key = unique_key("shared-renewing");
+    let token = share(&db, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let renewing = connect().await;
+    renewing.batch_execute("BEGIN").await.unwrap();
+    assert!(renew(&renewing, &key, token).await.unwrap());
+    let released = connect().await;
+    let other = share(&released, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .expect("a reader is not turned away by another's renewal");
+    // A release in an open transaction: the same.
+    released.batch_execute("BEGIN").await.unwrap();
+    assert!(release(&released, &key, other).await.unwrap());
+    assert!(share(&db, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .is_some());
+    renewing.batch_execute("COMMIT").await.unwrap();
+    released.batch_execute("COMMIT").await.unwrap();
+}
+
+/// Two requests of one named holder at once (a lost reply's retry racing
+/// the request itself): the second is busy while the first is in flight,
+/// then gets the first one's lease back (G6), never a second lease.
+#[tokio::test]
+async fn one_holders_racing_requests_never_get_two_shared_leases() {
+    let db = connect().await;
+    let key = unique_key("shared-one-holder");
+    let first = connect().await;
+    first.batch_execute("BEGIN").await.unwrap();
+    let token = share(&first, &key, "1 minute", Some("h"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        share(&db, &key, "1 minute", Some("h"), "0").await.unwrap(),
+        None,
+        "busy while the holder's other request is in flight"
+    );
+    first.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        share(&db, &key, "1 minute", Some("h"), "0").await.unwrap(),
+        Some(token)
+    );
+    assert_eq!(listed(&db, &key).await.len(), 1);
+}
+
+/// Under REPEATABLE READ, the holder's shared lease granted after the
+/// transaction's snapshot cannot be extended from it: 40001 at once, not
+/// a loop until statement_timeout.
+#[tokio::test]
+async fn a_holders_lease_newer_than_the_snapshot_is_a_serialization_failure() {
+    let db = connect().await;
+    let key = unique_key("shared-rr");
+    let rr = connect().await;
+    rr.batch_execute(
+        "SET statement_timeout = '5s'; BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1",
+    )
+    .await
+    .unwrap();
+    share(&db, &key, "1 minute", Some("h"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let started = Instant::now();
+    let error = share(&rr, &key, "1 minute", Some("h"), "0")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&error).as_deref(), Some("40001"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    rr.batch_execute("ROLLBACK").await.unwrap();
+    // A REPEATABLE READ transaction whose snapshot sees it extends it.
+    rr.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    assert!(share(&rr, &key, "2 minutes", Some("h"), "0")
+        .await
+        .unwrap()
+        .is_some());
+    rr.batch_execute("COMMIT").await.unwrap();
+}
+
+/// A renew from another session of an exclusive lease whose grant is still
+/// uncommitted waits for that grant, then renews it (not "not live").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn renewing_an_exclusive_lease_whose_grant_is_in_flight_waits_and_renews() {
+    let db = connect().await;
+    let key = unique_key("shared-inflight");
+    let granting = connect().await;
+    granting.batch_execute("BEGIN").await.unwrap();
+    let token = acquire(&granting, &key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let renewing = connect().await;
+    let pid = backend_pid(&renewing).await;
+    let renew_key = key.clone();
+    let renewal = tokio::spawn(async move { renew(&renewing, &renew_key, token).await.unwrap() });
+    until_waiting(&db, pid).await;
+    granting.batch_execute("COMMIT").await.unwrap();
+    assert!(renewal.await.unwrap(), "renewed once the grant committed");
+    assert!(release(&db, &key, token).await.unwrap());
 }
