@@ -32,7 +32,7 @@ async fn main() -> Result<(), Error> {
     // Worker A takes a lease (a bare grant: nothing renews it), then stalls
     // past its ttl, as in a long GC pause.
     let a = pool
-        .acquire(
+        .acquire_lease(
             &key,
             Duration::from_millis(500),
             "worker-a",

@@ -308,7 +308,7 @@ async fn release_as<B: Backend>(
         let request = async {
             match wanted {
                 Wanted::Key(key) => backend
-                    .acquire(key, ttl, holder, Duration::ZERO, true)
+                    .acquire_lease(key, ttl, holder, Duration::ZERO, true)
                     .await
                     .map(|grant| grant.map(|grant| (Keys::one(key.clone()), grant))),
                 Wanted::Permit { name, permits } => backend

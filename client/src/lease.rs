@@ -288,7 +288,7 @@ impl<B: Backend> Lease<B> {
             let adopt = resumed || attempts > 0;
             let granted = match target {
                 Target::Key(key) => backend
-                    .acquire(key, options.ttl, &holder, wait, adopt)
+                    .acquire_lease(key, options.ttl, &holder, wait, adopt)
                     .await
                     .map(|grant| grant.map(|grant| (Keys::one(key.to_owned()), grant))),
                 Target::Permit { name, permits } => backend
@@ -395,7 +395,9 @@ impl<B: Backend> Lease<B> {
         }))
     }
 
-    /// The fencing token: carry it into every write the lease protects.
+    /// The fencing token: carry it into every write the lease protects. A
+    /// shared (reader) lease's token fences nothing: fenced tables take
+    /// only the exclusive lease's.
     pub fn token(&self) -> i64 {
         self.token
     }

@@ -13,7 +13,7 @@ use pg_fence_client::{Backend, Error, Grant, LeaseInfo};
 /// Which acquire call a fault applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Acquire {
-    /// `Backend::acquire`, one key.
+    /// `Backend::acquire_lease`, one key.
     Key,
     /// `Backend::acquire_permit`, a semaphore's permit.
     Permit,
@@ -132,7 +132,7 @@ impl<B: Backend> Faulty<B> {
 }
 
 impl<B: Backend> Backend for Faulty<B> {
-    async fn acquire(
+    async fn acquire_lease(
         &self,
         key: &str,
         ttl: Duration,
@@ -143,7 +143,10 @@ impl<B: Backend> Backend for Faulty<B> {
         if let Some(error) = self.before(Acquire::Key) {
             return Err(error);
         }
-        let outcome = self.inner.acquire(key, ttl, holder, wait, adopt).await;
+        let outcome = self
+            .inner
+            .acquire_lease(key, ttl, holder, wait, adopt)
+            .await;
         self.after(Acquire::Key, outcome)
     }
 

@@ -135,7 +135,7 @@ async fn cancelled_wait_through<B: Backend>(pool: B) {
     // A wait of 10 s on the busy key, given up after 200 ms.
     let gave_up = tokio::time::timeout(
         Duration::from_millis(200),
-        Backend::acquire(
+        Backend::acquire_lease(
             &pool,
             &busy,
             Duration::from_secs(30),

@@ -8,7 +8,7 @@ use super::{grant, millis, unix_seconds, watched, Backend, Grant};
 use crate::{sql, Error};
 
 impl Backend for Pool {
-    async fn acquire(
+    async fn acquire_lease(
         &self,
         key: &str,
         ttl: Duration,

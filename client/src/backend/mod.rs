@@ -37,7 +37,10 @@ pub struct Grant {
 /// a holder id names one guard.
 pub trait Backend: Clone + Send + Sync + 'static {
     /// `fence.lock_acquire`: `None` when the key stayed busy for `wait`.
-    fn acquire(
+    /// (Not `acquire`: `sqlx::PgPool::acquire`, which hands out a
+    /// connection, would shadow it, and `pool.acquire(key, ...)` would not
+    /// compile.)
+    fn acquire_lease(
         &self,
         key: &str,
         ttl: Duration,

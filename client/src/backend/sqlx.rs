@@ -17,7 +17,7 @@ type Watched = (Option<String>, Option<i64>, Option<f64>, Option<f64>);
 type Granted = (Option<Vec<String>>, Option<i64>, Option<i64>, Option<f64>);
 
 impl Backend for PgPool {
-    async fn acquire(
+    async fn acquire_lease(
         &self,
         key: &str,
         ttl: Duration,
