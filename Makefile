@@ -3,11 +3,13 @@
 
 PG_CONFIG    ?= /usr/lib/postgresql/15/bin/pg_config
 PGFENCE_PORT ?= 28815
+# Debian's Python, which has python3-psycopg (not a pyenv or venv one).
+PYTHON       ?= /usr/bin/python3
 export PGFENCE_PORT
 PSQL         := psql -X -h 127.0.0.1 -p $(PGFENCE_PORT) -U postgres -d pg_fence
 CLUSTER      := scripts/cluster.sh
 
-.PHONY: setup install cluster demo stop psql test test-pgrx test-regress test-client test-integration lint bench clean
+.PHONY: setup install cluster demo stop psql test test-pgrx test-regress test-client test-integration test-pgbouncer lint bench clean
 
 setup:
 	@scripts/setup.sh
@@ -39,7 +41,7 @@ psql:
 	@$(PSQL)
 
 ## test: set up, then every test tier (see README, "Tests").
-test: test-pgrx test-regress test-client test-integration lint
+test: test-pgrx test-regress test-client test-integration test-pgbouncer lint
 	@echo "make test: all tiers passed"
 
 # Tier 1: #[pg_test] functions, inside a backend of a cluster cargo-pgrx manages.
@@ -76,6 +78,20 @@ test-integration: cluster
 		cargo run -q -p pg_fence_client --features deadpool-postgres --example $$example || exit 1; \
 	done
 	cargo run -q -p pg_fence_client --features deadpool-postgres,metrics --example prometheus_metrics
+	$(PYTHON) examples/python/leases.py "host=127.0.0.1 port=$(PGFENCE_PORT) user=postgres dbname=pg_fence" \
+		| diff -u examples/python/leases.out -
+
+# Tier 5: the client's lease and run-once suites again, both drivers, with
+# their pools going through a real PgBouncer (Debian's 1.18) in transaction
+# mode (scripts/pgbouncer.sh); checks on the database still go straight to it.
+PGFENCE_POOLER_PORT ?= 28830
+POOLER_SUITES := --test client --test client_multi --test client_shared --test client_holder --test once
+test-pgbouncer: cluster
+	@scripts/pgbouncer.sh start
+	@PGFENCE_POOLER_PORT=$(PGFENCE_POOLER_PORT) cargo test -p pg_fence_tests $(POOLER_SUITES) -- --test-threads 4 \
+		&& $(PYTHON) examples/python/leases.py "host=127.0.0.1 port=$(PGFENCE_POOLER_PORT) user=postgres dbname=pg_fence" \
+			| diff -u examples/python/leases.out -; \
+		status=$$?; scripts/pgbouncer.sh stop; exit $$status
 
 lint:
 	cargo fmt --all -- --check

@@ -11,9 +11,11 @@ cd "$(dirname "$0")/.."
 PGRX_VERSION=$(sed -n 's/^pgrx = "=\(.*\)"$/\1/p' Cargo.toml)
 PG_MAJOR=15
 # prometheus-postgres-exporter: the exporter tier (tests/tests/exporter.rs)
-# runs the real one with monitoring/postgres_exporter_queries.yaml.
+# runs the real one with monitoring/postgres_exporter_queries.yaml; pgbouncer:
+# the pooler tier (scripts/pgbouncer.sh, make test-pgbouncer); python3-psycopg:
+# the Python example (examples/python).
 APT_PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo pkg-config
-              prometheus-postgres-exporter)
+              prometheus-postgres-exporter pgbouncer python3-psycopg)
 # `scripts/setup.sh --bench` (make bench) also wants Redis, the other side of
 # one comparison, and gnuplot for the hot-key latency plot.
 if [ "${1:-}" = "--bench" ]; then

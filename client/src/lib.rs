@@ -45,6 +45,8 @@ pub mod backend;
 mod election;
 mod error;
 mod lease;
+#[cfg(feature = "sqlx")]
+mod literal;
 pub mod metrics;
 mod multi;
 pub mod once;

@@ -150,11 +150,29 @@ pub fn unique_table(prefix: &str) -> String {
     unique_key(prefix).replace(':', "_")
 }
 
+/// The port the client tests' pools connect to: a PgBouncer in front of
+/// the test cluster (`PGFENCE_POOLER_PORT`, set by `make test-pgbouncer`),
+/// else the cluster itself. Sessions from [`connect`] always go straight
+/// to the cluster.
+pub fn pool_port() -> u16 {
+    std::env::var("PGFENCE_POOLER_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(port)
+}
+
+/// Whether the client tests' pools go through a transaction pooler: a
+/// test of something only a session gives (a pooled connection's own
+/// backend, to terminate or watch) is skipped then.
+pub fn through_pooler() -> bool {
+    pool_port() != port()
+}
+
 /// A sqlx pool on the test cluster, its connections named `application_name`.
 pub async fn sqlx_pool(application_name: &str) -> sqlx::PgPool {
     let options = sqlx::postgres::PgConnectOptions::new()
         .host("127.0.0.1")
-        .port(port())
+        .port(pool_port())
         .username("postgres")
         .database("pg_fence")
         .application_name(application_name);
@@ -169,7 +187,7 @@ pub async fn sqlx_pool(application_name: &str) -> sqlx::PgPool {
 pub async fn deadpool_pool(application_name: &str) -> deadpool_postgres::Pool {
     let mut config = deadpool_postgres::Config::new();
     config.host = Some("127.0.0.1".into());
-    config.port = Some(port());
+    config.port = Some(pool_port());
     config.user = Some("postgres".into());
     config.dbname = Some("pg_fence".into());
     config.application_name = Some(application_name.into());

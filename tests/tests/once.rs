@@ -85,6 +85,7 @@ async fn sqlx_duplicates_run_once_and_failures_leave_no_record() {
         let update = update.clone();
         Box::pin(async move {
             ::sqlx::query(&update)
+                .persistent(false)
                 .execute(&mut *connection)
                 .await
                 .map_err(pg_fence_client::backend::sqlx::error)?;
@@ -105,6 +106,7 @@ async fn sqlx_duplicates_run_once_and_failures_leave_no_record() {
             run_once(&pool, &key, move |connection| {
                 Box::pin(async move {
                     ::sqlx::query(&update)
+                        .persistent(false)
                         .execute(&mut *connection)
                         .await
                         .map_err(pg_fence_client::backend::sqlx::error)?;
@@ -215,11 +217,16 @@ async fn work_that_swallows_a_sql_error_is_not_reported_as_ran() {
         let outcome = run_once(&pool, &key, |connection| {
             let update = update.clone();
             Box::pin(async move {
+                // Not persistent: through a transaction pooler (the
+                // PgBouncer tier) a named statement outlives the
+                // transaction on a server connection others get next.
                 ::sqlx::query(&update)
+                    .persistent(false)
                     .execute(&mut *connection)
                     .await
                     .map_err(pg_fence_client::backend::sqlx::error)?;
                 let _ = ::sqlx::query("SELECT 1 / 0")
+                    .persistent(false)
                     .execute(&mut *connection)
                     .await;
                 Ok::<_, ClientError>(7)
@@ -359,6 +366,7 @@ async fn work_that_ends_the_transaction_itself_is_not_reported_as_ran() {
         let outcome = run_once(&pool, &key, |connection| {
             Box::pin(async move {
                 ::sqlx::query("ROLLBACK")
+                    .persistent(false)
                     .execute(&mut *connection)
                     .await
                     .map_err(pg_fence_client::backend::sqlx::error)?;

@@ -58,3 +58,14 @@ fn the_readme_multi_key_excerpt_is_the_goldens_output() {
 fn the_readme_shared_lease_excerpt_is_the_goldens_output() {
     excerpt_is_the_goldens_output("shared.out");
 }
+
+#[test]
+fn the_readme_python_excerpt_is_the_examples_output() {
+    let root = repository_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let output = std::fs::read_to_string(root.join("examples/python/leases.out")).unwrap();
+    let marker = "checks it against `examples/python/leases.out`):\n\n```\n";
+    let start = readme.find(marker).expect("the README's block") + marker.len();
+    let end = start + readme[start..].find("```").expect("the end of the block");
+    assert_eq!(trimmed(&readme[start..end]), trimmed(&output));
+}

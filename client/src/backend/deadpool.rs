@@ -2,7 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use deadpool_postgres::{GenericClient, Pool};
+use deadpool_postgres::Pool;
+use tokio_postgres::types::{ToSql, Type};
 
 use super::{grant, millis, unix_seconds, watched, Backend, Grant};
 use crate::{sql, Error};
@@ -19,7 +20,13 @@ impl Backend for Pool {
         let row = query_waiting(
             self,
             sql::ACQUIRE,
-            &[&key, &millis(ttl), &holder, &millis(wait), &adopt],
+            &[
+                (&key, Type::TEXT),
+                (&millis(ttl), Type::FLOAT8),
+                (&holder, Type::TEXT),
+                (&millis(wait), Type::FLOAT8),
+                (&adopt, Type::BOOL),
+            ],
         )
         .await?;
         Ok(grant(get(&row, 0)?, get(&row, 1)?, get(&row, 2)?))
@@ -36,7 +43,13 @@ impl Backend for Pool {
         let row = query_waiting(
             self,
             sql::ACQUIRE_SHARED,
-            &[&key, &millis(ttl), &holder, &millis(wait), &adopt],
+            &[
+                (&key, Type::TEXT),
+                (&millis(ttl), Type::FLOAT8),
+                (&holder, Type::TEXT),
+                (&millis(wait), Type::FLOAT8),
+                (&adopt, Type::BOOL),
+            ],
         )
         .await?;
         Ok(grant(get(&row, 0)?, get(&row, 1)?, get(&row, 2)?))
@@ -55,12 +68,12 @@ impl Backend for Pool {
             self,
             sql::SEMAPHORE_ACQUIRE,
             &[
-                &name,
-                &permits,
-                &millis(ttl),
-                &holder,
-                &millis(wait),
-                &adopt,
+                (&name, Type::TEXT),
+                (&permits, Type::INT4),
+                (&millis(ttl), Type::FLOAT8),
+                (&holder, Type::TEXT),
+                (&millis(wait), Type::FLOAT8),
+                (&adopt, Type::BOOL),
             ],
         )
         .await?;
@@ -79,7 +92,13 @@ impl Backend for Pool {
         let row = query_waiting(
             self,
             sql::ACQUIRE_ALL,
-            &[&keys, &millis(ttl), &holder, &millis(wait), &adopt],
+            &[
+                (&keys, Type::TEXT_ARRAY),
+                (&millis(ttl), Type::FLOAT8),
+                (&holder, Type::TEXT),
+                (&millis(wait), Type::FLOAT8),
+                (&adopt, Type::BOOL),
+            ],
         )
         .await?;
         let keys: Option<Vec<String>> = get(&row, 0)?;
@@ -92,25 +111,26 @@ impl Backend for Pool {
         token: i64,
         ttl: Duration,
     ) -> Result<Option<SystemTime>, Error> {
-        let client = self.get().await.map_err(pool_error)?;
-        let statement = client.prepare_cached(sql::RENEW_ALL).await.map_err(error)?;
-        let row = client
-            .query_one(&statement, &[&keys, &token, &millis(ttl)])
-            .await
-            .map_err(error)?;
+        let row = query(
+            self,
+            sql::RENEW_ALL,
+            &[
+                (&keys, Type::TEXT_ARRAY),
+                (&token, Type::INT8),
+                (&millis(ttl), Type::FLOAT8),
+            ],
+        )
+        .await?;
         Ok(get::<Option<f64>>(&row, 0)?.map(unix_seconds))
     }
 
     async fn release_all(&self, keys: &[String], token: i64) -> Result<bool, Error> {
-        let client = self.get().await.map_err(pool_error)?;
-        let statement = client
-            .prepare_cached(sql::RELEASE_ALL)
-            .await
-            .map_err(error)?;
-        let row = client
-            .query_one(&statement, &[&keys, &token])
-            .await
-            .map_err(error)?;
+        let row = query(
+            self,
+            sql::RELEASE_ALL,
+            &[(&keys, Type::TEXT_ARRAY), (&token, Type::INT8)],
+        )
+        .await?;
         get(&row, 0)
     }
 
@@ -120,7 +140,16 @@ impl Backend for Pool {
         known: Option<i64>,
         wait: Duration,
     ) -> Result<Option<crate::LeaseInfo>, Error> {
-        let row = query_waiting(self, sql::WATCH, &[&key, &known, &millis(wait)]).await?;
+        let row = query_waiting(
+            self,
+            sql::WATCH,
+            &[
+                (&key, Type::TEXT),
+                (&known, Type::INT8),
+                (&millis(wait), Type::FLOAT8),
+            ],
+        )
+        .await?;
         Ok(watched(
             key,
             get(&row, 0)?,
@@ -136,22 +165,26 @@ impl Backend for Pool {
         token: i64,
         ttl: Duration,
     ) -> Result<Option<SystemTime>, Error> {
-        let client = self.get().await.map_err(pool_error)?;
-        let statement = client.prepare_cached(sql::RENEW).await.map_err(error)?;
-        let row = client
-            .query_one(&statement, &[&key, &token, &millis(ttl)])
-            .await
-            .map_err(error)?;
+        let row = query(
+            self,
+            sql::RENEW,
+            &[
+                (&key, Type::TEXT),
+                (&token, Type::INT8),
+                (&millis(ttl), Type::FLOAT8),
+            ],
+        )
+        .await?;
         Ok(get::<Option<f64>>(&row, 0)?.map(unix_seconds))
     }
 
     async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
-        let client = self.get().await.map_err(pool_error)?;
-        let statement = client.prepare_cached(sql::RELEASE).await.map_err(error)?;
-        let row = client
-            .query_one(&statement, &[&key, &token])
-            .await
-            .map_err(error)?;
+        let row = query(
+            self,
+            sql::RELEASE,
+            &[(&key, Type::TEXT), (&token, Type::INT8)],
+        )
+        .await?;
         get(&row, 0)
     }
 }
@@ -164,22 +197,47 @@ impl Backend for Pool {
 /// client gone at its next wake-up and ends the wait.
 struct Own(Option<deadpool_postgres::Object>, bool);
 
+/// A statement's parameters, each with its type: sent with the statement
+/// in one round trip (`query_typed`: an unnamed statement, parsed, bound
+/// and run before one `Sync`), so nothing prepared outlives it and it
+/// works through a transaction pooler (PgBouncer in transaction mode,
+/// whatever its version), which may give the next statement to another
+/// server connection.
+type Params<'a> = [(&'a (dyn ToSql + Sync), Type)];
+
+/// Run one statement on a pooled connection: its one row.
+async fn query(pool: &Pool, text: &str, params: &Params<'_>) -> Result<tokio_postgres::Row, Error> {
+    let client = pool.get().await.map_err(pool_error)?;
+    one_row(&client, text, params).await
+}
+
+async fn one_row(
+    client: &deadpool_postgres::Object,
+    text: &str,
+    params: &Params<'_>,
+) -> Result<tokio_postgres::Row, Error> {
+    let mut rows = client.query_typed(text, params).await.map_err(error)?;
+    match (rows.pop(), rows.is_empty()) {
+        (Some(row), true) => Ok(row),
+        (_, _) => Err(Error::Decode(
+            "query returned an unexpected number of rows".into(),
+        )),
+    }
+}
+
 /// Run one statement that may wait in the server (an acquire, a watch) on
 /// a connection held through [`Own`].
 async fn query_waiting(
     pool: &Pool,
     text: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    params: &Params<'_>,
 ) -> Result<tokio_postgres::Row, Error> {
     let mut own = Own(Some(pool.get().await.map_err(pool_error)?), false);
     let client = own.0.as_ref().expect("held until dropped");
-    let answer = match client.prepare_cached(text).await {
-        Ok(statement) => client.query_one(&statement, params).await,
-        Err(failed) => Err(failed),
-    };
+    let answer = one_row(client, text, params).await;
     // Answered (or failed): the connection may go back to the pool.
     own.1 = true;
-    answer.map_err(error)
+    answer
 }
 
 impl Drop for Own {
@@ -199,7 +257,7 @@ pub async fn set_fence_token(
     token: i64,
 ) -> Result<(), Error> {
     transaction
-        .execute(sql::SET_FENCE_TOKEN, &[&token.to_string()])
+        .query_typed(sql::SET_FENCE_TOKEN, &[(&token.to_string(), Type::TEXT)])
         .await
         .map_err(error)?;
     Ok(())

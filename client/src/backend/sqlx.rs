@@ -2,19 +2,12 @@
 
 use std::time::{Duration, SystemTime};
 
-use sqlx::PgPool;
+use sqlx::postgres::PgRow;
+use sqlx::{Executor, PgConnection, PgPool, Row};
 
 use super::{grant, millis, unix_seconds, watched, Backend, Grant};
+use crate::literal::{inline, Literal::*};
 use crate::{sql, Error};
-
-/// A grant's row: its token, time left (ms), expiry (Unix seconds).
-type Row = (Option<i64>, Option<i64>, Option<f64>);
-/// A permit's row: its key, then as a grant's.
-type Permit = (Option<String>, Option<i64>, Option<i64>, Option<f64>);
-/// A watch's row: holder, token, acquired_at, expires_at.
-type Watched = (Option<String>, Option<i64>, Option<f64>, Option<f64>);
-/// A multi-key grant's row: its keys, then as a grant's.
-type Granted = (Option<Vec<String>>, Option<i64>, Option<i64>, Option<f64>);
 
 impl Backend for PgPool {
     async fn acquire_lease(
@@ -25,18 +18,18 @@ impl Backend for PgPool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<Grant>, Error> {
-        let row: Row = fetch_waiting(
-            self,
-            sqlx::query_as(sql::ACQUIRE)
-                .bind(key)
-                .bind(millis(ttl))
-                .bind(holder)
-                .bind(millis(wait))
-                .bind(adopt),
-        )
-        .await?;
-        let (token, remaining, expires_at) = row;
-        Ok(grant(token, remaining, expires_at))
+        let text = inline(
+            sql::ACQUIRE,
+            &[
+                Text(key),
+                Float8(millis(ttl)),
+                Text(holder),
+                Float8(millis(wait)),
+                Bool(adopt),
+            ],
+        )?;
+        let row = fetch_waiting(self, text).await?;
+        Ok(grant(column(&row, 0)?, column(&row, 1)?, column(&row, 2)?))
     }
 
     async fn acquire_shared(
@@ -47,18 +40,18 @@ impl Backend for PgPool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<Grant>, Error> {
-        let row: Row = fetch_waiting(
-            self,
-            sqlx::query_as(sql::ACQUIRE_SHARED)
-                .bind(key)
-                .bind(millis(ttl))
-                .bind(holder)
-                .bind(millis(wait))
-                .bind(adopt),
-        )
-        .await?;
-        let (token, remaining, expires_at) = row;
-        Ok(grant(token, remaining, expires_at))
+        let text = inline(
+            sql::ACQUIRE_SHARED,
+            &[
+                Text(key),
+                Float8(millis(ttl)),
+                Text(holder),
+                Float8(millis(wait)),
+                Bool(adopt),
+            ],
+        )?;
+        let row = fetch_waiting(self, text).await?;
+        Ok(grant(column(&row, 0)?, column(&row, 1)?, column(&row, 2)?))
     }
 
     async fn acquire_permit(
@@ -70,19 +63,20 @@ impl Backend for PgPool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<(String, Grant)>, Error> {
-        let row: Permit = fetch_waiting(
-            self,
-            sqlx::query_as(sql::SEMAPHORE_ACQUIRE)
-                .bind(name)
-                .bind(permits)
-                .bind(millis(ttl))
-                .bind(holder)
-                .bind(millis(wait))
-                .bind(adopt),
-        )
-        .await?;
-        let (key, token, remaining, expires_at) = row;
-        Ok(key.zip(grant(token, remaining, expires_at)))
+        let text = inline(
+            sql::SEMAPHORE_ACQUIRE,
+            &[
+                Text(name),
+                Int4(permits),
+                Float8(millis(ttl)),
+                Text(holder),
+                Float8(millis(wait)),
+                Bool(adopt),
+            ],
+        )?;
+        let row = fetch_waiting(self, text).await?;
+        let key: Option<String> = column(&row, 0)?;
+        Ok(key.zip(grant(column(&row, 1)?, column(&row, 2)?, column(&row, 3)?)))
     }
 
     async fn acquire_all(
@@ -93,18 +87,19 @@ impl Backend for PgPool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<(Vec<String>, Grant)>, Error> {
-        let row: Granted = fetch_waiting(
-            self,
-            sqlx::query_as(sql::ACQUIRE_ALL)
-                .bind(keys)
-                .bind(millis(ttl))
-                .bind(holder)
-                .bind(millis(wait))
-                .bind(adopt),
-        )
-        .await?;
-        let (keys, token, remaining, expires_at) = row;
-        Ok(keys.zip(grant(token, remaining, expires_at)))
+        let text = inline(
+            sql::ACQUIRE_ALL,
+            &[
+                TextArray(keys),
+                Float8(millis(ttl)),
+                Text(holder),
+                Float8(millis(wait)),
+                Bool(adopt),
+            ],
+        )?;
+        let row = fetch_waiting(self, text).await?;
+        let keys: Option<Vec<String>> = column(&row, 0)?;
+        Ok(keys.zip(grant(column(&row, 1)?, column(&row, 2)?, column(&row, 3)?)))
     }
 
     async fn renew_all(
@@ -113,23 +108,17 @@ impl Backend for PgPool {
         token: i64,
         ttl: Duration,
     ) -> Result<Option<SystemTime>, Error> {
-        let expires_at: Option<f64> = sqlx::query_scalar(sql::RENEW_ALL)
-            .bind(keys)
-            .bind(token)
-            .bind(millis(ttl))
-            .fetch_one(self)
-            .await
-            .map_err(error)?;
+        let text = inline(
+            sql::RENEW_ALL,
+            &[TextArray(keys), Int8(token), Float8(millis(ttl))],
+        )?;
+        let expires_at: Option<f64> = column(&fetch(self, text).await?, 0)?;
         Ok(expires_at.map(unix_seconds))
     }
 
     async fn release_all(&self, keys: &[String], token: i64) -> Result<bool, Error> {
-        sqlx::query_scalar(sql::RELEASE_ALL)
-            .bind(keys)
-            .bind(token)
-            .fetch_one(self)
-            .await
-            .map_err(error)
+        let text = inline(sql::RELEASE_ALL, &[TextArray(keys), Int8(token)])?;
+        column(&fetch(self, text).await?, 0)
     }
 
     async fn watch(
@@ -138,16 +127,18 @@ impl Backend for PgPool {
         known: Option<i64>,
         wait: Duration,
     ) -> Result<Option<crate::LeaseInfo>, Error> {
-        let row: Watched = fetch_waiting(
-            self,
-            sqlx::query_as(sql::WATCH)
-                .bind(key)
-                .bind(known)
-                .bind(millis(wait)),
-        )
-        .await?;
-        let (holder, token, acquired_at, expires_at) = row;
-        Ok(watched(key, holder, token, acquired_at, expires_at))
+        let text = inline(
+            sql::WATCH,
+            &[Text(key), OptionalInt8(known), Float8(millis(wait))],
+        )?;
+        let row = fetch_waiting(self, text).await?;
+        Ok(watched(
+            key,
+            column(&row, 0)?,
+            column(&row, 1)?,
+            column(&row, 2)?,
+            column(&row, 3)?,
+        ))
     }
 
     async fn renew(
@@ -156,24 +147,56 @@ impl Backend for PgPool {
         token: i64,
         ttl: Duration,
     ) -> Result<Option<SystemTime>, Error> {
-        let expires_at: Option<f64> = sqlx::query_scalar(sql::RENEW)
-            .bind(key)
-            .bind(token)
-            .bind(millis(ttl))
-            .fetch_one(self)
-            .await
-            .map_err(error)?;
+        let text = inline(sql::RENEW, &[Text(key), Int8(token), Float8(millis(ttl))])?;
+        let expires_at: Option<f64> = column(&fetch(self, text).await?, 0)?;
         Ok(expires_at.map(unix_seconds))
     }
 
     async fn release(&self, key: &str, token: i64) -> Result<bool, Error> {
-        sqlx::query_scalar(sql::RELEASE)
-            .bind(key)
-            .bind(token)
-            .fetch_one(self)
-            .await
-            .map_err(error)
+        let text = inline(sql::RELEASE, &[Text(key), Int8(token)])?;
+        column(&fetch(self, text).await?, 0)
     }
+}
+
+/// A statement with its values written in (literal.rs), for the simple
+/// query protocol: no statement is prepared, so it works through a
+/// transaction pooler.
+struct Simple(String);
+
+impl<'q> sqlx::Execute<'q, sqlx::Postgres> for &'q Simple {
+    fn sql(&self) -> &'q str {
+        &self.0
+    }
+    fn statement(&self) -> Option<&sqlx::postgres::PgStatement<'q>> {
+        None
+    }
+    fn take_arguments(
+        &mut self,
+    ) -> Result<Option<sqlx::postgres::PgArguments>, sqlx::error::BoxDynError> {
+        Ok(None)
+    }
+    fn persistent(&self) -> bool {
+        false
+    }
+}
+
+/// Run one simple-protocol statement on a pooled connection: its one row.
+async fn fetch(pool: &PgPool, text: String) -> Result<PgRow, Error> {
+    let statement = Simple(text);
+    let mut connection = pool.acquire().await.map_err(error)?;
+    one_row(&mut connection, &statement).await
+}
+
+async fn one_row(connection: &mut PgConnection, statement: &Simple) -> Result<PgRow, Error> {
+    connection.fetch_one(statement).await.map_err(error)
+}
+
+/// Column `index` of a row (text format, as the simple protocol sends it).
+fn column<T>(row: &PgRow, index: usize) -> Result<T, Error>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    row.try_get(index).map_err(error)
 }
 
 /// A pooled connection for one statement that may wait in the server (an
@@ -184,18 +207,13 @@ impl Backend for PgPool {
 /// client gone at its next wake-up and ends the wait.
 struct Own(Option<sqlx::pool::PoolConnection<sqlx::Postgres>>, bool);
 
-/// Run one statement that may wait in the server (an acquire, a watch) on
-/// a connection held through [`Own`].
-async fn fetch_waiting<'q, T>(
-    pool: &PgPool,
-    query: sqlx::query::QueryAs<'q, sqlx::Postgres, T, sqlx::postgres::PgArguments>,
-) -> Result<T, Error>
-where
-    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
-{
+/// Run one simple-protocol statement that may wait in the server (an
+/// acquire, a watch) on a connection held through [`Own`].
+async fn fetch_waiting(pool: &PgPool, text: String) -> Result<PgRow, Error> {
+    let statement = Simple(text);
     let mut own = Own(Some(pool.acquire().await.map_err(error)?), false);
     let connection = own.0.as_mut().expect("held until dropped");
-    let answer = query.fetch_one(&mut **connection).await.map_err(error);
+    let answer = one_row(connection, &statement).await;
     // Answered (or failed): the connection may go back to the pool.
     own.1 = true;
     answer
@@ -220,6 +238,7 @@ pub async fn set_fence_token(
 ) -> Result<(), Error> {
     sqlx::query(sql::SET_FENCE_TOKEN)
         .bind(token.to_string())
+        .persistent(false)
         .execute(&mut **transaction)
         .await
         .map_err(error)?;

@@ -1,6 +1,7 @@
 //! Run-once over deadpool-postgres.
 
 use deadpool_postgres::{Pool, Transaction};
+use tokio_postgres::types::Type;
 
 use super::Once;
 use crate::backend::deadpool::error;
@@ -29,10 +30,14 @@ where
         .await
         .map_err(crate::backend::deadpool::pool_error)?;
     let transaction = client.transaction().await.map_err(error)?;
+    // query_typed: one unnamed statement, nothing prepared that could
+    // outlive the transaction on a pooler's server connection.
     let claim = transaction
-        .query_one(sql::CLAIM_OPERATION_IN, &[&op_key])
+        .query_typed(sql::CLAIM_OPERATION_IN, &[(&op_key, Type::TEXT)])
         .await
-        .map_err(error)?;
+        .map_err(error)?
+        .pop()
+        .ok_or_else(|| Error::Decode("claim_operation returned no row".into()))?;
     let claimed: bool = claim.try_get(0).map_err(error)?;
     let xid: Option<String> = claim.try_get(1).map_err(error)?;
     if !claimed {
@@ -42,9 +47,13 @@ where
     let value = work(&transaction).await?;
     // In an aborted transaction every statement fails (25P02), and COMMIT
     // would roll back without an error.
-    match transaction.query_one(sql::STILL_OPEN, &[]).await {
-        Ok(row) => {
-            if row.try_get::<_, Option<String>>(0).map_err(error)? != xid {
+    match transaction.query_typed(sql::STILL_OPEN, &[]).await {
+        Ok(rows) => {
+            let now = match rows.first() {
+                Some(row) => row.try_get::<_, Option<String>>(0).map_err(error)?,
+                None => None,
+            };
+            if now != xid {
                 return Err(Error::WorkEndedTransaction.into());
             }
         }

@@ -54,6 +54,7 @@ where
 
 async fn still_open(connection: &mut PgConnection) -> Result<Option<String>, sqlx::Error> {
     sqlx::query(sql::STILL_OPEN)
+        .persistent(false)
         .fetch_one(connection)
         .await?
         .try_get(0)
@@ -66,6 +67,7 @@ async fn claim(
 ) -> Result<(bool, Option<String>), sqlx::Error> {
     let row = sqlx::query(sql::CLAIM_OPERATION_IN)
         .bind(op_key)
+        .persistent(false)
         .fetch_one(connection)
         .await?;
     Ok((row.try_get(0)?, row.try_get(1)?))

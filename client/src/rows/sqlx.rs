@@ -25,6 +25,7 @@ pub async fn lock_row<K: Bind>(
     let text = sql::lock_row(table.name, table.key_column, mode.suffix());
     sqlx::query(&text)
         .bind(key)
+        .persistent(false)
         .fetch_optional(&mut **transaction)
         .await
         .map_err(error)
@@ -41,6 +42,7 @@ pub async fn claim(
 ) -> Result<Vec<PgRow>, Error> {
     let text = sql::claim(table.name, table.key_column, filter, limit);
     sqlx::query(&text)
+        .persistent(false)
         .fetch_all(&mut **transaction)
         .await
         .map_err(error)
@@ -65,6 +67,7 @@ pub async fn compare_and_set<K: Bind + Clone, V: Bind>(
         .bind(key.clone())
         .bind(expected)
         .bind(value)
+        .persistent(false)
         .fetch_optional(&mut *connection)
         .await
         .map_err(error)?;
@@ -76,6 +79,7 @@ pub async fn compare_and_set<K: Bind + Clone, V: Bind>(
     let current = sql::current_version(table.name, table.key_column, version_column);
     let current = sqlx::query(&current)
         .bind(key)
+        .persistent(false)
         .fetch_optional(&mut *connection)
         .await
         .map_err(error)?;
