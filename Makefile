@@ -78,19 +78,24 @@ test-integration: cluster
 		cargo run -q -p pg_fence_client --features deadpool-postgres --example $$example || exit 1; \
 	done
 	cargo run -q -p pg_fence_client --features deadpool-postgres,metrics --example prometheus_metrics
+	@mkdir -p target/python
 	$(PYTHON) examples/python/leases.py "host=127.0.0.1 port=$(PGFENCE_PORT) user=postgres dbname=pg_fence" \
-		| diff -u examples/python/leases.out -
+		> target/python/leases.out
+	diff -u examples/python/leases.out target/python/leases.out
 
 # Tier 5: the client's lease and run-once suites again, both drivers, with
 # their pools going through a real PgBouncer (Debian's 1.18) in transaction
 # mode (scripts/pgbouncer.sh); checks on the database still go straight to it.
 PGFENCE_POOLER_PORT ?= 28830
-POOLER_SUITES := --test client --test client_multi --test client_shared --test client_holder --test once
+POOLER_SUITES := --test client --test client_multi --test client_shared --test client_holder \
+                 --test client_election --test once
 test-pgbouncer: cluster
 	@scripts/pgbouncer.sh start
 	@PGFENCE_POOLER_PORT=$(PGFENCE_POOLER_PORT) cargo test -p pg_fence_tests $(POOLER_SUITES) -- --test-threads 4 \
+		&& mkdir -p target/python \
 		&& $(PYTHON) examples/python/leases.py "host=127.0.0.1 port=$(PGFENCE_POOLER_PORT) user=postgres dbname=pg_fence" \
-			| diff -u examples/python/leases.out -; \
+			> target/python/leases-pgbouncer.out \
+		&& diff -u examples/python/leases.out target/python/leases-pgbouncer.out; \
 		status=$$?; scripts/pgbouncer.sh stop; exit $$status
 
 lint:

@@ -30,9 +30,8 @@ start)
     command -v pgbouncer >/dev/null || { echo "pgbouncer.sh: pgbouncer is not installed (scripts/setup.sh installs it)" >&2; exit 1; }
     mkdir -p "$BASE"
     [ "$(id -u)" -ne 0 ] || chown postgres:postgres "$BASE"
-    if [ -f "$BASE/pgbouncer.pid" ] && kill -0 "$(cat "$BASE/pgbouncer.pid")" 2>/dev/null; then
-        exit 0
-    fi
+    # Always this config: a PgBouncer left running (with other settings) goes.
+    "$0" stop
     cat >"$BASE/pgbouncer.ini" <<CONF
 [databases]
 * = host=127.0.0.1 port=$PG_PORT
@@ -48,6 +47,7 @@ ignore_startup_parameters = extra_float_digits
 max_client_conn = 400
 logfile = $BASE/pgbouncer.log
 pidfile = $BASE/pgbouncer.pid
+admin_users = postgres
 CONF
     printf '"postgres" ""\n' >"$BASE/userlist.txt"
     [ "$(id -u)" -ne 0 ] || chown postgres:postgres "$BASE/pgbouncer.ini" "$BASE/userlist.txt"
@@ -64,7 +64,12 @@ CONF
     ;;
 stop)
     if [ -f "$BASE/pgbouncer.pid" ]; then
-        kill "$(cat "$BASE/pgbouncer.pid")" 2>/dev/null || true
+        pid=$(cat "$BASE/pgbouncer.pid")
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
         rm -f "$BASE/pgbouncer.pid"
     fi
     ;;

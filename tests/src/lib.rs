@@ -155,10 +155,12 @@ pub fn unique_table(prefix: &str) -> String {
 /// else the cluster itself. Sessions from [`connect`] always go straight
 /// to the cluster.
 pub fn pool_port() -> u16 {
-    std::env::var("PGFENCE_POOLER_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(port)
+    match std::env::var("PGFENCE_POOLER_PORT") {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("PGFENCE_POOLER_PORT={value:?} is not a port")),
+        Err(_) => port(),
+    }
 }
 
 /// Whether the client tests' pools go through a transaction pooler: a

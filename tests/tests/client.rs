@@ -980,3 +980,22 @@ async fn a_zero_safety_margin_is_refused() {
     let error = options.validate().unwrap_err();
     assert!(matches!(error, Error::Usage(_)), "{error:?}");
 }
+
+/// The PgBouncer tier (`make test-pgbouncer`) must really go through a
+/// PgBouncer in transaction mode: its admin console says so. (Without a
+/// pooler, there is nothing to check.)
+#[tokio::test]
+async fn the_pooler_tier_goes_through_pgbouncer_in_transaction_mode() {
+    if !through_pooler() {
+        return;
+    }
+    let console = connect_to_database(pool_port(), "postgres", "pgbouncer").await;
+    let rows = console.simple_query("SHOW CONFIG").await.unwrap();
+    let pool_mode = rows.iter().find_map(|message| match message {
+        tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("pool_mode") => {
+            row.get(1).map(str::to_owned)
+        }
+        _ => None,
+    });
+    assert_eq!(pool_mode.as_deref(), Some("transaction"));
+}

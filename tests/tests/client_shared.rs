@@ -25,7 +25,7 @@ through_both_backends!(readers_share_renew_and_release);
 async fn readers_share_renew_and_release<B: Backend>(backend: B, _app: String) {
     let db = connect().await;
     let key = unique_key("cs-share");
-    let options = LeaseOptions::new(Duration::from_millis(600));
+    let options = LeaseOptions::new(Duration::from_millis(1200));
     let a = Lease::try_acquire_shared(&backend, &key, &options)
         .await
         .unwrap()
@@ -41,7 +41,7 @@ async fn readers_share_renew_and_release<B: Backend>(backend: B, _app: String) {
         .unwrap()
         .is_none());
     // Held well past the ttl: renewed in the background.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     assert_eq!((a.loss(), b.loss()), (None, None));
     assert_eq!(shared_tokens(&db, &key).await, [a.token(), b.token()]);
     // A writer waiting for the key gets it once both readers are gone: one

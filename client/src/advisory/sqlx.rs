@@ -152,6 +152,8 @@ pub async fn lock_xact(
     }
 }
 
+// Not persistent: `lock_xact` runs in the caller's transaction, where an
+// unnamed statement works through a transaction pooler too.
 // One helper per statement shape, each taking the connection with a named
 // lifetime and using only `query(..).execute/fetch_one`: with query_scalar or
 // raw_sql, rustc cannot prove the enclosing future Send (sqlx's separate
@@ -164,6 +166,7 @@ async fn scalar_bool(
     use sqlx::Row;
     sqlx::query(sql)
         .bind(value)
+        .persistent(false)
         .fetch_one(connection)
         .await?
         .try_get(0)
@@ -179,6 +182,7 @@ where
 {
     sqlx::query(sql)
         .bind(value)
+        .persistent(false)
         .execute(connection)
         .await
         .map(|_| ())

@@ -17,19 +17,7 @@ impl Backend for Pool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<Grant>, Error> {
-        let row = query_waiting(
-            self,
-            sql::ACQUIRE,
-            &[
-                (&key, Type::TEXT),
-                (&millis(ttl), Type::FLOAT8),
-                (&holder, Type::TEXT),
-                (&millis(wait), Type::FLOAT8),
-                (&adopt, Type::BOOL),
-            ],
-        )
-        .await?;
-        Ok(grant(get(&row, 0)?, get(&row, 1)?, get(&row, 2)?))
+        acquire_one(self, sql::ACQUIRE, key, ttl, holder, wait, adopt).await
     }
 
     async fn acquire_shared(
@@ -40,19 +28,7 @@ impl Backend for Pool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<Grant>, Error> {
-        let row = query_waiting(
-            self,
-            sql::ACQUIRE_SHARED,
-            &[
-                (&key, Type::TEXT),
-                (&millis(ttl), Type::FLOAT8),
-                (&holder, Type::TEXT),
-                (&millis(wait), Type::FLOAT8),
-                (&adopt, Type::BOOL),
-            ],
-        )
-        .await?;
-        Ok(grant(get(&row, 0)?, get(&row, 1)?, get(&row, 2)?))
+        acquire_one(self, sql::ACQUIRE_SHARED, key, ttl, holder, wait, adopt).await
     }
 
     async fn acquire_permit(
@@ -196,6 +172,32 @@ impl Backend for Pool {
 /// on it, whose statements would queue behind it; the server sees the
 /// client gone at its next wake-up and ends the wait.
 struct Own(Option<deadpool_postgres::Object>, bool);
+
+/// One key's acquire, exclusive ([`sql::ACQUIRE`]) or shared
+/// ([`sql::ACQUIRE_SHARED`]): the same arguments, the same row.
+async fn acquire_one(
+    pool: &Pool,
+    text: &str,
+    key: &str,
+    ttl: Duration,
+    holder: &str,
+    wait: Duration,
+    adopt: bool,
+) -> Result<Option<Grant>, Error> {
+    let row = query_waiting(
+        pool,
+        text,
+        &[
+            (&key, Type::TEXT),
+            (&millis(ttl), Type::FLOAT8),
+            (&holder, Type::TEXT),
+            (&millis(wait), Type::FLOAT8),
+            (&adopt, Type::BOOL),
+        ],
+    )
+    .await?;
+    Ok(grant(get(&row, 0)?, get(&row, 1)?, get(&row, 2)?))
+}
 
 /// A statement's parameters, each with its type: sent with the statement
 /// in one round trip (`query_typed`: an unnamed statement, parsed, bound

@@ -27,8 +27,9 @@ pub struct Grant {
 /// Implemented for `sqlx::PgPool` (feature `sqlx`) and
 /// `deadpool_postgres::Pool` (feature `deadpool-postgres`). Every call takes a
 /// connection from the pool for one statement and gives it back: leases are
-/// not tied to a session, so this works behind PgBouncer in transaction mode
-/// (1.21+ with `max_prepared_statements`, for the drivers' prepared statements).
+/// not tied to a session, so this works behind PgBouncer in transaction mode,
+/// any version: both backends send statements that nothing prepared
+/// outlives (deadpool: `query_typed`; sqlx: the simple protocol).
 ///
 /// `adopt` says whether the holder's own live lease may come back (G6):
 /// true only for a retry of a request whose reply was lost. With `adopt`

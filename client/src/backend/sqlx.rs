@@ -18,18 +18,7 @@ impl Backend for PgPool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<Grant>, Error> {
-        let text = inline(
-            sql::ACQUIRE,
-            &[
-                Text(key),
-                Float8(millis(ttl)),
-                Text(holder),
-                Float8(millis(wait)),
-                Bool(adopt),
-            ],
-        )?;
-        let row = fetch_waiting(self, text).await?;
-        Ok(grant(column(&row, 0)?, column(&row, 1)?, column(&row, 2)?))
+        acquire_one(self, sql::ACQUIRE, key, ttl, holder, wait, adopt).await
     }
 
     async fn acquire_shared(
@@ -40,18 +29,7 @@ impl Backend for PgPool {
         wait: Duration,
         adopt: bool,
     ) -> Result<Option<Grant>, Error> {
-        let text = inline(
-            sql::ACQUIRE_SHARED,
-            &[
-                Text(key),
-                Float8(millis(ttl)),
-                Text(holder),
-                Float8(millis(wait)),
-                Bool(adopt),
-            ],
-        )?;
-        let row = fetch_waiting(self, text).await?;
-        Ok(grant(column(&row, 0)?, column(&row, 1)?, column(&row, 2)?))
+        acquire_one(self, sql::ACQUIRE_SHARED, key, ttl, holder, wait, adopt).await
     }
 
     async fn acquire_permit(
@@ -98,7 +76,15 @@ impl Backend for PgPool {
             ],
         )?;
         let row = fetch_waiting(self, text).await?;
-        let keys: Option<Vec<String>> = column(&row, 0)?;
+        // Granted or not, by the first column's NULL; the keys are the
+        // request's, distinct, in byte order ("C", as the server sorts
+        // them). Not decoded from the text form of the array: sqlx reads an
+        // element spelled NULL there as a NULL, and a key may be "NULL".
+        let granted: Option<String> = row.try_get_unchecked(0).map_err(error)?;
+        let mut granted_keys = keys.to_vec();
+        granted_keys.sort_unstable();
+        granted_keys.dedup();
+        let keys = granted.map(|_| granted_keys);
         Ok(keys.zip(grant(column(&row, 1)?, column(&row, 2)?, column(&row, 3)?)))
     }
 
@@ -156,6 +142,31 @@ impl Backend for PgPool {
         let text = inline(sql::RELEASE, &[Text(key), Int8(token)])?;
         column(&fetch(self, text).await?, 0)
     }
+}
+
+/// One key's acquire, exclusive ([`sql::ACQUIRE`]) or shared
+/// ([`sql::ACQUIRE_SHARED`]): the same arguments, the same row.
+async fn acquire_one(
+    pool: &PgPool,
+    template: &str,
+    key: &str,
+    ttl: Duration,
+    holder: &str,
+    wait: Duration,
+    adopt: bool,
+) -> Result<Option<Grant>, Error> {
+    let text = inline(
+        template,
+        &[
+            Text(key),
+            Float8(millis(ttl)),
+            Text(holder),
+            Float8(millis(wait)),
+            Bool(adopt),
+        ],
+    )?;
+    let row = fetch_waiting(pool, text).await?;
+    Ok(grant(column(&row, 0)?, column(&row, 1)?, column(&row, 2)?))
 }
 
 /// A statement with its values written in (literal.rs), for the simple
