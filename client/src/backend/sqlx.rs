@@ -172,7 +172,7 @@ async fn acquire_one(
 /// A statement with its values written in (literal.rs), for the simple
 /// query protocol: no statement is prepared, so it works through a
 /// transaction pooler.
-struct Simple(String);
+pub(crate) struct Simple(pub(crate) String);
 
 impl<'q> sqlx::Execute<'q, sqlx::Postgres> for &'q Simple {
     fn sql(&self) -> &'q str {

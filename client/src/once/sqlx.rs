@@ -1,6 +1,6 @@
 //! Run-once over sqlx.
 
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{Executor, PgConnection, PgPool, Row};
 
 use super::Once;
 use crate::backend::sqlx::error;
@@ -53,11 +53,11 @@ where
 }
 
 async fn still_open(connection: &mut PgConnection) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query(sql::STILL_OPEN)
-        .persistent(false)
-        .fetch_one(connection)
-        .await?
-        .try_get(0)
+    // The simple protocol: the work may have ended the transaction, and
+    // outside one an unnamed statement's prepare and run may reach
+    // different server connections of a transaction pooler.
+    let statement = crate::backend::sqlx::Simple(sql::STILL_OPEN.to_owned());
+    connection.fetch_one(&statement).await?.try_get_unchecked(0)
 }
 
 // A plain query(..) helper: query_scalar would make the future non-Send.
