@@ -5,7 +5,9 @@
 //! lease, and so do renew, release, force-release and a holder's re-acquire
 //! before they update the lease row; `lock_acquire` try-takes it exclusively
 //! before it grants a new lease, and `lock_acquire_shared` in row-exclusive
-//! mode (which conflicts with both, but not with itself). The locks last until the transaction ends
+//! mode (which conflicts with both, but not with itself); a change to a
+//! shared lease holds it in row-share mode, which only an exclusive grant
+//! conflicts with (lease.rs, `Hold`). The locks last until the transaction ends
 //! (a grant attempt inside an internal subtransaction, until that ends),
 //! except that a grant or renew/release whose statement matched nothing gives
 //! its hold back at once. So once a write has passed its check no newer lease

@@ -29,30 +29,38 @@ pub struct Plans {
     pub token_of: OwnedPreparedStatement,
 }
 
+/// A statement planned once and kept for the backend's lifetime (these
+/// plans, and shared.rs's). `prepare_mut`: every execution takes a fresh
+/// snapshot, which the wait loop in READ COMMITTED depends on.
+pub fn keep(
+    client: &SpiClient<'_>,
+    sql: &str,
+    args: &[pg_sys::Oid],
+) -> Result<OwnedPreparedStatement, SpiError> {
+    let oids: Vec<_> = args.iter().map(|oid| pg_sys::PgOid::from(*oid)).collect();
+    Ok(client.prepare_mut(sql, &oids)?.keep())
+}
+
+/// The arguments of a grant statement: key, holder, token, ttl, role, now,
+/// application_name (an exclusive grant's, and a shared one's).
+pub const GRANT_ARGUMENTS: [pg_sys::Oid; 7] = [
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::INT8OID,
+    pg_sys::INTERVALOID,
+    pg_sys::OIDOID,
+    pg_sys::TIMESTAMPTZOID,
+    pg_sys::TEXTOID,
+];
+
 impl Plans {
     fn prepare(client: &SpiClient<'_>) -> Result<Plans, SpiError> {
-        use pg_sys::{BOOLOID, INT8OID, INTERVALOID, OIDOID, TEXTOID, TIMESTAMPTZOID};
-        // The grant statements: key, holder, token, ttl, role, now, application_name.
-        const GRANT_ARGUMENTS: [pg_sys::Oid; 7] = [
-            TEXTOID,
-            TEXTOID,
-            INT8OID,
-            INTERVALOID,
-            OIDOID,
-            TIMESTAMPTZOID,
-            TEXTOID,
-        ];
+        use pg_sys::{BOOLOID, INT8OID, INTERVALOID, OIDOID, TEXTOID};
         // The update also names the token of the row version it replaces
         // (the one the caller read, so what it knows of it is exact).
         let mut grant_update_arguments = GRANT_ARGUMENTS.to_vec();
         grant_update_arguments.push(INT8OID);
-        let prep =
-            |sql: String, args: &[pg_sys::Oid]| -> Result<OwnedPreparedStatement, SpiError> {
-                let oids: Vec<_> = args.iter().map(|oid| pg_sys::PgOid::from(*oid)).collect();
-                // prepare_mut: every execution takes a fresh snapshot, which the
-                // wait loop in READ COMMITTED depends on.
-                Ok(client.prepare_mut(sql.as_str(), &oids)?.keep())
-            };
+        let prep = |sql: String, args: &[pg_sys::Oid]| keep(client, &sql, args);
         Ok(Plans {
             lock_row: prep(
                 format!(

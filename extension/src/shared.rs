@@ -72,30 +72,17 @@ struct SharedPlans {
 
 impl SharedPlans {
     fn prepare(client: &SpiClient<'_>) -> Result<SharedPlans, SpiError> {
-        use pg_sys::{BOOLOID, INT8OID, INTERVALOID, OIDOID, TEXTOID, TIMESTAMPTZOID};
-        let prep =
-            |sql: String, args: &[pg_sys::Oid]| -> Result<OwnedPreparedStatement, SpiError> {
-                let oids: Vec<_> = args.iter().map(|oid| pg_sys::PgOid::from(*oid)).collect();
-                Ok(client.prepare_mut(sql.as_str(), &oids)?.keep())
-            };
+        use pg_sys::{BOOLOID, INT8OID, INTERVALOID, OIDOID, TEXTOID};
+        let prep = |sql: String, args: &[pg_sys::Oid]| crate::plans::keep(client, &sql, args);
         Ok(SharedPlans {
-            // The arguments of the exclusive grant statements (plans.rs):
-            // key, holder, token, ttl, role, now, application_name.
+            // The arguments of the exclusive grant statements (plans.rs).
             grant: prep(
                 "INSERT INTO fence.shared_leases AS s \
                         (lock_key, token, holder, ttl, acquired_at, expires_at, owner_role, application_name) \
                  VALUES ($1, $3, $2, $4, $6, $6 + $4, $5, $7) \
                  RETURNING s.expires_at"
                     .into(),
-                &[
-                    TEXTOID,
-                    TEXTOID,
-                    INT8OID,
-                    INTERVALOID,
-                    OIDOID,
-                    TIMESTAMPTZOID,
-                    TEXTOID,
-                ],
+                &crate::plans::GRANT_ARGUMENTS,
             )?,
             extend: prep(
                 format!(
@@ -176,7 +163,7 @@ fn with_plans<'c, R>(
 /// Whether the key has shared leases at all to fall back to: not in a
 /// database still on the 0.1.0 schema.
 fn exists() -> bool {
-    crate::catalog::shared_leases().is_some()
+    crate::catalog::shared_leases_table().is_some()
 }
 
 /// `fence.lock_acquire_shared`.
