@@ -55,7 +55,7 @@ test-pgrx: setup
 # throwaway cluster. Inputs in extension/tests/pg_regress/sql, outputs to
 # compare in expected/; a difference fails with target/regress/regression.diffs.
 PG_REGRESS := $(shell $(PG_CONFIG) --pkglibdir)/pgxs/src/test/regress/pg_regress
-REGRESS    := setup demo leases errors fencing stats semaphore multi shared
+REGRESS    := setup demo leases errors fencing stats semaphore multi shared history
 test-regress: cluster
 	@psql -X -q -h 127.0.0.1 -p $(PGFENCE_PORT) -U postgres -d postgres \
 		-c 'DROP DATABASE IF EXISTS pg_fence_regress WITH (FORCE)' -c 'CREATE DATABASE pg_fence_regress'

@@ -52,6 +52,36 @@ SELECT pg_catalog.pg_extension_config_dump('fence.shared_leases', '');
 
 REVOKE ALL ON fence.shared_leases FROM PUBLIC;
 GRANT SELECT ON fence.shared_leases TO PUBLIC;
+-- Term history (schema.sql, history.rs), kept only for keys someone asked it for
+-- (fence.lock_keep_history): every exclusive grant on such a key adds its
+-- term here, in the grant's own statement, and drops the key's terms older
+-- than the key's keep. previous_token is the term before it on the key
+-- (NULL: the key had no row), so a reader of the history can tell that it
+-- missed nothing. Other keys' grants look for their key in
+-- fence.history_keys and write nothing.
+CREATE TABLE fence.history_keys (
+    lock_key text COLLATE "C" NOT NULL,
+    keep     interval NOT NULL,
+    since    timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    CONSTRAINT history_keys_pkey PRIMARY KEY (lock_key)
+);
+COMMENT ON TABLE fence.history_keys IS
+    'pg_fence keys whose terms are kept in fence.terms, and for how long. Write only through fence.lock_keep_history.';
+SELECT pg_catalog.pg_extension_config_dump('fence.history_keys', '');
+CREATE TABLE fence.terms (
+    lock_key       text COLLATE "C" NOT NULL,
+    token          bigint NOT NULL,
+    previous_token bigint,
+    holder         text NOT NULL,
+    acquired_at    timestamptz NOT NULL,
+    CONSTRAINT terms_pkey PRIMARY KEY (lock_key, token)
+);
+COMMENT ON TABLE fence.terms IS
+    'pg_fence term history: one row per exclusive grant on a key in fence.history_keys. Read with fence.lock_history.';
+SELECT pg_catalog.pg_extension_config_dump('fence.terms', '');
+REVOKE ALL ON fence.history_keys, fence.terms FROM PUBLIC;
+GRANT SELECT ON fence.history_keys, fence.terms TO PUBLIC;
+
 -- fence.locks lists them too, with a mode column.
 CREATE VIEW fence.locks AS
 SELECT l.lock_key,
@@ -278,6 +308,30 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'lock_acquire_shared_wrapper';
 
+CREATE FUNCTION fence."lock_history"(
+	"lock_key" TEXT,
+	"after_token" bigint DEFAULT NULL,
+	"wait" interval DEFAULT '0'
+) RETURNS TABLE (
+	"lock_key" TEXT,
+	"token" bigint,
+	"previous_token" bigint,
+	"holder" TEXT,
+	"acquired_at" timestamp with time zone
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'lock_history_wrapper';
+
+CREATE FUNCTION fence."lock_keep_history"(
+	"lock_key" TEXT,
+	"keep" interval DEFAULT '1 hour'
+) RETURNS bigint
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'lock_keep_history_wrapper';
+
 CREATE FUNCTION fence."lock_release_all"(
 	"lock_keys" TEXT[],
 	"token" bigint
@@ -322,6 +376,14 @@ CREATE FUNCTION fence."semaphore_status"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'semaphore_status_wrapper';
+
+CREATE FUNCTION fence."sweep"(
+	"idle_for" interval DEFAULT '7 days'
+) RETURNS bigint
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'sweep_wrapper';
 
 -- sql/fence.sql as of 0.2.0: protect() needs fence_admin and trusted
 -- columns, fences reach partitions and inheritance children, the DDL event

@@ -79,6 +79,36 @@ COMMENT ON TABLE fence.shared_leases IS
     'pg_fence shared (reader) leases, one row per lease. Live: expires_at > clock_timestamp(). Write only through the fence.lock_* functions.';
 SELECT pg_catalog.pg_extension_config_dump('fence.shared_leases', '');
 
+-- Term history (0.2, history.rs), kept only for keys someone asked it for
+-- (fence.lock_keep_history): every exclusive grant on such a key adds its
+-- term here, in the grant's own statement, and drops the key's terms older
+-- than the key's keep. previous_token is the term before it on the key
+-- (NULL: the key had no row), so a reader of the history can tell that it
+-- missed nothing. Other keys' grants look for their key in
+-- fence.history_keys and write nothing.
+CREATE TABLE fence.history_keys (
+    lock_key text COLLATE "C" NOT NULL,
+    keep     interval NOT NULL,
+    since    timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    CONSTRAINT history_keys_pkey PRIMARY KEY (lock_key)
+);
+COMMENT ON TABLE fence.history_keys IS
+    'pg_fence keys whose terms are kept in fence.terms, and for how long. Write only through fence.lock_keep_history.';
+SELECT pg_catalog.pg_extension_config_dump('fence.history_keys', '');
+CREATE TABLE fence.terms (
+    lock_key       text COLLATE "C" NOT NULL,
+    token          bigint NOT NULL,
+    previous_token bigint,
+    holder         text NOT NULL,
+    acquired_at    timestamptz NOT NULL,
+    CONSTRAINT terms_pkey PRIMARY KEY (lock_key, token)
+);
+COMMENT ON TABLE fence.terms IS
+    'pg_fence term history: one row per exclusive grant on a key in fence.history_keys. Read with fence.lock_history.';
+SELECT pg_catalog.pg_extension_config_dump('fence.terms', '');
+REVOKE ALL ON fence.history_keys, fence.terms FROM PUBLIC;
+GRANT SELECT ON fence.history_keys, fence.terms TO PUBLIC;
+
 -- Live leases, exclusive and shared, for people and monitoring.
 CREATE VIEW fence.locks AS
 SELECT l.lock_key,

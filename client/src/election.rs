@@ -2,10 +2,11 @@
 //! who leads now, and a stream of leadership changes built on
 //! `fence.lock_watch`.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use crate::backend::Backend;
-use crate::{watch, Error, Lease, LeaseInfo, LeaseOptions};
+use crate::{watch, Error, Lease, LeaseInfo, LeaseOptions, Term};
 
 /// An election: candidates campaign for the lease on `key`; the leader is
 /// whoever holds it, and its term is the lease's fencing token, which only
@@ -76,48 +77,133 @@ impl Election {
     }
 
     /// The leadership changes, in order: [`Observer::next`] first answers
-    /// with the leadership as it is, then waits for each change ("no
-    /// leader" included). Terms only increase.
+    /// with the leadership as it is, then with each change, "no leader"
+    /// included, however short the leadership in between: the observer
+    /// keeps the key's term history (`fence.lock_keep_history`, for an
+    /// hour; [`Observer::keep`] says otherwise) and reads it, so it misses
+    /// nothing unless it falls further behind than that
+    /// ([`Error::Lagged`]). Terms only increase.
     pub fn observe<B: Backend>(&self, backend: &B) -> Observer<B> {
         Observer {
             backend: backend.clone(),
             key: self.key.clone(),
-            seen: None,
+            keep: Duration::from_secs(3600),
+            state: State::Start,
+            pending: VecDeque::new(),
+            lag_reported: None,
         }
     }
 }
 
 /// Leadership changes of an [`Election`], one [`Observer::next`] at a time.
 ///
-/// Each answer differs from the one before: another leader (a higher
-/// term), or `None` when nobody leads (released, forced, expired). A
-/// leadership that begins and ends between two calls (shorter than the
-/// caller takes to call again, plus one round trip) is not seen; none is
-/// ever reported out of order. Each call holds one pooled connection while
-/// it waits.
+/// Each answer differs from the one before, and they alternate: a leader
+/// (`Some`, a higher term each time), then `None` once it no longer leads
+/// (released, forced, expired), then the next leader. Every term is
+/// reported, in order, however short: the observer reads the key's term
+/// history, which every grant of the key writes once the first call has
+/// asked for it to be kept (so terms before that first call are not
+/// reported). So a `None` or a leader may be reported after the fact (the
+/// term's `acquired_at` says when it began); a caller that acts on
+/// "who leads now" asks [`Election::leader`]. A term whose history was
+/// dropped before the observer read it (it fell behind by more than
+/// [`Observer::keep`]) is reported as [`Error::Lagged`], once, before the
+/// oldest term still kept. Each call holds one pooled connection while it
+/// waits; it needs the primary (keeping history writes).
 pub struct Observer<B: Backend> {
     backend: B,
     key: String,
-    /// What the last answer was (`Some(None)`: nobody led).
-    seen: Option<Option<i64>>,
+    keep: Duration,
+    state: State,
+    /// Terms read from the history and not yet reported, oldest first.
+    pending: VecDeque<Term>,
+    /// The term a gap before it was reported for.
+    lag_reported: Option<i64>,
+}
+
+/// What the last answer was.
+#[derive(Debug, Clone, Copy)]
+enum State {
+    /// No answer yet.
+    Start,
+    /// A leader, in this term.
+    Leading(i64),
+    /// Nobody, after this term (`None`: the key never had a lease).
+    Idle(Option<i64>),
 }
 
 impl<B: Backend> Observer<B> {
+    /// Keep the key's history this long (an hour unless set; from the
+    /// first call on). An observer that looks less often than this may
+    /// miss terms, and says so ([`Error::Lagged`]).
+    pub fn keep(mut self, keep: Duration) -> Observer<B> {
+        self.keep = keep.max(Duration::from_millis(1));
+        self
+    }
+
     /// The next leadership: at once on the first call, then as soon as it
-    /// changes. Cancel safe: a call dropped before its answer reports
-    /// nothing, and the next call answers from the last answer given.
-    pub async fn next(&mut self) -> Result<Option<LeaseInfo>, Error> {
-        let Some(known) = self.seen else {
-            let now = watch(&self.backend, &self.key, None, Duration::ZERO).await?;
-            self.seen = Some(now.as_ref().map(|lease| lease.token));
-            return Ok(now);
-        };
-        loop {
-            let now = watch(&self.backend, &self.key, known, Duration::from_secs(60)).await?;
-            let token = now.as_ref().map(|lease| lease.token);
-            if token != known {
-                self.seen = Some(token);
-                return Ok(now);
+    /// changes (or from the history, if it changed since). Cancel safe: a
+    /// call dropped before its answer reports nothing, and the next call
+    /// answers from the last answer given.
+    pub async fn next(&mut self) -> Result<Option<Term>, Error> {
+        let round = Duration::from_secs(60);
+        match self.state {
+            State::Start => {
+                let latest = self.backend.keep_history(&self.key, self.keep).await?;
+                let now = watch(&self.backend, &self.key, None, Duration::ZERO).await?;
+                match now {
+                    // The leader the history starts after.
+                    Some(lease) if Some(lease.token) == latest => {
+                        self.state = State::Leading(lease.token);
+                        Ok(Some(Term {
+                            key: lease.key,
+                            holder: lease.holder,
+                            token: lease.token,
+                            previous_token: None,
+                            acquired_at: lease.acquired_at,
+                        }))
+                    }
+                    // Nobody; or a leader granted since the history began
+                    // (read from it, with any term before it).
+                    now => {
+                        self.state = State::Idle(latest);
+                        match now {
+                            None => Ok(None),
+                            Some(_) => Box::pin(self.next()).await,
+                        }
+                    }
+                }
+            }
+            State::Leading(term) => {
+                // A later term is known: this one has ended.
+                if self.pending.is_empty() {
+                    loop {
+                        let now = watch(&self.backend, &self.key, Some(term), round).await?;
+                        if now.map(|lease| lease.token) != Some(term) {
+                            break;
+                        }
+                    }
+                }
+                self.state = State::Idle(Some(term));
+                Ok(None)
+            }
+            State::Idle(after) => {
+                while self.pending.is_empty() {
+                    let terms = self.backend.history(&self.key, after, round).await?;
+                    self.pending.extend(terms);
+                }
+                let next = self.pending.front().expect("not empty");
+                if next.previous_token != after && self.lag_reported != Some(next.token) {
+                    self.lag_reported = Some(next.token);
+                    return Err(Error::Lagged {
+                        key: self.key.clone(),
+                        after,
+                        resumed: next.token,
+                    });
+                }
+                let next = self.pending.pop_front().expect("not empty");
+                self.state = State::Leading(next.token);
+                Ok(Some(next))
             }
         }
     }

@@ -115,6 +115,19 @@ pub enum Error {
     /// effect), unlike [`Error::Connection`].
     #[error("no pooled connection: {0}")]
     Pool(String),
+    /// An [`crate::Observer`] found that terms it never reported were no
+    /// longer kept (it looked less often than the history's keep, or the
+    /// key was swept or its history stopped): the terms after `after`, up to
+    /// `resumed`, are unknown. The observer goes on from term `resumed`.
+    #[error("observer of {key} missed terms after {after:?}; it goes on from term {resumed}")]
+    Lagged {
+        /// The election's key.
+        key: String,
+        /// The last term it knew of (`None`: none).
+        after: Option<i64>,
+        /// The oldest kept term after it, which it reports next.
+        resumed: i64,
+    },
     /// Not a server error: the connection failed mid-call (no answer, so
     /// the call may or may not have taken effect; a pool with no connection
     /// to give is [`Error::Pool`]). Ambiguous: a lease
@@ -165,6 +178,7 @@ impl Error {
             | Error::WorkEndedTransaction
             | Error::Usage(_)
             | Error::Pool(_)
+            | Error::Lagged { .. }
             | Error::Decode(_) => None,
         }
     }

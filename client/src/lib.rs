@@ -34,9 +34,11 @@
 //! Leases are not tied to a connection: every call borrows a pooled
 //! connection for one statement, so they work behind PgBouncer in
 //! transaction mode, unlike session-level advisory locks ([`advisory`],
-//! whose docs say why and what their cancel safety is). Both drivers use
-//! named prepared statements there, which need PgBouncer 1.21+ with
-//! `max_prepared_statements` set (or statement caching off in the driver).
+//! whose docs say why and what their cancel safety is). No call of this
+//! crate leaves a named prepared statement on the server (deadpool-postgres:
+//! unnamed statements, `query_typed`; sqlx: the simple protocol with values
+//! written as literals), so a transaction pooler with default settings
+//! (PgBouncer 1.18, as Debian 12 ships it) needs no `max_prepared_statements`.
 #![warn(missing_docs)]
 
 pub mod advisory;
@@ -44,6 +46,7 @@ mod ambiguous;
 pub mod backend;
 mod election;
 mod error;
+mod history;
 mod lease;
 #[cfg(feature = "sqlx")]
 mod literal;
@@ -60,6 +63,7 @@ pub use advisory::{AdvisoryKey, Wait};
 pub use backend::{Backend, Grant};
 pub use election::{Election, Observer};
 pub use error::Error;
+pub use history::{history, keep_history, Term};
 pub use lease::{run, Lease, LeaseOptions, LossReason, RunOutcome};
 pub use once::Once;
 pub use rows::{Cas, RowLock, Table};

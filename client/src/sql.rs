@@ -64,6 +64,19 @@ pub const WATCH: &str = "SELECT w.holder, w.token, \
         extract(epoch FROM w.acquired_at)::float8, extract(epoch FROM w.expires_at)::float8 \
    FROM fence.lock_watch($1, $2, make_interval(secs => $3::float8 / 1000)) AS w";
 
+/// `$1` key, `$2` keep ms (0: stop keeping): the key's latest token.
+pub const KEEP_HISTORY: &str =
+    "SELECT fence.lock_keep_history($1, make_interval(secs => $2::float8 / 1000))";
+
+/// `$1` key, `$2` after token (NULL: all), `$3` wait ms. One row of four
+/// arrays in token order (NULLs: no term): tokens, previous tokens,
+/// holders, `acquired_at` (Unix seconds). One row, so both drivers read it
+/// as they read a watch.
+pub const HISTORY: &str = "SELECT array_agg(h.token ORDER BY h.token), \
+        array_agg(h.previous_token ORDER BY h.token), array_agg(h.holder ORDER BY h.token), \
+        array_agg(extract(epoch FROM h.acquired_at)::float8 ORDER BY h.token) \
+   FROM fence.lock_history($1, $2, make_interval(secs => $3::float8 / 1000)) AS h";
+
 /// `$1` key, `$2` token, `$3` ttl ms: the new expiry (Unix seconds, server
 /// clock), NULL when the lease was no longer live.
 pub const RENEW: &str =

@@ -383,7 +383,7 @@ pub fn attempt(
         // No row yet: create it. The key lock also keeps out another first
         // acquire inserting it right now; an insert that conflicts anyway
         // found it created (and committed) by someone else since we looked.
-        return grant_under_key_lock(client, &plans.grant_insert, key, holder, ttl, role, None);
+        return grant_under_key_lock(client, plans, key, holder, ttl, role, None);
     };
     let live = row.live;
     if live && row.holder.as_deref() == Some(holder) {
@@ -423,15 +423,7 @@ pub fn attempt(
             token: row.token,
             expired_after_micros: row.expired_after_micros,
         };
-        return grant_under_key_lock(
-            client,
-            &plans.grant_update,
-            key,
-            holder,
-            ttl,
-            role,
-            Some(replaced),
-        );
+        return grant_under_key_lock(client, plans, key, holder, ttl, role, Some(replaced));
     }
     // Free, but some transaction has locked or updated the row version we
     // saw (a release in flight, an aborted grant): lock it, skipping it if
@@ -493,15 +485,7 @@ fn take_locked_row(
         return Ok(busy);
     }
     match lock_free_row(client, plans, key, holder)? {
-        Ok(replaced) => grant(
-            client,
-            &plans.grant_update,
-            key,
-            holder,
-            ttl,
-            role,
-            Some(replaced),
-        ),
+        Ok(replaced) => grant(client, plans, key, holder, ttl, role, Some(replaced)),
         Err(not_free) => Ok(not_free),
     }
 }
@@ -599,7 +583,7 @@ pub fn extend_own_lease(
 /// commits durably, which only a race with a grant or renewal costs.
 fn grant_under_key_lock(
     client: &mut SpiClient<'_>,
-    statement: &OwnedPreparedStatement,
+    plans: &Plans,
     key: &str,
     holder: &str,
     ttl: Interval,
@@ -609,7 +593,7 @@ fn grant_under_key_lock(
     if let Some(busy) = claim_key(key)? {
         return Ok(busy);
     }
-    let outcome = grant(client, statement, key, holder, ttl, role, replaced)?;
+    let outcome = grant(client, plans, key, holder, ttl, role, replaced)?;
     if !matches!(outcome, Attempt::Granted { .. }) {
         keylock::release_exclusive(key);
     }
@@ -633,7 +617,7 @@ pub struct Replaced {
 #[allow(clippy::too_many_arguments)]
 fn grant(
     client: &mut SpiClient<'_>,
-    statement: &OwnedPreparedStatement,
+    plans: &Plans,
     key: &str,
     holder: &str,
     ttl: Interval,
@@ -642,9 +626,7 @@ fn grant(
 ) -> Result<Attempt, Failure> {
     let token = issue_token()?;
     let now = clock_after_token()?;
-    grant_as(
-        client, statement, key, holder, token, now, ttl, role, replaced,
-    )
+    grant_as(client, plans, key, holder, token, now, ttl, role, replaced)
 }
 
 /// `clock_timestamp()`, read after a token was issued: the grant's
@@ -654,12 +636,56 @@ pub fn clock_after_token() -> Result<TimestampWithTimeZone, Failure> {
         .map_err(|_| FenceError::internal("clock_timestamp() out of range".into()).here())
 }
 
-/// Run a grant statement with a token already issued, taken at `now`:
-/// [`grant`]'s statement, and each key's of a multi-key grant.
+/// Run an exclusive grant with a token already issued, taken at `now`:
+/// [`grant`]'s, and each key's of a multi-key grant. The statement is the
+/// update of the row version `replaced` names, or the key's insert; for a
+/// key whose term history is kept (history.rs) the same one that also
+/// writes the term, in the grant's own statement (any other key's grant
+/// writes nothing more).
 #[allow(clippy::too_many_arguments)]
 pub fn grant_as(
     client: &mut SpiClient<'_>,
+    plans: &Plans,
+    key: &str,
+    holder: &str,
+    token: i64,
+    now: TimestampWithTimeZone,
+    ttl: Interval,
+    role: pg_sys::Oid,
+    replaced: Option<Replaced>,
+) -> Result<Attempt, Failure> {
+    let kept = match (
+        &replaced,
+        &plans.grant_update_kept,
+        &plans.grant_insert_kept,
+    ) {
+        (Some(_), Some(update), _) => Some(update),
+        (None, _, Some(insert)) => Some(insert),
+        _ => None,
+    };
+    let keep = match kept {
+        Some(_) => crate::probe::history_keep(key)?,
+        None => None,
+    };
+    let statement = match (kept, &keep) {
+        (Some(statement), Some(_)) => statement,
+        _ if replaced.is_some() => &plans.grant_update,
+        _ => &plans.grant_insert,
+    };
+    grant_with(
+        client, statement, keep, key, holder, token, now, ttl, role, replaced,
+    )
+}
+
+/// Run a grant statement (`$1` key, `$2` holder, `$3` token, `$4` ttl,
+/// `$5` role, `$6` now, `$7` application_name, then the replaced version's
+/// token if `replaced`, then `keep` if given; returning `expires_at`):
+/// [`grant_as`]'s, and a shared grant's.
+#[allow(clippy::too_many_arguments)]
+pub fn grant_with(
+    client: &mut SpiClient<'_>,
     statement: &OwnedPreparedStatement,
+    keep: Option<Interval>,
     key: &str,
     holder: &str,
     token: i64,
@@ -679,6 +705,9 @@ pub fn grant_as(
     ];
     if let Some(replaced) = &replaced {
         arguments.push(replaced.token.into());
+    }
+    if let Some(keep) = keep {
+        arguments.push(keep.into());
     }
     let rows = client.update(statement, Some(1), &arguments)?;
     if rows.is_empty() {

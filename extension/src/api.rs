@@ -147,6 +147,56 @@ fn lock_watch(
     )
 }
 
+/// Keep the key's terms (every exclusive grant) for `keep` from now on;
+/// NULL or zero stops. The key's latest token, from which the history is
+/// complete.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn lock_keep_history(
+    lock_key: Option<&str>,
+    keep: default!(Option<Interval>, "'1 hour'"),
+) -> Option<i64> {
+    or_raise(crate::history::keep(lock_key, keep))
+}
+
+/// The key's kept terms after `after_token` (NULL: all), oldest first,
+/// waiting up to `wait` for one if there are none yet.
+#[pg_extern(volatile, parallel_unsafe)]
+fn lock_history(
+    lock_key: Option<&str>,
+    after_token: default!(Option<i64>, "NULL"),
+    wait: default!(Option<Interval>, "'0'"),
+) -> TableIterator<
+    'static,
+    (
+        name!(lock_key, String),
+        name!(token, i64),
+        name!(previous_token, Option<i64>),
+        name!(holder, String),
+        name!(acquired_at, TimestampWithTimeZone),
+    ),
+> {
+    let key = lock_key.unwrap_or_default().to_owned();
+    let terms = or_raise(crate::history::history(lock_key, after_token, wait));
+    TableIterator::new(terms.into_iter().map(move |term| {
+        (
+            key.clone(),
+            term.token,
+            term.previous_token,
+            term.holder,
+            term.acquired_at,
+        )
+    }))
+}
+
+/// Delete the rows of keys whose lease ended more than `idle_for` ago
+/// (fence_admin); how many went.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn sweep(idle_for: default!(Option<Interval>, "'7 days'")) -> i64 {
+    or_raise(crate::sweep::sweep(idle_for))
+}
+
 /// A shared (reader) lease on `lock_key`: any number at once while the
 /// key has no live exclusive lease; NULL if none was granted within `wait`.
 #[pg_extern(volatile, security_definer, parallel_unsafe)]

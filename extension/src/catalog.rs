@@ -53,6 +53,26 @@ pub fn shared_leases_table() -> Option<pg_sys::Oid> {
     (oid != pg_sys::InvalidOid).then_some(oid)
 }
 
+/// `fence.history_keys`: None in a database still on the 0.1.0 schema,
+/// which keeps no term history.
+pub fn history_keys() -> Option<pg_sys::Oid> {
+    // SAFETY: a syscache lookup by name and namespace.
+    let oid = unsafe { pg_sys::get_relname_relid(c"history_keys".as_ptr(), namespace()) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
+/// `fence.history_keys` and its primary key, for [`crate::probe::history_keep`].
+pub fn history_keys_and_index() -> Option<(pg_sys::Oid, pg_sys::Oid)> {
+    // SAFETY: syscache lookups by name and namespace.
+    let (table, index) = unsafe {
+        (
+            pg_sys::get_relname_relid(c"history_keys".as_ptr(), namespace()),
+            pg_sys::get_relname_relid(c"history_keys_pkey".as_ptr(), namespace()),
+        )
+    };
+    (table != pg_sys::InvalidOid && index != pg_sys::InvalidOid).then_some((table, index))
+}
+
 /// `fence.token_seq`, the one global order of tokens (G1).
 pub fn token_sequence() -> Result<pg_sys::Oid, Failure> {
     relation(c"token_seq")

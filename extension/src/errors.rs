@@ -58,6 +58,11 @@ pub enum FenceError {
     /// `25000`: waiting needs a fresh snapshot per attempt, which REPEATABLE READ
     /// and SERIALIZABLE transactions cannot take.
     WaitNeedsReadCommitted { lock_key: String },
+    /// `25000`: `lock_history` asked to wait under a transaction snapshot,
+    /// which never sees a later term.
+    HistoryWaitNeedsReadCommitted { lock_key: String },
+    /// `55000`: `lock_history` of a key whose terms are not kept.
+    HistoryNotKept { lock_key: String },
     /// `40001`: under REPEATABLE READ or SERIALIZABLE, the holder's own
     /// shared lease was granted after the transaction's snapshot, which
     /// cannot see it to extend it (G6).
@@ -156,6 +161,8 @@ impl FenceError {
             FenceError::InvalidArgument { .. } => "22023",
             FenceError::NotLeaseOwner { .. } => "42501",
             FenceError::WaitNeedsReadCommitted { .. } => "25000",
+            FenceError::HistoryWaitNeedsReadCommitted { .. } => "25000",
+            FenceError::HistoryNotKept { .. } => "55000",
             FenceError::SharedLeaseNotInSnapshot { .. } => "40001",
             FenceError::StaleToken { .. } => "FN001",
             FenceError::TruncateRefused { .. } => "42501",
@@ -212,6 +219,13 @@ impl FenceError {
                 "could not serialize access: the shared lease of holder \"{holder}\" on \"{lock_key}\" \
                  was granted after this transaction's snapshot"
             ),
+            FenceError::HistoryWaitNeedsReadCommitted { lock_key } => format!(
+                "lock_history of \"{lock_key}\" cannot wait inside a REPEATABLE READ or \
+                 SERIALIZABLE transaction"
+            ),
+            FenceError::HistoryNotKept { lock_key } => {
+                format!("the terms of \"{lock_key}\" are not kept")
+            }
             FenceError::WaitNeedsReadCommitted { lock_key } => format!(
                 "lock_acquire on \"{lock_key}\" cannot wait inside a REPEATABLE READ or \
                  SERIALIZABLE transaction"
@@ -315,6 +329,13 @@ impl FenceError {
             }
             FenceError::SharedLeaseNotInSnapshot { .. } => Some(
                 "Retry the transaction, or re-acquire in a READ COMMITTED one.",
+            ),
+            FenceError::HistoryWaitNeedsReadCommitted { .. } => Some(
+                "Call it with wait => '0', or wait in a READ COMMITTED transaction: a fixed \
+                 snapshot never sees a later term.",
+            ),
+            FenceError::HistoryNotKept { .. } => Some(
+                "Keep them first: SELECT fence.lock_keep_history(lock_key, keep => '1 hour').",
             ),
             FenceError::WaitNeedsReadCommitted { .. } => Some(
                 "Call it with wait => '0', or wait in a READ COMMITTED transaction: a fixed \

@@ -24,6 +24,7 @@ pub mod catalog;
 pub mod durability;
 pub mod errors;
 pub mod fence;
+pub mod history;
 pub mod key;
 pub mod keylock;
 pub mod lease;
@@ -40,6 +41,7 @@ pub mod shmem;
 pub mod statement;
 pub mod stats;
 pub mod subxact;
+pub mod sweep;
 pub mod wait;
 pub mod waiters;
 pub mod watch;
@@ -69,6 +71,11 @@ pub extern "C-unwind" fn _PG_init() {
     settings::register();
     stats::register();
     shmem::init();
+    // SAFETY: a read of a postmaster-set flag, in _PG_init.
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        settings::register_sweep();
+        sweep::register_worker();
+    }
     settings::reserve_prefix();
     statement::install();
     // SAFETY: a function of this library, which is never unloaded.

@@ -432,14 +432,9 @@ fn grant_all(
     let now = acquire::clock_after_token()?;
     let mut leases = Vec::with_capacity(keys.len());
     for (key, replaced) in keys.iter().zip(replaced) {
-        let statement = if replaced.is_some() {
-            &plans.grant_update
-        } else {
-            &plans.grant_insert
-        };
         match acquire::grant_as(
             client,
-            statement,
+            plans,
             key,
             request.holder,
             token,

@@ -1,12 +1,14 @@
 //! The lease functions' prepared statements: planned once per backend, kept
 //! for its lifetime, run through one SPI connection per call.
 
-use std::cell::OnceCell;
+use std::cell::RefCell;
+use std::rc::Rc;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiError};
 
+use crate::catalog;
 use crate::errors::Failure;
 
 // Prepared statements: planned once per backend, kept for its lifetime.
@@ -19,6 +21,11 @@ pub struct Plans {
     pub lock_row: OwnedPreparedStatement,
     pub grant_update: OwnedPreparedStatement,
     pub grant_insert: OwnedPreparedStatement,
+    /// `grant_update` and `grant_insert` that keep the term history, with
+    /// the key's keep as their last argument; None in a database still on
+    /// the 0.1.0 schema.
+    pub grant_update_kept: Option<OwnedPreparedStatement>,
+    pub grant_insert_kept: Option<OwnedPreparedStatement>,
     pub extend: OwnedPreparedStatement,
     pub renew: OwnedPreparedStatement,
     pub release: OwnedPreparedStatement,
@@ -27,6 +34,9 @@ pub struct Plans {
     pub live_lease: OwnedPreparedStatement,
     pub live_between: OwnedPreparedStatement,
     pub token_of: OwnedPreparedStatement,
+    /// The grants keep the term history (`fence.history_keys` existed
+    /// when they were planned).
+    pub history: bool,
 }
 
 /// A statement planned once and kept for the backend's lifetime (these
@@ -53,6 +63,40 @@ pub const GRANT_ARGUMENTS: [pg_sys::Oid; 7] = [
     pg_sys::TEXTOID,
 ];
 
+/// A grant's update of a key's row that is not live (`$8`: the token of
+/// the version it replaces), returning `expires_at`.
+const GRANT_UPDATE: &str = "UPDATE fence.leases AS l \
+        SET holder = $2, token = $3, ttl = $4, acquired_at = $6, expires_at = $6 + $4, \
+            released_at = NULL, owner_role = $5, application_name = $7 \
+      WHERE l.lock_key = $1 AND NOT (l.released_at IS NULL AND l.expires_at > $6) \
+        AND l.token = $8 \
+     RETURNING l.expires_at";
+
+/// A key's first grant (or its first after a sweep), returning `expires_at`.
+const GRANT_INSERT: &str = "INSERT INTO fence.leases AS l \
+            (lock_key, holder, token, ttl, acquired_at, expires_at, owner_role, application_name) \
+     VALUES ($1, $2, $3, $4, $6, $6 + $4, $5, $7) \
+     ON CONFLICT (lock_key) DO NOTHING \
+     RETURNING l.expires_at";
+
+/// A grant statement that also keeps the key's term history (history.rs),
+/// for a key `fence.history_keys` lists (the caller looked, `probe::
+/// history_keep`, and passes the key's keep as `keep`): if the grant wrote
+/// its row, its term goes into `fence.terms` (`previous`: the token it
+/// replaced) and the key's terms older than the keep go out. One
+/// statement, so the term is written exactly when the grant is, and
+/// commits or rolls back with it.
+fn keeping_history(grant: &str, previous: &str, keep: &str) -> String {
+    format!(
+        "WITH g AS ({grant}), \
+              t AS (INSERT INTO fence.terms (lock_key, token, previous_token, holder, acquired_at) \
+                    SELECT $1, $3, {previous}, $2, $6 FROM g), \
+              p AS (DELETE FROM fence.terms AS d \
+                     WHERE d.lock_key = $1 AND d.acquired_at < $6 - {keep} AND EXISTS (SELECT FROM g)) \
+         SELECT g.expires_at FROM g"
+    )
+}
+
 impl Plans {
     fn prepare(client: &SpiClient<'_>) -> Result<Plans, SpiError> {
         use pg_sys::{BOOLOID, INT8OID, INTERVALOID, OIDOID, TEXTOID};
@@ -61,6 +105,7 @@ impl Plans {
         let mut grant_update_arguments = GRANT_ARGUMENTS.to_vec();
         grant_update_arguments.push(INT8OID);
         let prep = |sql: String, args: &[pg_sys::Oid]| keep(client, &sql, args);
+        let history = catalog::history_keys().is_some();
         Ok(Plans {
             lock_row: prep(
                 format!(
@@ -70,25 +115,22 @@ impl Plans {
                 ),
                 &[TEXTOID],
             )?,
-            grant_update: prep(
-                    "UPDATE fence.leases AS l \
-                    SET holder = $2, token = $3, ttl = $4, acquired_at = $6, expires_at = $6 + $4, \
-                        released_at = NULL, owner_role = $5, application_name = $7 \
-                  WHERE l.lock_key = $1 AND NOT (l.released_at IS NULL AND l.expires_at > $6) \
-                    AND l.token = $8 \
-                 RETURNING l.expires_at"
-                    .into(),
-                &grant_update_arguments,
-            )?,
-            grant_insert: prep(
-                "INSERT INTO fence.leases AS l \
-                        (lock_key, holder, token, ttl, acquired_at, expires_at, owner_role, application_name) \
-                 VALUES ($1, $2, $3, $4, $6, $6 + $4, $5, $7) \
-                 ON CONFLICT (lock_key) DO NOTHING \
-                 RETURNING l.expires_at"
-                    .into(),
-                &GRANT_ARGUMENTS,
-            )?,
+            grant_update: prep(GRANT_UPDATE.into(), &grant_update_arguments)?,
+            grant_insert: prep(GRANT_INSERT.into(), &GRANT_ARGUMENTS)?,
+            grant_update_kept: history
+                .then(|| {
+                    let mut arguments = grant_update_arguments.clone();
+                    arguments.push(INTERVALOID);
+                    prep(keeping_history(GRANT_UPDATE, "$8", "$9"), &arguments)
+                })
+                .transpose()?,
+            grant_insert_kept: history
+                .then(|| {
+                    let mut arguments = GRANT_ARGUMENTS.to_vec();
+                    arguments.push(INTERVALOID);
+                    prep(keeping_history(GRANT_INSERT, "NULL::bigint", "$8"), &arguments)
+                })
+                .transpose()?,
             extend: prep(
                 format!(
                     "UPDATE fence.leases AS l SET ttl = $2, expires_at = pg_catalog.clock_timestamp() + $2 \
@@ -145,28 +187,38 @@ impl Plans {
                 &[TEXTOID, TEXTOID],
             )?,
             token_of: prep("SELECT l.token FROM fence.leases AS l WHERE l.lock_key = $1".into(), &[TEXTOID])?,
+            history,
         })
     }
 }
 
 thread_local! {
-    static PLANS: OnceCell<Plans> = const { OnceCell::new() };
+    static PLANS: RefCell<Option<Rc<Plans>>> = const { RefCell::new(None) };
 }
 
 /// Run `work` inside one SPI connection with the backend's prepared statements.
+/// Planned in a database still on the 0.1.0 schema (the library upgraded,
+/// `ALTER EXTENSION pg_fence UPDATE` not yet run), the grants keep no term
+/// history, which that schema has no table for; they are planned again once
+/// the table is there, so no grant after the upgrade goes unrecorded.
 pub fn with_spi<R>(
     work: impl FnOnce(&mut SpiClient<'_>, &Plans) -> Result<R, Failure>,
 ) -> Result<R, Failure> {
     Spi::connect_mut(|client| {
-        PLANS.with(|cell| {
-            let plans = match cell.get() {
-                Some(plans) => plans,
-                None => {
-                    let plans = Plans::prepare(client)?;
-                    cell.get_or_init(|| plans)
-                }
-            };
-            work(client, plans)
-        })
+        let kept = PLANS.with(|cell| {
+            cell.borrow()
+                .as_ref()
+                .filter(|plans| plans.history || catalog::history_keys().is_none())
+                .cloned()
+        });
+        let plans = match kept {
+            Some(plans) => plans,
+            None => {
+                let plans = Rc::new(Plans::prepare(client)?);
+                PLANS.with(|cell| *cell.borrow_mut() = Some(plans.clone()));
+                plans
+            }
+        };
+        work(client, &plans)
     })
 }

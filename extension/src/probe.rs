@@ -151,6 +151,63 @@ pub fn lease_row(
     }
 }
 
+/// The keep of a key whose term history is kept (history.rs), read with
+/// the latest snapshot through `fence.history_keys_pkey` (one index probe,
+/// like [`lease_row`]): a grant asks it under the key's exclusive lock,
+/// and a registration holds that lock in share mode until it commits, so
+/// a grant never misses one that committed before it, whatever its
+/// isolation level. None for a key not kept (and in a database still on
+/// the 0.1.0 schema).
+pub fn history_keep(key: &str) -> Result<Option<pgrx::datum::Interval>, Failure> {
+    let internal = |what: &str| FenceError::internal(format!("reading fence.history_keys: {what}"));
+    let Some((table_oid, index_oid)) = catalog::history_keys_and_index() else {
+        return Ok(None);
+    };
+    let key_datum = key.into_datum().ok_or_else(|| internal("NULL key"))?;
+    // SAFETY: as in lease_row: relations opened and closed here under
+    // AccessShareLock (kept until the transaction ends), the snapshot
+    // registered and unregistered here, the slot and scan created and
+    // dropped here, the attribute number checked against the descriptor.
+    unsafe {
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let table = pg_sys::table_open(table_oid, lock);
+        let index = pg_sys::index_open(index_oid, lock);
+        let keep_at = pg_sys::SPI_fnumber((*table).rd_att, c"keep".as_ptr());
+        if keep_at <= 0 {
+            pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+            pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
+            return fail(internal("the keep column is missing"));
+        }
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let mut scan_key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut scan_key,
+            1,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::Oid::from(pg_sys::F_TEXTEQ),
+            key_datum,
+        );
+        let scan = pg_sys::index_beginscan(table, index, snapshot, 1, 0);
+        pg_sys::index_rescan(scan, &mut scan_key, 1, std::ptr::null_mut(), 0);
+        let slot = pg_sys::table_slot_create(table, std::ptr::null_mut());
+        let mut keep = None;
+        if pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+            pg_sys::slot_getsomeattrs_int(slot, keep_at);
+            let i = (keep_at - 1) as usize;
+            if !*(*slot).tts_isnull.add(i) {
+                // Copied out of the slot before it is dropped.
+                keep = pgrx::datum::Interval::from_datum(*(*slot).tts_values.add(i), false);
+            }
+        }
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::index_endscan(scan);
+        pg_sys::UnregisterSnapshot(snapshot);
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::table_close(table, pg_sys::NoLock as pg_sys::LOCKMODE);
+        Ok(keep)
+    }
+}
+
 /// A key's shared leases, as committed now.
 #[derive(Debug, Clone, Default)]
 pub struct SharedRows {

@@ -47,6 +47,32 @@ pub fn max_ttl_seconds() -> i32 {
     MAX_TTL.get()
 }
 
+/// `fence.sweep_interval`: seconds between two runs of the background
+/// sweep (preload mode; 0, the default, runs none).
+static SWEEP_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// `fence.sweep_idle_for`: the background sweep's `idle_for`.
+static SWEEP_IDLE_FOR: GucSetting<i32> = GucSetting::<i32>::new(7 * 86_400);
+
+/// `fence.sweep_database`: the database the background sweep works in.
+static SWEEP_DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+
+pub fn sweep_interval_seconds() -> i32 {
+    SWEEP_INTERVAL.get()
+}
+
+pub fn sweep_idle_for_seconds() -> i32 {
+    SWEEP_IDLE_FOR.get()
+}
+
+pub fn sweep_database() -> String {
+    SWEEP_DATABASE
+        .get()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "postgres".to_owned())
+}
+
 pub fn register() {
     GucRegistry::define_int_guc(
         c"fence.max_ttl",
@@ -64,6 +90,40 @@ pub fn register() {
         c"Set it with SET LOCAL in the writing transaction; used when the table has no token column, and always for DELETE. A value set in an earlier transaction is ignored.",
         &TOKEN,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+}
+
+/// The background sweep's settings (sweep.rs): preload mode only, where
+/// the worker runs (`fence.sweep_database` can only be set at server
+/// start, so it can only be defined while preloading).
+pub fn register_sweep() {
+    GucRegistry::define_int_guc(
+        c"fence.sweep_interval",
+        c"Seconds between two runs of pg_fence's background sweep (0: none).",
+        c"Preload mode only: a background worker runs fence.sweep(fence.sweep_idle_for) in fence.sweep_database on this interval.",
+        &SWEEP_INTERVAL,
+        0,
+        i32::MAX / 1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"fence.sweep_idle_for",
+        c"How long a key's lease must have ended before the background sweep deletes its row.",
+        c"The idle_for the background worker passes to fence.sweep().",
+        &SWEEP_IDLE_FOR,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_string_guc(
+        c"fence.sweep_database",
+        c"The database pg_fence's background sweep works in.",
+        c"One database per server, as pg_cron's cron.database_name; sweep others with fence.sweep() from a scheduler.",
+        &SWEEP_DATABASE,
+        GucContext::Postmaster,
         GucFlags::default(),
     );
 }

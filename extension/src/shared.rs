@@ -296,9 +296,10 @@ fn attempt_as_holder(
         }
         let token = issue_token()?;
         let now = acquire::clock_after_token()?;
-        let outcome = acquire::grant_as(
+        let outcome = acquire::grant_with(
             client,
             &plans.grant,
+            None,
             key,
             request.holder,
             token,

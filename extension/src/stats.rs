@@ -301,6 +301,13 @@ pub fn release(key: &str, held_micros: Option<u64>) {
     }
 }
 
+/// A lease that had ended by expiry after being held this long, deleted
+/// by `fence.sweep` before any grant replaced it (which would have counted
+/// it): counted once the sweep commits.
+pub fn expired(key: &str, held_micros: u64) {
+    at_commit(key, 1, held_micros);
+}
+
 /// A `lock_force_release` that ended a lease held this long.
 pub fn forced(key: &str, held_micros: u64) {
     count(key, |row| row.add(Counter::Forced, 1));

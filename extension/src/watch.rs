@@ -35,7 +35,7 @@ use crate::wait;
 /// missed wake-up.
 pub const WATCH_RECHECK_MS: i64 = 1000;
 
-fn now_micros() -> i64 {
+pub fn now_micros() -> i64 {
     // SAFETY: a plain read of the backend's clock, no preconditions.
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
@@ -113,10 +113,10 @@ pub fn watch(
 }
 
 /// This session counted among the watchers (preload mode) while it lives.
-struct Counted(bool);
+pub struct Counted(bool);
 
 impl Counted {
-    fn enter() -> Counted {
+    pub fn enter() -> Counted {
         Counted(crate::shmem::segment().is_some_and(|segment| {
             segment.header().watchers.fetch_add(1, Ordering::SeqCst);
             true

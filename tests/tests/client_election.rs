@@ -8,19 +8,22 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pg_fence_client::{Backend, Election, LeaseOptions, LossReason};
+use pg_fence_client::{Backend, Election, Error, Lease, LeaseOptions, LossReason};
 use pg_fence_tests::*;
 
 /// Observe `election` until it has seen `terms` leaders and then nobody;
-/// the changes, in order.
-fn observing<B: Backend>(
+/// the changes, in order. The first answer (nobody leads yet) is taken
+/// before this returns.
+async fn observing<B: Backend>(
     backend: &B,
     election: &Election,
     terms: usize,
 ) -> tokio::task::JoinHandle<Vec<Option<(i64, String)>>> {
     let mut observer = election.observe(backend);
+    let first = observer.next().await.unwrap();
+    assert_eq!(first, None, "nobody leads yet");
     tokio::spawn(async move {
-        let mut seen = Vec::new();
+        let mut seen = vec![None];
         loop {
             let now = observer
                 .next()
@@ -38,11 +41,16 @@ fn observing<B: Backend>(
     })
 }
 
-/// The leaders' terms must only increase, each seen once, with no two
-/// answers in a row the same.
+/// The leaders' terms must only increase, each seen once, and the answers
+/// alternate: nobody, a leader, nobody, a leader, ... (every change,
+/// "no leader" included).
 fn terms_of(seen: &[Option<(i64, String)>]) -> Vec<i64> {
-    for pair in seen.windows(2) {
-        assert_ne!(pair[0], pair[1], "an answer repeated: {seen:?}");
+    for (at, answer) in seen.iter().enumerate() {
+        assert_eq!(
+            answer.is_some(),
+            at % 2 == 1,
+            "not alternating at {at}: {seen:?}"
+        );
     }
     let terms: Vec<i64> = seen.iter().flatten().map(|(token, _)| *token).collect();
     assert!(
@@ -59,7 +67,7 @@ async fn candidates_take_turns_and_an_observer_sees_each_term<B: Backend>(
 ) {
     let election = Election::new(unique_key("election"));
     assert_eq!(election.leader(&backend).await.unwrap(), None);
-    let observer = observing(&backend, &election, 6);
+    let observer = observing(&backend, &election, 6).await;
     let leading = Arc::new(AtomicUsize::new(0));
     let granted = Arc::new(Mutex::new(Vec::new()));
     let mut candidates = Vec::new();
@@ -81,7 +89,7 @@ async fn candidates_take_turns_and_an_observer_sees_each_term<B: Backend>(
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 leading.fetch_sub(1, Ordering::SeqCst);
                 assert!(leader.release().await.unwrap(), "resigned");
-                // Step back a moment, so the others' turns are observable.
+                // Step back a moment, so the others get turns.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }));
@@ -106,7 +114,7 @@ async fn a_paused_leader_is_succeeded_and_a_forced_one_is_told<B: Backend>(
 ) {
     let db = connect().await;
     let election = Election::new(unique_key("election-pause"));
-    let observer = observing(&backend, &election, 3);
+    let observer = observing(&backend, &election, 3).await;
     // A leader that stops renewing (a paused process): a bare grant.
     let paused = acquire(&db, election.key(), "600 milliseconds", Some("paused"), "0")
         .await
@@ -118,10 +126,9 @@ async fn a_paused_leader_is_succeeded_and_a_forced_one_is_told<B: Backend>(
     let next = election.campaign(&backend, &options).await.unwrap();
     assert!(next.token() > paused);
     let lost = next.lost();
-    // It leads a while (a term that begins and ends between two looks of
-    // the observer is not seen); then an admin forces it out: the leader
-    // is told, and a third takes over.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // It leads a while; then an admin forces it out: the leader is told,
+    // and a third takes over.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let forced: bool = db
         .query_one("SELECT fence.lock_force_release($1)", &[&election.key()])
         .await
@@ -138,18 +145,87 @@ async fn a_paused_leader_is_succeeded_and_a_forced_one_is_told<B: Backend>(
         .unwrap();
     let terms = vec![paused, next.token(), third.token()];
     drop(next);
-    // A term long enough to be seen (one that begins and ends between two
-    // looks of the observer is not).
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(third.release().await.unwrap());
     let seen = tokio::time::timeout(Duration::from_secs(10), observer)
         .await
         .expect("the observer saw the end")
         .unwrap();
-    // The three leaders, in order, and then nobody. (Whether the moment
-    // between one leader and the next shows as "no leader" depends on how
-    // long the key stayed free: a hand-off at expiry can be quicker than
-    // the observer's next look.)
+    // The three leaders, in order, each followed by nobody.
     assert_eq!(terms_of(&seen), terms, "{seen:?}");
     assert_eq!(seen.last(), Some(&None));
+}
+
+through_both_backends!(an_observer_slower_than_the_terms_still_sees_every_one);
+async fn an_observer_slower_than_the_terms_still_sees_every_one<B: Backend>(
+    backend: B,
+    _app: String,
+) {
+    let election = Election::new(unique_key("election-slow-observer"));
+    let mut observer = election.observe(&backend);
+    assert_eq!(observer.next().await.unwrap(), None, "nobody leads yet");
+    // Three candidates lead in turns with no pause at all: many terms begin
+    // and end between two looks of an observer that takes 100 ms over each
+    // answer.
+    let mut candidates = Vec::new();
+    for name in ["alpha", "beta", "gamma"] {
+        let (backend, election) = (backend.clone(), election.clone());
+        candidates.push(tokio::spawn(async move {
+            let options = LeaseOptions::new(Duration::from_secs(5)).holder(unique_key(name));
+            let mut granted = Vec::new();
+            for _ in 0..5 {
+                let leader = election.campaign(&backend, &options).await.unwrap();
+                granted.push(leader.token());
+                assert!(leader.release().await.unwrap());
+            }
+            granted
+        }));
+    }
+    let mut seen = vec![None];
+    let mut leaders = 0;
+    while leaders < 15 || seen.last() != Some(&None) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let answer = tokio::time::timeout(Duration::from_secs(10), observer.next())
+            .await
+            .expect("an answer")
+            .unwrap()
+            .map(|term| (term.token, term.holder));
+        leaders += usize::from(answer.is_some());
+        seen.push(answer);
+    }
+    let mut granted = Vec::new();
+    for candidate in candidates {
+        granted.extend(candidate.await.unwrap());
+    }
+    granted.sort();
+    assert_eq!(terms_of(&seen), granted, "every term, in order: {seen:?}");
+}
+
+through_both_backends!(an_observer_behind_the_kept_history_says_it_lagged);
+async fn an_observer_behind_the_kept_history_says_it_lagged<B: Backend>(backend: B, _app: String) {
+    let election = Election::new(unique_key("election-lag"));
+    let mut observer = election.observe(&backend).keep(Duration::from_millis(50));
+    assert_eq!(observer.next().await.unwrap(), None);
+    let options = LeaseOptions::new(Duration::from_secs(5));
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let lease = Lease::acquire(&backend, election.key(), &options, Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        tokens.push(lease.token());
+        assert!(lease.release().await.unwrap());
+        // Longer than the keep: each grant drops the terms before it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    match observer.next().await {
+        Err(Error::Lagged { after, resumed, .. }) => {
+            assert_eq!(after, None);
+            assert_eq!(resumed, tokens[2]);
+        }
+        other => panic!("expected Lagged, got {other:?}"),
+    }
+    // Then it goes on from the oldest kept term.
+    let term = observer.next().await.unwrap().expect("the kept term");
+    assert_eq!(term.token, tokens[2]);
+    assert_eq!(observer.next().await.unwrap(), None, "released");
 }

@@ -69,3 +69,8 @@ fn the_readme_python_excerpt_is_the_examples_output() {
     let end = start + readme[start..].find("```").expect("the end of the block");
     assert_eq!(trimmed(&readme[start..end]), trimmed(&output));
 }
+
+#[test]
+fn the_readme_term_history_excerpt_is_the_goldens_output() {
+    excerpt_is_the_goldens_output("history.out");
+}

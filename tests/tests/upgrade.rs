@@ -140,6 +140,28 @@ async fn an_upgrade_from_0_1_keeps_leases_records_and_fences_and_matches_a_fresh
         .unwrap()
         .get(0);
     assert!(!claimed);
+    // Alice's session planned its grants under 0.1.0's schema, which keeps
+    // no term history; once the upgrade brings the history, her grants
+    // keep it.
+    db.batch_execute("SELECT fence.lock_keep_history('history:1')")
+        .await
+        .unwrap();
+    let term: i64 = alice
+        .query_one(
+            "SELECT (fence.lock_acquire('history:1', '1 minute', 'alice-2')).token",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let kept: Vec<i64> = alice
+        .query("SELECT token FROM fence.lock_history('history:1')", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(kept, vec![term], "a grant planned before the upgrade");
 
     // The fences hold, by 0.2's rules.
     let (state, _) =

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use deadpool_postgres::Pool;
 use tokio_postgres::types::{ToSql, Type};
 
-use super::{grant, millis, unix_seconds, watched, Backend, Grant};
+use super::{grant, millis, terms, unix_seconds, watched, Backend, Grant};
 use crate::{sql, Error};
 
 impl Backend for Pool {
@@ -133,6 +133,41 @@ impl Backend for Pool {
             get(&row, 2)?,
             get(&row, 3)?,
         ))
+    }
+
+    async fn keep_history(&self, key: &str, keep: Duration) -> Result<Option<i64>, Error> {
+        let row = query(
+            self,
+            sql::KEEP_HISTORY,
+            &[(&key, Type::TEXT), (&millis(keep), Type::FLOAT8)],
+        )
+        .await?;
+        get(&row, 0)
+    }
+
+    async fn history(
+        &self,
+        key: &str,
+        after: Option<i64>,
+        wait: Duration,
+    ) -> Result<Vec<crate::Term>, Error> {
+        let row = query_waiting(
+            self,
+            sql::HISTORY,
+            &[
+                (&key, Type::TEXT),
+                (&after, Type::INT8),
+                (&millis(wait), Type::FLOAT8),
+            ],
+        )
+        .await?;
+        terms(
+            key,
+            get(&row, 0)?,
+            get(&row, 1)?,
+            get(&row, 2)?,
+            get(&row, 3)?,
+        )
     }
 
     async fn renew(

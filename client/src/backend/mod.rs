@@ -127,6 +127,27 @@ pub trait Backend: Clone + Send + Sync + 'static {
         let _ = (key, known, wait);
         std::future::ready(Err(unsupported("watch")))
     }
+    /// `fence.lock_keep_history`: keep the key's terms for `keep` (zero:
+    /// stop); the key's latest token, from which the history is complete.
+    fn keep_history(
+        &self,
+        key: &str,
+        keep: Duration,
+    ) -> impl Future<Output = Result<Option<i64>, Error>> + Send {
+        let _ = (key, keep);
+        std::future::ready(Err(unsupported("keep_history")))
+    }
+    /// `fence.lock_history`: the key's kept terms after token `after`
+    /// (`None`: all), oldest first, waiting up to `wait` for one.
+    fn history(
+        &self,
+        key: &str,
+        after: Option<i64>,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Vec<crate::Term>, Error>> + Send {
+        let _ = (key, after, wait);
+        std::future::ready(Err(unsupported("history")))
+    }
     /// `fence.lock_renew`: the new expiry (server clock), `None` when the
     /// lease is no longer live.
     fn renew(
@@ -159,6 +180,42 @@ pub(crate) fn watched(
         acquired_at: unix_seconds(acquired_at?),
         expires_at: unix_seconds(expires_at?),
     })
+}
+
+/// A history's row (four arrays in token order, NULLs when empty) as
+/// terms.
+pub(crate) fn terms(
+    key: &str,
+    tokens: Option<Vec<i64>>,
+    previous: Option<Vec<Option<i64>>>,
+    holders: Option<Vec<String>>,
+    acquired_at: Option<Vec<f64>>,
+) -> Result<Vec<crate::Term>, Error> {
+    let tokens = tokens.unwrap_or_default();
+    let (previous, holders, acquired_at) = (
+        previous.unwrap_or_default(),
+        holders.unwrap_or_default(),
+        acquired_at.unwrap_or_default(),
+    );
+    if [previous.len(), holders.len(), acquired_at.len()] != [tokens.len(); 3] {
+        return Err(Error::Decode(
+            "a history row with arrays of different lengths".into(),
+        ));
+    }
+    Ok(tokens
+        .into_iter()
+        .zip(previous)
+        .zip(holders.into_iter().zip(acquired_at))
+        .map(
+            |((token, previous_token), (holder, acquired_at))| crate::Term {
+                key: key.to_owned(),
+                holder,
+                token,
+                previous_token,
+                acquired_at: unix_seconds(acquired_at),
+            },
+        )
+        .collect())
 }
 
 pub(crate) fn millis(duration: Duration) -> f64 {

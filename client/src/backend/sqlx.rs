@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use sqlx::postgres::PgRow;
 use sqlx::{Executor, PgConnection, PgPool, Row};
 
-use super::{grant, millis, unix_seconds, watched, Backend, Grant};
+use super::{grant, millis, terms, unix_seconds, watched, Backend, Grant};
 use crate::literal::{inline, Literal::*};
 use crate::{sql, Error};
 
@@ -125,6 +125,31 @@ impl Backend for PgPool {
             column(&row, 2)?,
             column(&row, 3)?,
         ))
+    }
+
+    async fn keep_history(&self, key: &str, keep: Duration) -> Result<Option<i64>, Error> {
+        let text = inline(sql::KEEP_HISTORY, &[Text(key), Float8(millis(keep))])?;
+        column(&fetch(self, text).await?, 0)
+    }
+
+    async fn history(
+        &self,
+        key: &str,
+        after: Option<i64>,
+        wait: Duration,
+    ) -> Result<Vec<crate::Term>, Error> {
+        let text = inline(
+            sql::HISTORY,
+            &[Text(key), OptionalInt8(after), Float8(millis(wait))],
+        )?;
+        let row = fetch_waiting(self, text).await?;
+        terms(
+            key,
+            column(&row, 0)?,
+            column(&row, 1)?,
+            column(&row, 2)?,
+            column(&row, 3)?,
+        )
     }
 
     async fn renew(

@@ -1,0 +1,161 @@
+//! `fence.sweep(idle_for)` (issue 15): a bounded lease table for workloads
+//! with ever-new keys (`invoice:<id>`), which otherwise grow `fence.leases`
+//! by a row per key for ever; and, in preload mode, a background worker
+//! that runs it on an interval (`fence.sweep_interval`).
+//!
+//! What goes: the row of a key whose lease ended (released, forced or
+//! expired) more than `idle_for` ago, and a shared lease that expired more
+//! than `idle_for` ago (released ones are deleted at release). What stays:
+//! anything live, a key whose term history is kept (history.rs: the next
+//! term would name no predecessor), and a row some transaction has locked
+//! (a grant in flight, a prepared transaction): skipped, not waited for.
+//!
+//! Why it is safe:
+//! - G1: tokens come from `fence.token_seq`, never from the rows, so a
+//!   swept key's next lease still gets a token above every earlier one.
+//!   `current_token` of a swept key is NULL again (as DESIGN.md says).
+//! - G2/G3: only rows that are not live go, and each is locked (`FOR
+//!   UPDATE SKIP LOCKED`, which rechecks the condition on the newest
+//!   version) before it is deleted. The one change a row that is not live
+//!   can see is a new grant, which either holds the row (the sweep skips
+//!   it) or updates it after the delete committed and matches nothing, and
+//!   then inserts the key anew (the acquire loop's `Again`). A fenced write
+//!   under a swept key finds no lease, as it found no live one before.
+
+use pgrx::datum::Interval;
+use pgrx::spi::Spi;
+
+use crate::args::{interval_micros, required};
+use crate::errors::{fail, Failure, FenceError};
+use crate::roles::{caller_role, is_fence_admin, role_name};
+
+/// `fence.sweep(idle_for)`: how many rows went.
+pub fn sweep(idle_for: Option<Interval>) -> Result<i64, Failure> {
+    const F: &str = "sweep";
+    let role = caller_role();
+    if !is_fence_admin(role) {
+        return fail(FenceError::NeedsFenceAdmin {
+            function: F,
+            role: role_name(role),
+        });
+    }
+    let idle_for = required(F, "idle_for", idle_for)?;
+    if interval_micros(&idle_for) < 0 {
+        return fail(FenceError::InvalidArgument {
+            function: F,
+            argument: "idle_for",
+            problem: "must not be negative".into(),
+        });
+    }
+    Spi::connect_mut(|client| {
+        // A lease that ended by expiry is counted as one (statistics) when
+        // the grant that replaces it sees it; a swept one, here.
+        let gone = client.update(
+            "WITH idle AS ( \
+               SELECT l.ctid FROM fence.leases AS l \
+                WHERE COALESCE(l.released_at, l.expires_at) \
+                      < pg_catalog.clock_timestamp() - $1 \
+                  AND NOT EXISTS (SELECT FROM fence.history_keys AS h \
+                                   WHERE h.lock_key = l.lock_key) \
+                  FOR UPDATE OF l SKIP LOCKED) \
+             DELETE FROM fence.leases AS l USING idle WHERE l.ctid = idle.ctid \
+             RETURNING l.lock_key, CASE WHEN l.released_at IS NULL THEN \
+                 (pg_catalog.date_part('epoch', l.expires_at - l.acquired_at) * 1000000)::bigint END",
+            None,
+            &[idle_for.into()],
+        )?;
+        let leases = gone.len() as i64;
+        for row in gone {
+            if let (Some(key), Some(held)) = (row.get::<String>(1)?, row.get::<i64>(2)?) {
+                crate::stats::expired(&key, held.max(0) as u64);
+            }
+        }
+        let shared = client
+            .update(
+                "WITH idle AS ( \
+                   SELECT s.ctid FROM fence.shared_leases AS s \
+                    WHERE s.expires_at < pg_catalog.clock_timestamp() - $1 \
+                      FOR UPDATE OF s SKIP LOCKED), \
+                 gone AS (DELETE FROM fence.shared_leases AS s USING idle \
+                           WHERE s.ctid = idle.ctid RETURNING 1) \
+                 SELECT pg_catalog.count(*) FROM gone",
+                None,
+                &[idle_for.into()],
+            )?
+            .first()
+            .get::<i64>(1)?
+            .unwrap_or(0);
+        Ok(leases + shared)
+    })
+}
+
+/// Register the background sweeper (preload mode, from `_PG_init`). It
+/// always runs, idle while `fence.sweep_interval` is 0, so a reload turns
+/// the sweep on or off without a restart.
+pub fn register_worker() {
+    use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
+    BackgroundWorkerBuilder::new("pg_fence sweeper")
+        .set_type("pg_fence sweeper")
+        .set_library("pg_fence")
+        .set_function("pg_fence_sweeper_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(std::time::Duration::from_secs(10)))
+        .load();
+}
+
+/// The sweeper: every `fence.sweep_interval` seconds, one transaction
+/// running `fence.sweep(fence.sweep_idle_for)` in `fence.sweep_database`,
+/// if pg_fence 0.2 is installed there. An error ends the transaction and
+/// the worker (logged), and the postmaster starts it again 10 s later; a
+/// standby never starts it (it starts when recovery has finished).
+#[pgrx::pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pg_fence_sweeper_main(_argument: pgrx::pg_sys::Datum) {
+    use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+    use std::time::{Duration, Instant};
+
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(Some(&crate::settings::sweep_database()), None);
+    let mut last = Instant::now();
+    loop {
+        let interval = crate::settings::sweep_interval_seconds().max(0) as u64;
+        let wait =
+            (interval > 0).then(|| Duration::from_secs(interval).saturating_sub(last.elapsed()));
+        if !BackgroundWorker::wait_latch(wait.map(|wait| wait.max(Duration::from_millis(1)))) {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: the documented way for a background worker to reload
+            // its configuration, outside any transaction.
+            unsafe { pgrx::pg_sys::ProcessConfigFile(pgrx::pg_sys::GucContext::PGC_SIGHUP) };
+            continue;
+        }
+        if interval == 0 || last.elapsed() < Duration::from_secs(interval) {
+            continue;
+        }
+        last = Instant::now();
+        let idle_for = i64::from(crate::settings::sweep_idle_for_seconds());
+        let swept =
+            BackgroundWorker::transaction(|| -> Result<Option<i64>, pgrx::spi::SpiError> {
+                let installed: Option<bool> = Spi::get_one(
+                    "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension \
+                 WHERE extname = 'pg_fence' AND extversion <> '0.1.0')",
+                )?;
+                if installed != Some(true) {
+                    return Ok(None);
+                }
+                Spi::get_one_with_args(
+                    "SELECT fence.sweep(pg_catalog.make_interval(secs => $1))",
+                    &[(idle_for as f64).into()],
+                )
+            });
+        match swept {
+            Ok(Some(rows)) if rows > 0 => {
+                pgrx::debug1!("pg_fence sweeper: {rows} idle lease rows swept")
+            }
+            Ok(_) => {}
+            Err(error) => pgrx::warning!("pg_fence sweeper: {error}"),
+        }
+    }
+}
