@@ -90,6 +90,8 @@ CREATE TABLE fence.history_keys (
     lock_key text COLLATE "C" NOT NULL,
     keep     interval NOT NULL,
     since    timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    -- The role that started keeping it: it (or fence_admin) may stop it.
+    owner_role regrole NOT NULL,
     CONSTRAINT history_keys_pkey PRIMARY KEY (lock_key)
 );
 COMMENT ON TABLE fence.history_keys IS

@@ -189,8 +189,16 @@ impl<B: Backend> Observer<B> {
             }
             State::Idle(after) => {
                 while self.pending.is_empty() {
-                    let terms = self.backend.history(&self.key, after, round).await?;
-                    self.pending.extend(terms);
+                    match self.backend.history(&self.key, after, round).await {
+                        Ok(terms) => self.pending.extend(terms),
+                        // Someone stopped keeping the history (55000): keep
+                        // it again; a term granted meanwhile shows as a gap
+                        // (Lagged) when the next kept term names it.
+                        Err(error) if error.sqlstate() == Some("55000") => {
+                            self.backend.keep_history(&self.key, self.keep).await?;
+                        }
+                        Err(error) => return Err(error),
+                    }
                 }
                 let next = self.pending.front().expect("not empty");
                 if next.previous_token != after && self.lag_reported != Some(next.token) {

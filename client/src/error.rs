@@ -115,10 +115,10 @@ pub enum Error {
     /// effect), unlike [`Error::Connection`].
     #[error("no pooled connection: {0}")]
     Pool(String),
-    /// An [`crate::Observer`] found that terms it never reported were no
-    /// longer kept (it looked less often than the history's keep, or the
-    /// key was swept or its history stopped): the terms after `after`, up to
-    /// `resumed`, are unknown. The observer goes on from term `resumed`.
+    /// An [`crate::Observer`] found that terms it never reported were not
+    /// kept (it looked less often than the history's keep, or the history
+    /// was stopped and kept again meanwhile): the terms after `after`, up
+    /// to `resumed`, are unknown. The observer goes on from term `resumed`.
     #[error("observer of {key} missed terms after {after:?}; it goes on from term {resumed}")]
     Lagged {
         /// The election's key.

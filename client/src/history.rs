@@ -17,20 +17,23 @@ pub struct Term {
     pub holder: String,
     /// Its fencing token: the term.
     pub token: i64,
-    /// The term before it on the key (`None`: the key had none, or was
-    /// swept since). A reader that knows term `t` missed nothing when the
-    /// next term it reads names `t` here.
+    /// The term before it on the key (`None`: the key had none, or it is
+    /// an [`crate::Observer`]'s first answer, read from the live lease). A
+    /// reader that knows term `t` missed nothing when the next term it
+    /// reads names `t` here.
     pub previous_token: Option<i64>,
     /// When it was granted (server clock).
     pub acquired_at: SystemTime,
 }
 
-/// Keep the terms of `key` for `keep` from now on (`Duration::ZERO`: stop
-/// keeping them, and drop the kept ones); the key's latest token (`None`:
-/// it never had a lease), from which the history is complete. Every
-/// exclusive grant of a kept key writes its term in the grant's own
-/// statement, and drops the key's terms older than `keep` (the newest
-/// always stays). Needs the primary (it writes).
+/// Keep the terms of `key` for at least `keep` from now on (a shorter
+/// `keep` than the key has leaves it; `Duration::ZERO`: stop keeping them
+/// and drop the kept ones, for the role that started keeping them or a
+/// member of fence_admin); the key's latest token (`None`: it never had a
+/// lease), from which the history is complete. Every exclusive grant of a
+/// kept key writes its term in the grant's own statement, and drops the
+/// key's terms older than `keep` (the newest always stays). Needs the
+/// primary (it writes).
 pub async fn keep_history<B: Backend>(
     backend: &B,
     key: &str,

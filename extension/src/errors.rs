@@ -63,6 +63,16 @@ pub enum FenceError {
     HistoryWaitNeedsReadCommitted { lock_key: String },
     /// `55000`: `lock_history` of a key whose terms are not kept.
     HistoryNotKept { lock_key: String },
+    /// `42501`: stopping the term history of a key another role registered,
+    /// outside fence_admin.
+    NotHistoryOwner {
+        lock_key: String,
+        owner: String,
+        caller: String,
+    },
+    /// `25000`: a call that must see what committed after its transaction
+    /// began (`fence.sweep`) under REPEATABLE READ or SERIALIZABLE.
+    NeedsReadCommitted { function: &'static str },
     /// `40001`: under REPEATABLE READ or SERIALIZABLE, the holder's own
     /// shared lease was granted after the transaction's snapshot, which
     /// cannot see it to extend it (G6).
@@ -163,6 +173,8 @@ impl FenceError {
             FenceError::WaitNeedsReadCommitted { .. } => "25000",
             FenceError::HistoryWaitNeedsReadCommitted { .. } => "25000",
             FenceError::HistoryNotKept { .. } => "55000",
+            FenceError::NotHistoryOwner { .. } => "42501",
+            FenceError::NeedsReadCommitted { .. } => "25000",
             FenceError::SharedLeaseNotInSnapshot { .. } => "40001",
             FenceError::StaleToken { .. } => "FN001",
             FenceError::TruncateRefused { .. } => "42501",
@@ -226,6 +238,16 @@ impl FenceError {
             FenceError::HistoryNotKept { lock_key } => {
                 format!("the terms of \"{lock_key}\" are not kept")
             }
+            FenceError::NotHistoryOwner {
+                lock_key,
+                owner,
+                caller,
+            } => format!(
+                "role \"{caller}\" may not stop the term history of \"{lock_key}\": role \"{owner}\" keeps it"
+            ),
+            FenceError::NeedsReadCommitted { function } => format!(
+                "{function} cannot run inside a REPEATABLE READ or SERIALIZABLE transaction"
+            ),
             FenceError::WaitNeedsReadCommitted { lock_key } => format!(
                 "lock_acquire on \"{lock_key}\" cannot wait inside a REPEATABLE READ or \
                  SERIALIZABLE transaction"
@@ -333,6 +355,12 @@ impl FenceError {
             FenceError::HistoryWaitNeedsReadCommitted { .. } => Some(
                 "Call it with wait => '0', or wait in a READ COMMITTED transaction: a fixed \
                  snapshot never sees a later term.",
+            ),
+            FenceError::NotHistoryOwner { .. } => Some(
+                "Only the role that started keeping a key's history, or a member of fence_admin, may stop it.",
+            ),
+            FenceError::NeedsReadCommitted { .. } => Some(
+                "Run it in a READ COMMITTED transaction (the default), or on its own.",
             ),
             FenceError::HistoryNotKept { .. } => Some(
                 "Keep them first: SELECT fence.lock_keep_history(lock_key, keep => '1 hour').",

@@ -29,6 +29,7 @@ use crate::args::{interval_micros, required};
 use crate::errors::{fail, Failure, FenceError};
 use crate::key::check_key;
 use crate::probe;
+use crate::roles::{caller_role, is_fence_admin, refuse_security_restricted, role_name};
 use crate::wait;
 use crate::watch::{self, Counted, WATCH_RECHECK_MS};
 
@@ -43,12 +44,15 @@ pub struct Term {
 }
 
 /// `fence.lock_keep_history(lock_key, keep)`: keep the key's terms for
-/// `keep` from now on (a key already kept gets the new `keep`); NULL or a
-/// `keep` of zero stops keeping them and drops the kept ones. Returns the
-/// key's latest token (NULL: it has none), from which the history is
-/// complete.
+/// `keep` from now on. Any role may start keeping a key's terms or lengthen
+/// the keep (a call with a shorter one leaves it as it is, so one observer
+/// never shortens another's history); NULL or a `keep` of zero stops
+/// keeping them and drops the kept ones, which only the role that started
+/// it or a member of fence_admin may do. Returns the key's latest token
+/// (NULL: it has none), from which the history is complete.
 pub fn keep(lock_key: Option<&str>, keep: Option<Interval>) -> Result<Option<i64>, Failure> {
     const F: &str = "lock_keep_history";
+    refuse_security_restricted(F)?;
     let key = check_key(F, lock_key)?;
     let keep_micros = keep.as_ref().map_or(0, interval_micros);
     if keep_micros < 0 {
@@ -58,11 +62,33 @@ pub fn keep(lock_key: Option<&str>, keep: Option<Interval>) -> Result<Option<i64
             problem: "must not be negative".into(),
         });
     }
-    // Until this transaction ends: no grant of the key is in flight while
-    // the registration is, so none can miss it (see the module's note).
+    // Until this transaction ends: no sweep runs while the registration is
+    // in flight (it could delete the key's row from a snapshot that does
+    // not see the registration), and no grant of the key is in flight
+    // (none can miss it; see the module's note).
+    crate::keylock::sweep_lock(false);
     crate::keylock::share(key);
+    let role = caller_role();
     Spi::connect_mut(|client| -> Result<(), Failure> {
         if keep_micros == 0 {
+            let owner = client
+                .update(
+                    "SELECT owner_role::oid FROM fence.history_keys WHERE lock_key = $1",
+                    Some(1),
+                    &[key.into()],
+                )?
+                .first()
+                .get::<pg_sys::Oid>(1)?;
+            let Some(owner) = owner else {
+                return Ok(());
+            };
+            if owner != role && !is_fence_admin(role) {
+                return fail(FenceError::NotHistoryOwner {
+                    lock_key: key.to_owned(),
+                    owner: role_name(owner),
+                    caller: role_name(role),
+                });
+            }
             client.update(
                 "DELETE FROM fence.history_keys WHERE lock_key = $1",
                 None,
@@ -75,10 +101,11 @@ pub fn keep(lock_key: Option<&str>, keep: Option<Interval>) -> Result<Option<i64
             )?;
         } else {
             client.update(
-                "INSERT INTO fence.history_keys AS h (lock_key, keep) VALUES ($1, $2) \
-                 ON CONFLICT (lock_key) DO UPDATE SET keep = EXCLUDED.keep",
+                "INSERT INTO fence.history_keys AS h (lock_key, keep, owner_role) \
+                 VALUES ($1, $2, $3::oid::regrole) \
+                 ON CONFLICT (lock_key) DO UPDATE SET keep = GREATEST(h.keep, EXCLUDED.keep)",
                 None,
-                &[key.into(), keep.into()],
+                &[key.into(), keep.into(), role.into()],
             )?;
         }
         Ok(())
@@ -114,22 +141,29 @@ pub fn history(
             lock_key: key.to_owned(),
         });
     }
+    // Statements of their own (`update`: a fresh snapshot in READ
+    // COMMITTED, which sees what committed while we waited).
+    let kept = || {
+        Spi::connect_mut(|client| -> Result<(), Failure> {
+            let kept = client.update(
+                "SELECT FROM fence.history_keys WHERE lock_key = $1",
+                Some(1),
+                &[key.into()],
+            )?;
+            if kept.is_empty() {
+                return fail(FenceError::HistoryNotKept {
+                    lock_key: key.to_owned(),
+                });
+            }
+            Ok(())
+        })
+    };
+    kept()?;
     if wait_micros > 0 {
         wait_for_term(key, after_token, wait_micros)?;
+        kept()?;
     }
-    // A statement of its own (`update`: a fresh snapshot in READ
-    // COMMITTED, which sees what committed while we waited).
     Spi::connect_mut(|client| {
-        let kept = client.update(
-            "SELECT FROM fence.history_keys WHERE lock_key = $1",
-            Some(1),
-            &[key.into()],
-        )?;
-        if kept.is_empty() {
-            return fail(FenceError::HistoryNotKept {
-                lock_key: key.to_owned(),
-            });
-        }
         let rows = client.update(
             "SELECT t.token, t.previous_token, t.holder, t.acquired_at FROM fence.terms AS t \
               WHERE t.lock_key = $1 AND ($2::bigint IS NULL OR t.token > $2) ORDER BY t.token",
@@ -150,10 +184,11 @@ pub fn history(
     })
 }
 
-/// Sleep until the key has been granted after `after_token` (its lease
-/// row's token is newer), or for `wait_micros`. Woken as a watcher is, by
-/// every grant's commit (wait.rs); a missed wake-up costs at most
-/// [`WATCH_RECHECK_MS`].
+/// Sleep until a term after `after_token` is kept, or for `wait_micros`.
+/// Woken as a watcher is, by every grant's commit (wait.rs); a missed
+/// wake-up costs at most [`WATCH_RECHECK_MS`]. A grant that kept no term
+/// (one before the history was kept again) does not end the wait: the
+/// next kept term, naming it as its previous one, shows the gap.
 fn wait_for_term(key: &str, after_token: Option<i64>, wait_micros: i128) -> Result<(), Failure> {
     let now = watch::now_micros;
     let deadline = now().saturating_add(i64::try_from(wait_micros).unwrap_or(i64::MAX));
@@ -163,20 +198,24 @@ fn wait_for_term(key: &str, after_token: Option<i64>, wait_micros: i128) -> Resu
         // Before the look: a grant that commits after it sets our latch.
         wait::reset_latch();
         wait::advertise(event);
-        // SAFETY: inside a transaction (every pg_extern is), outside any scan.
-        unsafe { pg_sys::CommandCounterIncrement() };
-        let latest = probe::lease_row(key, probe::Snapshot::Latest, false)?.map(|row| row.token);
-        // The probe may have waited, which clears our advertisement.
+        let kept_since = Spi::connect_mut(|client| -> Result<bool, Failure> {
+            Ok(client
+                .update(
+                    "SELECT EXISTS (SELECT FROM fence.terms AS t \
+                      WHERE t.lock_key = $1 AND ($2::bigint IS NULL OR t.token > $2))",
+                    None,
+                    &[key.into(), after_token.into()],
+                )?
+                .first()
+                .get::<bool>(1)?
+                .unwrap_or(false))
+        })?;
+        // The statement may have waited, which clears our advertisement.
         if !wait::advertising(event) {
             continue;
         }
-        let granted_since = match (latest, after_token) {
-            (Some(latest), Some(after)) => latest > after,
-            (Some(_), None) => true,
-            (None, _) => false,
-        };
         let at = now();
-        if granted_since || at >= deadline {
+        if kept_since || at >= deadline {
             break;
         }
         let until = deadline.min(at.saturating_add(WATCH_RECHECK_MS * 1000));

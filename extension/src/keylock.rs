@@ -64,6 +64,30 @@ fn holder_tag(lock_key: &str, holder: &str) -> pg_sys::LOCKTAG {
     tag
 }
 
+/// The database's sweep lock (`objsubid = 5`, no key): `fence.sweep`
+/// holds it exclusively and `lock_keep_history` in share mode, each until
+/// its transaction ends, so a registration never interleaves with a sweep
+/// (which could delete the row of a key that was just registered, from a
+/// snapshot that did not see the registration). Waits, cancellably.
+pub fn sweep_lock(exclusive: bool) {
+    let tag = pg_sys::LOCKTAG {
+        // SAFETY: as in tag().
+        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        locktag_field2: 0,
+        locktag_field3: 0,
+        locktag_field4: 5,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+    };
+    let mode = if exclusive {
+        pg_sys::ExclusiveLock
+    } else {
+        pg_sys::ShareLock
+    };
+    // SAFETY: as for share().
+    unsafe { pg_sys::LockAcquire(&tag, mode as i32, false, false) };
+}
+
 /// Try to take [`holder_tag`]'s lock until the end of the transaction:
 /// false if another request of the same holder holds it.
 pub fn try_holder(lock_key: &str, holder: &str) -> bool {

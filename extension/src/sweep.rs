@@ -27,11 +27,12 @@ use pgrx::spi::Spi;
 
 use crate::args::{interval_micros, required};
 use crate::errors::{fail, Failure, FenceError};
-use crate::roles::{caller_role, is_fence_admin, role_name};
+use crate::roles::{caller_role, is_fence_admin, refuse_security_restricted, role_name};
 
 /// `fence.sweep(idle_for)`: how many rows went.
 pub fn sweep(idle_for: Option<Interval>) -> Result<i64, Failure> {
     const F: &str = "sweep";
+    refuse_security_restricted(F)?;
     let role = caller_role();
     if !is_fence_admin(role) {
         return fail(FenceError::NeedsFenceAdmin {
@@ -47,6 +48,14 @@ pub fn sweep(idle_for: Option<Interval>) -> Result<i64, Failure> {
             problem: "must not be negative".into(),
         });
     }
+    // Its statements must see every registration that committed before
+    // they run, which a transaction snapshot would not.
+    if crate::acquire::uses_transaction_snapshot() {
+        return fail(FenceError::NeedsReadCommitted { function: F });
+    }
+    // Until this transaction ends: no registration of a key's history runs
+    // meanwhile (history.rs), so none can be missed by the check below.
+    crate::keylock::sweep_lock(true);
     Spi::connect_mut(|client| {
         // A lease that ended by expiry is counted as one (statistics) when
         // the grant that replaces it sees it; a swept one, here.
@@ -57,6 +66,9 @@ pub fn sweep(idle_for: Option<Interval>) -> Result<i64, Failure> {
                       < pg_catalog.clock_timestamp() - $1 \
                   AND NOT EXISTS (SELECT FROM fence.history_keys AS h \
                                    WHERE h.lock_key = l.lock_key) \
+                  AND NOT EXISTS (SELECT FROM fence.shared_leases AS s \
+                                   WHERE s.lock_key = l.lock_key \
+                                     AND s.expires_at > pg_catalog.clock_timestamp()) \
                   FOR UPDATE OF l SKIP LOCKED) \
              DELETE FROM fence.leases AS l USING idle WHERE l.ctid = idle.ctid \
              RETURNING l.lock_key, CASE WHEN l.released_at IS NULL THEN \
@@ -89,6 +101,14 @@ pub fn sweep(idle_for: Option<Interval>) -> Result<i64, Failure> {
     })
 }
 
+extern "C-unwind" {
+    /// PostgreSQL's SIGTERM handler for backends and background workers
+    /// (postgres.c), the C symbol itself: pgrx's `pg_sys::die` is a Rust
+    /// wrapper, which a signal handler must not be.
+    #[link_name = "die"]
+    fn postgres_die(postgres_signal_arg: std::ffi::c_int);
+}
+
 /// Register the background sweeper (preload mode, from `_PG_init`). It
 /// always runs, idle while `fence.sweep_interval` is 0, so a reload turns
 /// the sweep on or off without a restart.
@@ -106,33 +126,49 @@ pub fn register_worker() {
 
 /// The sweeper: every `fence.sweep_interval` seconds, one transaction
 /// running `fence.sweep(fence.sweep_idle_for)` in `fence.sweep_database`,
-/// if pg_fence 0.2 is installed there. An error ends the transaction and
-/// the worker (logged), and the postmaster starts it again 10 s later; a
-/// standby never starts it (it starts when recovery has finished).
+/// if pg_fence 0.2 is installed there. It connects to the database only
+/// once the interval is first set (a server that never sweeps holds no
+/// connection to it). An error ends the transaction and the worker
+/// (logged), and so does SIGTERM (`pg_terminate_backend`, or a sweep
+/// cancelled at shutdown: PostgreSQL's own handler, so a long sweep stops
+/// at once); the postmaster starts it again 10 s later. A standby never
+/// starts it (it starts when recovery has finished).
 #[pgrx::pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn pg_fence_sweeper_main(_argument: pgrx::pg_sys::Datum) {
     use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+    use pgrx::pg_sys;
     use std::time::{Duration, Instant};
 
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    BackgroundWorker::connect_worker_to_spi(Some(&crate::settings::sweep_database()), None);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    // SAFETY: installs PostgreSQL's own SIGTERM handler (die: sets
+    // ProcDiePending and the latch), as its own background workers do;
+    // CHECK_FOR_INTERRUPTS then exits with status 1, so the worker is
+    // started again, and interrupts a sweep in progress.
+    unsafe { pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die)) };
+    let mut connected = false;
     let mut last = Instant::now();
     loop {
         let interval = crate::settings::sweep_interval_seconds().max(0) as u64;
         let wait =
             (interval > 0).then(|| Duration::from_secs(interval).saturating_sub(last.elapsed()));
         if !BackgroundWorker::wait_latch(wait.map(|wait| wait.max(Duration::from_millis(1)))) {
+            // The postmaster died.
             break;
         }
+        pg_sys::check_for_interrupts!();
         if BackgroundWorker::sighup_received() {
             // SAFETY: the documented way for a background worker to reload
             // its configuration, outside any transaction.
-            unsafe { pgrx::pg_sys::ProcessConfigFile(pgrx::pg_sys::GucContext::PGC_SIGHUP) };
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             continue;
         }
         if interval == 0 || last.elapsed() < Duration::from_secs(interval) {
             continue;
+        }
+        if !connected {
+            BackgroundWorker::connect_worker_to_spi(Some(&crate::settings::sweep_database()), None);
+            connected = true;
         }
         last = Instant::now();
         let idle_for = i64::from(crate::settings::sweep_idle_for_seconds());
@@ -158,4 +194,7 @@ pub extern "C-unwind" fn pg_fence_sweeper_main(_argument: pgrx::pg_sys::Datum) {
             Err(error) => pgrx::warning!("pg_fence sweeper: {error}"),
         }
     }
+    // SAFETY: ends this worker process; status 1 lets the postmaster
+    // start it again (0 would unregister it for good).
+    unsafe { pg_sys::proc_exit(1) };
 }

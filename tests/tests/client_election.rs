@@ -229,3 +229,64 @@ async fn an_observer_behind_the_kept_history_says_it_lagged<B: Backend>(backend:
     assert_eq!(term.token, tokens[2]);
     assert_eq!(observer.next().await.unwrap(), None, "released");
 }
+
+through_both_backends!(
+    an_observer_whose_history_was_stopped_keeps_it_again_and_says_what_it_missed
+);
+async fn an_observer_whose_history_was_stopped_keeps_it_again_and_says_what_it_missed<
+    B: Backend,
+>(
+    backend: B,
+    _app: String,
+) {
+    let db = connect().await;
+    let election = Election::new(unique_key("election-stopped"));
+    let mut observer = election.observe(&backend);
+    assert_eq!(observer.next().await.unwrap(), None);
+    // Someone stops the history; a term comes and goes unkept.
+    db.execute(
+        "SELECT fence.lock_keep_history($1, NULL)",
+        &[&election.key()],
+    )
+    .await
+    .unwrap();
+    let unkept = acquire(&db, election.key(), "1 minute", Some("unkept"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(release(&db, election.key(), unkept).await.unwrap());
+    let next = {
+        let election = election.clone();
+        let db = connect().await;
+        tokio::spawn(async move {
+            // Once the observer has kept the history again.
+            for _ in 0..100 {
+                let kept: i64 = db
+                    .query_one(
+                        "SELECT count(*) FROM fence.history_keys WHERE lock_key = $1",
+                        &[&election.key()],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if kept == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            acquire(&db, election.key(), "1 minute", Some("kept"), "0")
+                .await
+                .unwrap()
+                .unwrap()
+        })
+    };
+    match observer.next().await {
+        Err(Error::Lagged { after, resumed, .. }) => {
+            assert_eq!(after, None);
+            assert_eq!(resumed, next.await.unwrap());
+        }
+        other => panic!("expected Lagged, got {other:?}"),
+    }
+    let term = observer.next().await.unwrap().expect("the kept term");
+    assert_eq!(term.previous_token, Some(unkept));
+}

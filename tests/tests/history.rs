@@ -355,3 +355,110 @@ async fn bad_inputs_get_their_sqlstates() {
     assert!(terms(&db, &key, None).await.is_empty());
     db.batch_execute("ROLLBACK").await.unwrap();
 }
+
+#[tokio::test]
+async fn only_the_registering_role_or_fence_admin_stops_a_history_and_keep_only_grows() {
+    let db = connect().await;
+    ensure_test_roles(&db).await;
+    let key = unique_key("history-owner");
+    let alice = connect_as("fence_test_alice").await;
+    let bob = connect_as("fence_test_bob").await;
+    let admin = connect_as("fence_test_admin").await;
+    let keep_of = |key: String| {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT keep::text FROM fence.history_keys WHERE lock_key = $1",
+                &[&key],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+        }
+    };
+    keep(&alice, &key, "1 hour").await;
+    // A shorter keep leaves it; a longer one lengthens it.
+    keep(&bob, &key, "1 minute").await;
+    assert_eq!(keep_of(key.clone()).await, "01:00:00");
+    keep(&bob, &key, "2 hours").await;
+    assert_eq!(keep_of(key.clone()).await, "02:00:00");
+    // Bob did not start it: he may not stop it; fence_admin may.
+    let (code, message) = expect_error(
+        &bob,
+        &format!("SELECT fence.lock_keep_history('{key}', NULL)"),
+    )
+    .await;
+    assert_eq!(code, "42501", "{message}");
+    assert!(message.contains("fence_test_alice"), "{message}");
+    keep(&admin, &key, "0").await;
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM fence.history_keys WHERE lock_key = '{key}'")
+        )
+        .await,
+        0
+    );
+    // Alice may stop her own.
+    keep(&alice, &key, "1 hour").await;
+    keep(&alice, &key, "0").await;
+}
+
+/// The history stopped and kept again between two terms: the grant in
+/// between kept no term. A reader after the term before it is not woken
+/// by that grant (an empty answer would make it look again at once, for
+/// ever); the next kept term ends its wait and names the unkept one, so
+/// the gap shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grant_that_kept_no_term_does_not_end_a_wait_and_shows_as_a_gap() {
+    let db = connect().await;
+    let key = unique_key("history-gap");
+    keep(&db, &key, "1 hour").await;
+    let t1 = acquire(&db, &key, "1 minute", Some("a"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(release(&db, &key, t1).await.unwrap());
+    keep(&db, &key, "0").await;
+    let t2 = acquire(&db, &key, "1 minute", Some("b"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(release(&db, &key, t2).await.unwrap());
+    assert_eq!(keep(&db, &key, "1 hour").await, Some(t2));
+    let started = Instant::now();
+    let rows = db
+        .query(
+            "SELECT token FROM fence.lock_history($1, $2, '300 milliseconds')",
+            &[&key, &t1],
+        )
+        .await
+        .unwrap();
+    assert!(rows.is_empty());
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "answered after {:?}: the unkept grant ended the wait",
+        started.elapsed()
+    );
+    let t3 = acquire(&db, &key, "1 minute", Some("c"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        terms(&db, &key, Some(t1)).await,
+        vec![(t3, Some(t2), "c".to_owned())],
+        "the next kept term names the unkept one"
+    );
+    // A key whose history is not kept is refused at once, not after the wait.
+    let started = Instant::now();
+    let (code, _) = expect_error(
+        &db,
+        &format!(
+            "SELECT * FROM fence.lock_history('{}', NULL, '5 seconds')",
+            unique_key("unkept")
+        ),
+    )
+    .await;
+    assert_eq!(code, "55000");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}

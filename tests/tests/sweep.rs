@@ -285,6 +285,103 @@ async fn system(db: &Client, statements: &[&str]) {
     }
 }
 
+/// A sweep and a registration of a key's history never interleave (the
+/// database's sweep lock): a registration waits for a sweep in flight and
+/// then finds the key swept (so its history starts from no token), and a
+/// sweep waits for a registration in flight and then leaves the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_registration_and_a_sweep_never_interleave() {
+    const DB: &str = "pg_fence_sweep_registration";
+    let db = fresh_database(DB).await;
+    db.batch_execute("CREATE EXTENSION pg_fence").await.unwrap();
+    let idle = |key: &'static str| {
+        let db = &db;
+        async move {
+            let token = acquire(db, key, "1 minute", None, "0")
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(release(db, key, token).await.unwrap());
+        }
+    };
+    idle("swept-first").await;
+    // A sweep in flight; the registration waits for it.
+    let sweeper = connect_to_database(port(), "postgres", DB).await;
+    sweeper
+        .batch_execute("BEGIN; SELECT fence.sweep('0')")
+        .await
+        .unwrap();
+    let registrar = connect_to_database(port(), "postgres", DB).await;
+    let pid = backend_pid(&registrar).await;
+    let registering = tokio::spawn(async move {
+        let latest: Option<i64> = registrar
+            .query_one("SELECT fence.lock_keep_history('swept-first')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (latest, registrar)
+    });
+    until_waiting(&db, pid).await;
+    sweeper.batch_execute("COMMIT").await.unwrap();
+    let (latest, registrar) = registering.await.unwrap();
+    assert_eq!(
+        latest, None,
+        "the key was swept: its history starts from none"
+    );
+    let next = acquire(&db, "swept-first", "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    let previous: Option<i64> = db
+        .query_one(
+            "SELECT previous_token FROM fence.lock_history('swept-first') WHERE token = $1",
+            &[&next],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(previous, latest, "and the chain from it holds");
+
+    // A registration in flight; the sweep waits for it, and leaves the key.
+    idle("kept-first").await;
+    registrar
+        .batch_execute("BEGIN; SELECT fence.lock_keep_history('kept-first')")
+        .await
+        .unwrap();
+    let pid = backend_pid(&sweeper).await;
+    let sweeping = tokio::spawn(async move { sweep(&sweeper, "0").await });
+    until_waiting(&db, pid).await;
+    registrar.batch_execute("COMMIT").await.unwrap();
+    sweeping.await.unwrap();
+    assert_eq!(
+        rows_of(&db, "kept-first").await,
+        1,
+        "a kept key is not swept"
+    );
+}
+
+#[tokio::test]
+async fn a_key_with_live_readers_keeps_its_row_and_a_fixed_snapshot_is_refused() {
+    let db = fresh_database("pg_fence_sweep_readers").await;
+    db.batch_execute("CREATE EXTENSION pg_fence").await.unwrap();
+    let token = acquire(&db, "read", "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(release(&db, "read", token).await.unwrap());
+    db.batch_execute("SELECT fence.lock_acquire_shared('read', '1 minute', 'reader')")
+        .await
+        .unwrap();
+    assert_eq!(sweep(&db, "0").await, 0, "a live reader is a live lease");
+    assert_eq!(current_token(&db, "read").await, Some(token));
+    db.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    let (code, message) = expect_error(&db, "SELECT fence.sweep('0')").await;
+    assert_eq!(code, "25000", "{message}");
+    db.batch_execute("ROLLBACK").await.unwrap();
+}
+
 const WORKER_PORT: u16 = 28825;
 const WORKER_BASE: &str = "pg_fence_sweeper";
 
@@ -298,15 +395,21 @@ async fn the_background_sweeper_runs_on_its_interval_and_a_reload_turns_it_off()
     side_cluster("stop", WORKER_BASE, WORKER_PORT);
     side_cluster("start", WORKER_BASE, WORKER_PORT);
     let db = connect_to(WORKER_PORT, "postgres").await;
-    let workers: i64 = db
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_fence sweeper'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(workers, 1, "the sweeper runs, idle");
+    let sweepers = |database: &'static str| {
+        let db = &db;
+        async move {
+            count(
+                db,
+                &format!(
+                    "SELECT count(*) FROM pg_stat_activity \
+                      WHERE backend_type = 'pg_fence sweeper' AND datname IS NOT DISTINCT FROM {database}"
+                ),
+            )
+            .await
+        }
+    };
+    // While off it holds no connection (so it is not in pg_stat_activity).
+    assert_eq!(sweepers("NULL").await + sweepers("'pg_fence'").await, 0);
     let idle = |key: &'static str| {
         let db = &db;
         async move {
@@ -343,6 +446,27 @@ async fn the_background_sweeper_runs_on_its_interval_and_a_reload_turns_it_off()
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(rows_of(&db, "live:1").await, 1, "a live lease stays");
+    assert_eq!(sweepers("'pg_fence'").await, 1, "connected once on");
+    // Terminated, it comes back (10 s later) and sweeps again.
+    let terminated: bool = db
+        .query_one(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+              WHERE backend_type = 'pg_fence sweeper'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(terminated);
+    idle("idle:3").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rows_of(&db, "idle:3").await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the terminated sweeper did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Off again: a new idle key stays.
     system(&db, &["ALTER SYSTEM SET fence.sweep_interval = 0"]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
