@@ -9,7 +9,7 @@ export PGFENCE_PORT
 PSQL         := psql -X -h 127.0.0.1 -p $(PGFENCE_PORT) -U postgres -d pg_fence
 CLUSTER      := scripts/cluster.sh
 
-.PHONY: setup install cluster demo stop psql test test-pgrx test-regress test-client test-integration test-pgbouncer lint bench clean
+.PHONY: setup install cluster demo stop psql test test-pgrx test-regress test-client test-integration test-pgbouncer test-patroni lint bench clean
 
 setup:
 	@scripts/setup.sh
@@ -41,7 +41,7 @@ psql:
 	@$(PSQL)
 
 ## test: set up, then every test tier (see README, "Tests").
-test: test-pgrx test-regress test-client test-integration test-pgbouncer lint
+test: test-pgrx test-regress test-client test-integration test-pgbouncer test-patroni lint
 	@echo "make test: all tiers passed"
 
 # Tier 1: #[pg_test] functions, inside a backend of a cluster cargo-pgrx manages.
@@ -97,6 +97,15 @@ test-pgbouncer: cluster
 			> target/python/leases-pgbouncer.out \
 		&& diff -u examples/python/leases.out target/python/leases-pgbouncer.out; \
 		status=$$?; scripts/pgbouncer.sh stop; exit $$status
+
+# Tier 6: a real Patroni cluster (scripts/patroni.sh: Debian's patroni and
+# etcd-server, two nodes, synchronous_mode): leases, guards and fenced
+# writes through a multi-host connection string while the leader is killed
+# with SIGKILL (tests/tests/patroni.rs, #[ignore]d in the other tiers).
+test-patroni: cluster
+	@scripts/patroni.sh start
+	@cargo test -p pg_fence_tests --test patroni -- --ignored --test-threads 1; \
+		status=$$?; scripts/patroni.sh stop; exit $$status
 
 lint:
 	cargo fmt --all -- --check

@@ -13,9 +13,12 @@ PG_MAJOR=15
 # prometheus-postgres-exporter: the exporter tier (tests/tests/exporter.rs)
 # runs the real one with monitoring/postgres_exporter_queries.yaml; pgbouncer:
 # the pooler tier (scripts/pgbouncer.sh, make test-pgbouncer); python3-psycopg:
-# the Python example (examples/python).
+# the Python example (examples/python); patroni, etcd-server (and python3-etcd,
+# which patroni's etcd3 store imports), curl: the Patroni tier
+# (scripts/patroni.sh, make test-patroni).
 APT_PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo pkg-config
-              prometheus-postgres-exporter pgbouncer python3-psycopg)
+              prometheus-postgres-exporter pgbouncer python3-psycopg
+              patroni python3-etcd etcd-server curl)
 # `scripts/setup.sh --bench` (make bench) also wants Redis, the other side of
 # one comparison, and gnuplot for the hot-key latency plot.
 if [ "${1:-}" = "--bench" ]; then
