@@ -16,7 +16,7 @@ use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
-use crate::args::{check_holder, exact_ttl, interval_micros, required};
+use crate::args::{check_holder, exact_ttl, non_negative, required};
 use crate::durability::issue_token;
 use crate::errors::{fail, Failure, FenceError};
 use crate::key::check_key;
@@ -148,15 +148,7 @@ pub fn run(
         ),
     };
     let ttl = exact_ttl(function, &required(function, "ttl", ttl)?)?;
-    let wait = required(function, "wait", wait)?;
-    let wait_micros = interval_micros(&wait);
-    if wait_micros < 0 {
-        return fail(FenceError::InvalidArgument {
-            function,
-            argument: "wait",
-            problem: "must not be negative".into(),
-        });
-    }
+    let wait_micros = non_negative(function, "wait", &required(function, "wait", wait)?)?;
     if wait_micros > 0 && uses_transaction_snapshot() {
         return fail(FenceError::WaitNeedsReadCommitted {
             lock_key: counted_as.to_owned(),

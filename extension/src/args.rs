@@ -29,6 +29,24 @@ pub fn interval_micros(interval: &Interval) -> i128 {
         + i128::from(interval.micros())
 }
 
+/// A duration argument that may be zero but not negative (a `wait`, a
+/// `keep`, an `idle_for`), in microseconds; `22023` otherwise.
+pub fn non_negative(
+    function: &'static str,
+    argument: &'static str,
+    interval: &Interval,
+) -> Result<i128, Failure> {
+    let micros = interval_micros(interval);
+    if micros < 0 {
+        return fail(FenceError::InvalidArgument {
+            function,
+            argument,
+            problem: "must not be negative".into(),
+        });
+    }
+    Ok(micros)
+}
+
 /// A ttl as the exact duration it is used as (G5): a number of
 /// microseconds, with a day counted as 24 hours and no months part, so that
 /// `expires_at = now + ttl` is the same instant whatever the session's

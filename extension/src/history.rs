@@ -25,7 +25,7 @@ use pgrx::pg_sys;
 use pgrx::spi::Spi;
 
 use crate::acquire::uses_transaction_snapshot;
-use crate::args::{interval_micros, required};
+use crate::args::{non_negative, required};
 use crate::errors::{fail, Failure, FenceError};
 use crate::key::check_key;
 use crate::probe;
@@ -54,14 +54,10 @@ pub fn keep(lock_key: Option<&str>, keep: Option<Interval>) -> Result<Option<i64
     const F: &str = "lock_keep_history";
     refuse_security_restricted(F)?;
     let key = check_key(F, lock_key)?;
-    let keep_micros = keep.as_ref().map_or(0, interval_micros);
-    if keep_micros < 0 {
-        return fail(FenceError::InvalidArgument {
-            function: F,
-            argument: "keep",
-            problem: "must not be negative".into(),
-        });
-    }
+    let keep_micros = match &keep {
+        Some(keep) => non_negative(F, "keep", keep)?,
+        None => 0,
+    };
     // Until this transaction ends: no sweep runs while the registration is
     // in flight (it could delete the key's row from a snapshot that does
     // not see the registration), and no grant of the key is in flight
@@ -127,15 +123,7 @@ pub fn history(
 ) -> Result<Vec<Term>, Failure> {
     const F: &str = "lock_history";
     let key = check_key(F, lock_key)?;
-    let wait = required(F, "wait", wait)?;
-    let wait_micros = interval_micros(&wait);
-    if wait_micros < 0 {
-        return fail(FenceError::InvalidArgument {
-            function: F,
-            argument: "wait",
-            problem: "must not be negative".into(),
-        });
-    }
+    let wait_micros = non_negative(F, "wait", &required(F, "wait", wait)?)?;
     if wait_micros > 0 && uses_transaction_snapshot() {
         return fail(FenceError::HistoryWaitNeedsReadCommitted {
             lock_key: key.to_owned(),

@@ -25,7 +25,7 @@
 use pgrx::datum::Interval;
 use pgrx::spi::Spi;
 
-use crate::args::{interval_micros, required};
+use crate::args::{non_negative, required};
 use crate::errors::{fail, Failure, FenceError};
 use crate::roles::{caller_role, is_fence_admin, refuse_security_restricted, role_name};
 
@@ -41,13 +41,7 @@ pub fn sweep(idle_for: Option<Interval>) -> Result<i64, Failure> {
         });
     }
     let idle_for = required(F, "idle_for", idle_for)?;
-    if interval_micros(&idle_for) < 0 {
-        return fail(FenceError::InvalidArgument {
-            function: F,
-            argument: "idle_for",
-            problem: "must not be negative".into(),
-        });
-    }
+    non_negative(F, "idle_for", &idle_for)?;
     // Its statements must see every registration that committed before
     // they run, which a transaction snapshot would not.
     if crate::acquire::uses_transaction_snapshot() {

@@ -24,8 +24,8 @@ use std::sync::atomic::Ordering;
 
 use pgrx::pg_sys;
 
-use crate::args::{interval_micros, required};
-use crate::errors::{fail, Failure, FenceError};
+use crate::args::{non_negative, required};
+use crate::errors::{Failure, FenceError};
 use crate::key::check_key;
 use crate::lease::Lease;
 use crate::probe::{self, LeaseRow};
@@ -50,15 +50,7 @@ pub fn watch(
 ) -> Result<Option<Lease>, Failure> {
     const F: &str = "lock_watch";
     let key = check_key(F, lock_key)?;
-    let wait = required(F, "wait", wait)?;
-    let wait_micros = interval_micros(&wait);
-    if wait_micros < 0 {
-        return fail(FenceError::InvalidArgument {
-            function: F,
-            argument: "wait",
-            problem: "must not be negative".into(),
-        });
-    }
+    let wait_micros = non_negative(F, "wait", &required(F, "wait", wait)?)?;
     let deadline = now_micros().saturating_add(i64::try_from(wait_micros).unwrap_or(i64::MAX));
     let event = wait::watch_event_for(key);
     // Counted (preload mode) before the first look, so a commit that finds

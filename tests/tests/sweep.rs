@@ -32,6 +32,15 @@ async fn rows_of(db: &Client, key: &str) -> i64 {
     .get(0)
 }
 
+/// A lease on `key` granted and released: the key's row, idle from now.
+async fn idle(db: &Client, key: &str) {
+    let token = acquire(db, key, "1 minute", None, "0")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(release(db, key, token).await.unwrap());
+}
+
 async fn current_token(db: &Client, key: &str) -> Option<i64> {
     db.query_one("SELECT fence.current_token($1)", &[&key])
         .await
@@ -294,17 +303,7 @@ async fn a_registration_and_a_sweep_never_interleave() {
     const DB: &str = "pg_fence_sweep_registration";
     let db = fresh_database(DB).await;
     db.batch_execute("CREATE EXTENSION pg_fence").await.unwrap();
-    let idle = |key: &'static str| {
-        let db = &db;
-        async move {
-            let token = acquire(db, key, "1 minute", None, "0")
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(release(db, key, token).await.unwrap());
-        }
-    };
-    idle("swept-first").await;
+    idle(&db, "swept-first").await;
     // A sweep in flight; the registration waits for it.
     let sweeper = connect_to_database(port(), "postgres", DB).await;
     sweeper
@@ -343,7 +342,7 @@ async fn a_registration_and_a_sweep_never_interleave() {
     assert_eq!(previous, latest, "and the chain from it holds");
 
     // A registration in flight; the sweep waits for it, and leaves the key.
-    idle("kept-first").await;
+    idle(&db, "kept-first").await;
     registrar
         .batch_execute("BEGIN; SELECT fence.lock_keep_history('kept-first')")
         .await
@@ -410,17 +409,7 @@ async fn the_background_sweeper_runs_on_its_interval_and_a_reload_turns_it_off()
     };
     // While off it holds no connection (so it is not in pg_stat_activity).
     assert_eq!(sweepers("NULL").await + sweepers("'pg_fence'").await, 0);
-    let idle = |key: &'static str| {
-        let db = &db;
-        async move {
-            let token = acquire(db, key, "1 minute", None, "0")
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(release(db, key, token).await.unwrap());
-        }
-    };
-    idle("idle:1").await;
+    idle(&db, "idle:1").await;
     acquire(&db, "live:1", "1 minute", None, "0")
         .await
         .unwrap()
@@ -458,7 +447,7 @@ async fn the_background_sweeper_runs_on_its_interval_and_a_reload_turns_it_off()
         .unwrap()
         .get(0);
     assert!(terminated);
-    idle("idle:3").await;
+    idle(&db, "idle:3").await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while rows_of(&db, "idle:3").await > 0 {
         assert!(
@@ -470,7 +459,7 @@ async fn the_background_sweeper_runs_on_its_interval_and_a_reload_turns_it_off()
     // Off again: a new idle key stays.
     system(&db, &["ALTER SYSTEM SET fence.sweep_interval = 0"]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    idle("idle:2").await;
+    idle(&db, "idle:2").await;
     tokio::time::sleep(Duration::from_millis(3000)).await;
     assert_eq!(rows_of(&db, "idle:2").await, 1, "off after the reload");
     drop(db);
