@@ -88,7 +88,7 @@ test-integration: cluster
 # mode (scripts/pgbouncer.sh); checks on the database still go straight to it.
 PGFENCE_POOLER_PORT ?= 28830
 POOLER_SUITES := --test client --test client_multi --test client_shared --test client_holder \
-                 --test client_election --test once
+                 --test client_election --test once --test cas
 test-pgbouncer: cluster
 	@scripts/pgbouncer.sh start
 	@PGFENCE_POOLER_PORT=$(PGFENCE_POOLER_PORT) cargo test -p pg_fence_tests $(POOLER_SUITES) -- --test-threads 4 \

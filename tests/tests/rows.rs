@@ -117,7 +117,7 @@ async fn deadpool_row_tools() {
                 name: &name,
                 key_column: "id",
             };
-            let client = pool.get().await.unwrap();
+            let mut client = pool.get().await.unwrap();
             for _ in 0..5 {
                 loop {
                     let row = client
@@ -126,7 +126,7 @@ async fn deadpool_row_tools() {
                         .unwrap();
                     let (n, version): (i32, i64) = (row.get(0), row.get(1));
                     match compare_and_set(
-                        &client,
+                        &mut client,
                         table,
                         &1i32,
                         "version",
@@ -158,7 +158,7 @@ async fn deadpool_row_tools() {
         .get(0);
     assert_eq!(n, 1 + 30, "claimed once, then 30 increments, none lost");
     let missing = compare_and_set(
-        &pool.get().await.unwrap(),
+        &mut pool.get().await.unwrap(),
         table,
         &999i32,
         "version",

@@ -1,7 +1,8 @@
 //! Row locks and compare-and-set over deadpool-postgres. The row locks
 //! take a `deadpool_postgres::Transaction`, so a plain connection
 //! (autocommit, where a row lock ends with its statement) does not compile;
-//! compare-and-set is one atomic statement and takes any client.
+//! compare-and-set is one atomic statement and takes any client (it runs
+//! in a transaction of its own, so it is safe behind a transaction pooler).
 
 use deadpool_postgres::{GenericClient, Transaction};
 use tokio_postgres::types::ToSql;
@@ -38,11 +39,16 @@ pub async fn claim(
 
 /// Set the row with `key` by `assignment` (your SQL using `$3` for `value`,
 /// e.g. `state = $3`) if its `version_column` still equals `expected`, and
-/// bump that version. One `UPDATE`, atomic on its own: unlike the row
-/// locks it needs no transaction, so it takes any client (a pooled
-/// connection in autocommit, or a transaction to make it part of one).
+/// bump that version. Unlike the row locks it needs no transaction of
+/// yours, so it takes any client: a pooled connection in autocommit, or a
+/// transaction to make it part of one. It runs in a transaction of its own
+/// (`BEGIN` … `COMMIT`; a savepoint inside yours), so its statements,
+/// prepared by tokio-postgres, stay on one server connection behind a
+/// transaction pooler (PgBouncer in transaction mode). Cancel safety: a
+/// dropped call rolls back (its transaction or savepoint), so nothing is
+/// set.
 pub async fn compare_and_set(
-    client: &impl GenericClient,
+    client: &mut impl GenericClient,
     table: Table<'_>,
     key: &(dyn ToSql + Sync),
     version_column: &str,
@@ -51,19 +57,27 @@ pub async fn compare_and_set(
     value: &(dyn ToSql + Sync),
 ) -> Result<Cas, Error> {
     let update = sql::compare_and_set(table.name, table.key_column, version_column, assignment);
-    if let Some(row) = client
+    let current = sql::current_version(table.name, table.key_column, version_column);
+    let transaction = client.transaction().await.map_err(error)?;
+    let outcome = match transaction
         .query_opt(&update, &[key, &expected, value])
         .await
         .map_err(error)?
     {
-        return Ok(Cas::Updated {
+        Some(row) => Cas::Updated {
             version: row.try_get(0).map_err(error)?,
-        });
-    }
-    let current = sql::current_version(table.name, table.key_column, version_column);
-    let current = match client.query_opt(&current, &[key]).await.map_err(error)? {
-        Some(row) => Some(row.try_get(0).map_err(error)?),
-        None => None,
+        },
+        None => Cas::Conflict {
+            current: match transaction
+                .query_opt(&current, &[key])
+                .await
+                .map_err(error)?
+            {
+                Some(row) => Some(row.try_get(0).map_err(error)?),
+                None => None,
+            },
+        },
     };
-    Ok(Cas::Conflict { current })
+    transaction.commit().await.map_err(error)?;
+    Ok(outcome)
 }

@@ -1,7 +1,8 @@
 //! Row locks and compare-and-set over sqlx. The row locks take a
 //! `sqlx::Transaction`, so a plain connection (autocommit, where a row lock
 //! ends with its statement) does not compile; compare-and-set is one atomic
-//! statement and takes any connection.
+//! statement and takes any connection (it runs in a transaction of its
+//! own, so it is safe behind a transaction pooler).
 
 use sqlx::postgres::PgRow;
 use sqlx::{Encode, PgConnection, Postgres, Row, Transaction, Type};
@@ -50,9 +51,13 @@ pub async fn claim(
 
 /// Set the row with `key` by `assignment` (your SQL using `$3` for `value`,
 /// e.g. `state = $3`) if its `version_column` still equals `expected`, and
-/// bump that version. One `UPDATE`, atomic on its own: unlike the row
-/// locks it needs no transaction, so it takes any connection (a pooled one
-/// in autocommit, or `&mut *transaction` to make it part of one).
+/// bump that version. Unlike the row locks it needs no transaction of
+/// yours, so it takes any connection: a pooled one in autocommit, or
+/// `&mut *transaction` to make it part of one. It runs in a transaction of
+/// its own (`BEGIN` … `COMMIT`; a savepoint inside yours), so its
+/// statements stay on one server connection behind a transaction pooler
+/// (PgBouncer in transaction mode). Cancel safety: a dropped call rolls
+/// back (its transaction or savepoint), so nothing is set.
 pub async fn compare_and_set<K: Bind + Clone, V: Bind>(
     connection: &mut PgConnection,
     table: Table<'_>,
@@ -62,31 +67,34 @@ pub async fn compare_and_set<K: Bind + Clone, V: Bind>(
     assignment: &str,
     value: V,
 ) -> Result<Cas, Error> {
+    use sqlx::Connection;
     let update = sql::compare_and_set(table.name, table.key_column, version_column, assignment);
+    let current = sql::current_version(table.name, table.key_column, version_column);
+    let mut transaction = connection.begin().await.map_err(error)?;
     let updated = sqlx::query(&update)
         .bind(key.clone())
         .bind(expected)
         .bind(value)
         .persistent(false)
-        .fetch_optional(&mut *connection)
+        .fetch_optional(&mut *transaction)
         .await
         .map_err(error)?;
-    if let Some(row) = updated {
-        return Ok(Cas::Updated {
+    let outcome = match updated {
+        Some(row) => Cas::Updated {
             version: row.try_get(0).map_err(error)?,
-        });
-    }
-    let current = sql::current_version(table.name, table.key_column, version_column);
-    let current = sqlx::query(&current)
-        .bind(key)
-        .persistent(false)
-        .fetch_optional(&mut *connection)
-        .await
-        .map_err(error)?;
-    Ok(Cas::Conflict {
-        current: current
-            .map(|row| row.try_get(0))
-            .transpose()
-            .map_err(error)?,
-    })
+        },
+        None => Cas::Conflict {
+            current: sqlx::query(&current)
+                .bind(key)
+                .persistent(false)
+                .fetch_optional(&mut *transaction)
+                .await
+                .map_err(error)?
+                .map(|row| row.try_get(0))
+                .transpose()
+                .map_err(error)?,
+        },
+    };
+    transaction.commit().await.map_err(error)?;
+    Ok(outcome)
 }
