@@ -103,7 +103,7 @@ test-pgbouncer: cluster
 # writes through a multi-host connection string while the leader is killed
 # with SIGKILL (tests/tests/patroni.rs, #[ignore]d in the other tiers).
 test-patroni: cluster
-	@scripts/patroni.sh start
+	@scripts/patroni.sh start || { scripts/patroni.sh stop; exit 1; }
 	@cargo test -p pg_fence_tests --test patroni -- --ignored --test-threads 1; \
 		status=$$?; scripts/patroni.sh stop; exit $$status
 

@@ -51,7 +51,9 @@ bootstrap:
     ttl: 10
     loop_wait: 1
     retry_timeout: 4
-    maximum_lag_on_failover: 0
+    # Synchronous mode decides who may take over; a lag check against the
+    # dead leader's last report could only block the failover.
+    maximum_lag_on_failover: 1073741824
     synchronous_mode: true
     postgresql:
       use_pg_rewind: false
@@ -82,7 +84,7 @@ postgresql:
     superuser:
       username: postgres
     replication:
-      username: postgres''
+      username: postgres
   parameters:
     unix_socket_directories: '$BASE'
     log_min_messages: warning
@@ -182,8 +184,16 @@ stop)
             kill -KILL "$(head -n 1 "$BASE/$node/postmaster.pid")" 2>/dev/null || true
         fi
     done
-    [ -f "$BASE/etcd.pid" ] && kill "$(cat "$BASE/etcd.pid")" 2>/dev/null || true
-    sleep 0.5
+    if [ -f "$BASE/etcd.pid" ]; then
+        etcd_pid=$(cat "$BASE/etcd.pid")
+        kill "$etcd_pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            kill -0 "$etcd_pid" 2>/dev/null || break
+            # A zombie (its parent, this script's earlier run, is gone) is dead.
+            [ "$(ps -o stat= -p "$etcd_pid" 2>/dev/null | cut -c1)" = Z ] && break
+            sleep 0.1
+        done
+    fi
     # Backends of a killed postmaster exit on their own; wait for them.
     for _ in $(seq 1 50); do
         pgrep -f "$BASE/node" >/dev/null 2>&1 || break

@@ -62,7 +62,7 @@ pub fn keep(lock_key: Option<&str>, keep: Option<Interval>) -> Result<Option<i64
     // in flight (it could delete the key's row from a snapshot that does
     // not see the registration), and no grant of the key is in flight
     // (none can miss it; see the module's note).
-    crate::keylock::sweep_lock(false);
+    crate::keylock::sweep_lock(false, true);
     crate::keylock::share(key);
     let role = caller_role();
     Spi::connect_mut(|client| -> Result<(), Failure> {

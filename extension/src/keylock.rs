@@ -68,8 +68,9 @@ fn holder_tag(lock_key: &str, holder: &str) -> pg_sys::LOCKTAG {
 /// holds it exclusively and `lock_keep_history` in share mode, each until
 /// its transaction ends, so a registration never interleaves with a sweep
 /// (which could delete the row of a key that was just registered, from a
-/// snapshot that did not see the registration). Waits, cancellably.
-pub fn sweep_lock(exclusive: bool) {
+/// snapshot that did not see the registration). With `wait`, waits
+/// (cancellably); without, false at once if it is not free.
+pub fn sweep_lock(exclusive: bool, wait: bool) -> bool {
     let tag = pg_sys::LOCKTAG {
         // SAFETY: as in tag().
         locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
@@ -85,7 +86,8 @@ pub fn sweep_lock(exclusive: bool) {
         pg_sys::ShareLock
     };
     // SAFETY: as for share().
-    unsafe { pg_sys::LockAcquire(&tag, mode as i32, false, false) };
+    let result = unsafe { pg_sys::LockAcquire(&tag, mode as i32, false, !wait) };
+    result != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
 }
 
 /// Try to take [`holder_tag`]'s lock until the end of the transaction:

@@ -49,7 +49,7 @@ pub fn sweep(idle_for: Option<Interval>) -> Result<i64, Failure> {
     }
     // Until this transaction ends: no registration of a key's history runs
     // meanwhile (history.rs), so none can be missed by the check below.
-    crate::keylock::sweep_lock(true);
+    crate::keylock::sweep_lock(true, true);
     Spi::connect_mut(|client| {
         // A lease that ended by expiry is counted as one (statistics) when
         // the grant that replaces it sees it; a swept one, here.
@@ -150,7 +150,6 @@ pub extern "C-unwind" fn pg_fence_sweeper_main(_argument: pgrx::pg_sys::Datum) {
             // The postmaster died.
             break;
         }
-        pg_sys::check_for_interrupts!();
         if BackgroundWorker::sighup_received() {
             // SAFETY: the documented way for a background worker to reload
             // its configuration, outside any transaction.
@@ -162,6 +161,19 @@ pub extern "C-unwind" fn pg_fence_sweeper_main(_argument: pgrx::pg_sys::Datum) {
         }
         if !connected {
             BackgroundWorker::connect_worker_to_spi(Some(&crate::settings::sweep_database()), None);
+            // A sweep refuses a transaction snapshot: whatever the server,
+            // database or role says, this session's transactions are READ
+            // COMMITTED.
+            // SAFETY: sets a setting of this process by name, outside any
+            // transaction, as SET would.
+            unsafe {
+                pg_sys::SetConfigOption(
+                    c"default_transaction_isolation".as_ptr(),
+                    c"read committed".as_ptr(),
+                    pg_sys::GucContext::PGC_SUSET,
+                    pg_sys::GucSource::PGC_S_SESSION,
+                )
+            };
             connected = true;
         }
         last = Instant::now();
@@ -173,6 +185,13 @@ pub extern "C-unwind" fn pg_fence_sweeper_main(_argument: pgrx::pg_sys::Datum) {
                  WHERE extname = 'pg_fence' AND extversion <> '0.1.0')",
                 )?;
                 if installed != Some(true) {
+                    return Ok(None);
+                }
+                // A registration of a key's history in flight (perhaps in a
+                // long transaction): skip this round rather than wait, which
+                // would queue every later registration behind the sweep.
+                // Taken here, fence.sweep takes it again at once.
+                if !crate::keylock::sweep_lock(true, false) {
                     return Ok(None);
                 }
                 Spi::get_one_with_args(

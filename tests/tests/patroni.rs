@@ -2,13 +2,14 @@
 //! starts the cluster with `scripts/patroni.sh`): Debian's patroni with
 //! etcd, two PostgreSQL nodes, `synchronous_mode` on. The client's pool
 //! uses a multi-host connection string with `target_session_attrs =
-//! read-write`; leases are granted, released and held and fenced writes made
-//! while the leader is killed with SIGKILL (Patroni and its postmaster: the
+//! read-write`; leases are granted, released and held while the leader is
+//! killed with SIGKILL (Patroni and its postmaster: the
 //! machine dying). After the failover, on the new leader: every
 //! acknowledged grant is there with its token, no token was issued twice
 //! and every token granted after the failover is above every one before,
 //! held `Lease` guards were not reported lost and renewed on the new
-//! primary, and a stale write is still refused (FN001).
+//! primary, and the fenced table takes the live guard's token and refuses
+//! the token of its holder before the failover (FN001).
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -69,9 +70,22 @@ async fn a_patroni_failover_keeps_grants_tokens_guards_and_fences() {
         .unwrap();
     let pool = pool();
 
-    // Guards held across the failover: ttl 30 s (renewed every 10 s), far
-    // longer than the failover, so none may be reported lost.
-    let options = LeaseOptions::new(Duration::from_secs(30));
+    // A holder of the ledger before the failover: its token, stale once
+    // it released, must stay refused on the new leader.
+    let before_holder = acquire(&setup, "ledger", "1 minute", Some("before"), "0")
+        .await
+        .unwrap()
+        .unwrap();
+    setup
+        .execute("INSERT INTO ledger VALUES (1, $1, 0)", &[&before_holder])
+        .await
+        .unwrap();
+    assert!(release(&setup, "ledger", before_holder).await.unwrap());
+    // Guards held across the failover: ttl 60 s (renewed every 20 s), so
+    // their local deadline is at least some 37 s after the kill: longer
+    // than the takeover (about 10 s) and a reconnect, so none may be
+    // reported lost.
+    let options = LeaseOptions::new(Duration::from_secs(60));
     let ledger = Lease::acquire(&pool, "ledger", &options, Duration::ZERO)
         .await
         .unwrap()
@@ -86,7 +100,10 @@ async fn a_patroni_failover_keeps_grants_tokens_guards_and_fences() {
         );
     }
     setup
-        .execute("INSERT INTO ledger VALUES (1, $1, 0)", &[&ledger.token()])
+        .execute(
+            "UPDATE ledger SET amount = amount + 1, token = $1 WHERE id = 1",
+            &[&ledger.token()],
+        )
         .await
         .unwrap();
 
@@ -192,11 +209,11 @@ async fn a_patroni_failover_keeps_grants_tokens_guards_and_fences() {
     assert!(after.iter().all(|g| g.1 > highest_before));
 
     // The guards were not reported lost, and renewed on the new primary:
-    // within a renewal period (10 s) of the takeover, each one's expiry
-    // there is later than any renewal before the kill (at most kill + 30 s,
+    // within a renewal period (20 s) of the takeover, each one's expiry
+    // there is later than any renewal before the kill (at most kill + 60 s,
     // and the takeover took more than 5 s) could have set.
-    let renewed_by = took_over_at + Duration::from_secs(25);
-    tokio::time::sleep(Duration::from_secs(11)).await;
+    let renewed_by = took_over_at + Duration::from_secs(55);
+    tokio::time::sleep(Duration::from_secs(21)).await;
     for lease in held.iter().chain([&ledger]) {
         assert_eq!(lease.loss(), None, "{} reported lost", lease.key());
         let expires: SystemTime = db
@@ -222,11 +239,15 @@ async fn a_patroni_failover_keeps_grants_tokens_guards_and_fences() {
     let stale = db
         .execute(
             "UPDATE ledger SET amount = amount + 1, token = $1 WHERE id = 1",
-            &[&(ledger.token() - 1)],
+            &[&before_holder],
         )
         .await
         .unwrap_err();
-    assert_eq!(sqlstate(&stale).as_deref(), Some("FN001"));
+    assert_eq!(
+        sqlstate(&stale).as_deref(),
+        Some("FN001"),
+        "the ledger's holder before the failover is refused"
+    );
     for lease in held {
         assert!(lease.release().await.unwrap());
     }

@@ -436,6 +436,35 @@ async fn the_background_sweeper_runs_on_its_interval_and_a_reload_turns_it_off()
     }
     assert_eq!(rows_of(&db, "live:1").await, 1, "a live lease stays");
     assert_eq!(sweepers("'pg_fence'").await, 1, "connected once on");
+    // A registration left open: the sweeper skips its rounds rather than
+    // wait (which would queue every later registration behind it), and
+    // sweeps again once it commits.
+    let registrar = connect_to(WORKER_PORT, "postgres").await;
+    registrar
+        .batch_execute("BEGIN; SELECT fence.lock_keep_history('kept:1')")
+        .await
+        .unwrap();
+    idle(&db, "idle:open").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        rows_of(&db, "idle:open").await,
+        1,
+        "skipped while it is open"
+    );
+    let started = Instant::now();
+    db.batch_execute("SELECT fence.lock_keep_history('kept:2')")
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "another registration waited behind the sweeper"
+    );
+    registrar.batch_execute("COMMIT").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rows_of(&db, "idle:open").await > 0 {
+        assert!(Instant::now() < deadline, "not swept after the commit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Terminated, it comes back (10 s later) and sweeps again.
     let terminated: bool = db
         .query_one(

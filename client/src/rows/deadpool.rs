@@ -41,12 +41,15 @@ pub async fn claim(
 /// e.g. `state = $3`) if its `version_column` still equals `expected`, and
 /// bump that version. Unlike the row locks it needs no transaction of
 /// yours, so it takes any client: a pooled connection in autocommit, or a
-/// transaction to make it part of one. It runs in a transaction of its own
-/// (`BEGIN` … `COMMIT`; a savepoint inside yours), so its statements,
-/// prepared by tokio-postgres, stay on one server connection behind a
-/// transaction pooler (PgBouncer in transaction mode). Cancel safety: a
-/// dropped call rolls back (its transaction or savepoint), so nothing is
-/// set.
+/// `deadpool_postgres::Transaction` to make it part of one. It runs in a
+/// transaction of its own (`BEGIN` … `COMMIT`; a savepoint inside a
+/// `Transaction`), so its statements, prepared by tokio-postgres, stay on
+/// one server connection behind a transaction pooler (PgBouncer in
+/// transaction mode). A transaction you opened with `BEGIN` sent as SQL is
+/// not one the driver knows of: its `COMMIT` would end yours, so use the
+/// driver's `transaction()`. Cancel safety: a call dropped before its
+/// `COMMIT` was sent rolls back (nothing set); one dropped while
+/// committing may have set it, as any dropped `COMMIT` may.
 pub async fn compare_and_set(
     client: &mut impl GenericClient,
     table: Table<'_>,

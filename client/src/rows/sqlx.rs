@@ -53,11 +53,14 @@ pub async fn claim(
 /// e.g. `state = $3`) if its `version_column` still equals `expected`, and
 /// bump that version. Unlike the row locks it needs no transaction of
 /// yours, so it takes any connection: a pooled one in autocommit, or
-/// `&mut *transaction` to make it part of one. It runs in a transaction of
-/// its own (`BEGIN` … `COMMIT`; a savepoint inside yours), so its
-/// statements stay on one server connection behind a transaction pooler
-/// (PgBouncer in transaction mode). Cancel safety: a dropped call rolls
-/// back (its transaction or savepoint), so nothing is set.
+/// `&mut *transaction` (a `sqlx::Transaction`) to make it part of one. It
+/// runs in a transaction of its own (`BEGIN` … `COMMIT`; a savepoint inside
+/// a `sqlx::Transaction`), so its statements stay on one server connection
+/// behind a transaction pooler (PgBouncer in transaction mode). A
+/// transaction you opened with `BEGIN` sent as SQL is not one sqlx knows
+/// of: its `COMMIT` would end yours, so use `begin()`. Cancel safety: a
+/// call dropped before its `COMMIT` was sent rolls back (nothing set); one
+/// dropped while committing may have set it, as any dropped `COMMIT` may.
 pub async fn compare_and_set<K: Bind + Clone, V: Bind>(
     connection: &mut PgConnection,
     table: Table<'_>,
