@@ -2,7 +2,9 @@
 
 A worker that acquires, renews and releases a lease; another session
 waiting inside the server for the key; a fenced write refused (FN001)
-because it carries the old token. `make test` runs it straight against the
+because it carries the old token; an operation run exactly once
+(fence.claim_operation in the transaction that does the work), a failed
+attempt retried and a duplicate turned away. `make test` runs it straight against the
 test cluster and again through PgBouncer in transaction mode, and compares
 what it prints with leases.out (the README shows that).
 
@@ -11,6 +13,7 @@ what it prints with leases.out (the README shows that).
 import sys
 import threading
 import time
+import uuid
 
 import psycopg
 
@@ -95,6 +98,31 @@ def main():
         print(f"invoice 42: {status}")
         one(other, "SELECT fence.lock_release(%s, %s)", (KEY, waited["token"]))
         worker.execute("DROP TABLE py_invoices")
+
+        # 4. Run once: the claim commits (or vanishes) with the work. Each
+        # attempt is one transaction, which a transaction pooler keeps on one
+        # server connection.
+        operation = f"py:capture:{uuid.uuid4()}"
+        worker.execute("CREATE TABLE IF NOT EXISTS py_captures (operation text)")
+
+        def attempt(connection, crash=False):
+            try:
+                with connection.transaction():
+                    (ours,) = one(connection, "SELECT fence.claim_operation(%s)", (operation,))
+                    if ours:
+                        connection.execute("INSERT INTO py_captures VALUES (%s)", (operation,))
+                        if crash:
+                            raise RuntimeError("crashed before the commit")
+                    return ours
+            except RuntimeError:
+                return "rolled back"
+
+        print(f"run once: an attempt that crashes before its commit: {attempt(worker, crash=True)}")
+        print(f"run once: the retry does the work: {attempt(worker)}")
+        print(f"run once: a duplicate from another session does not: {attempt(other)}")
+        (captures,) = one(worker, "SELECT count(*) FROM py_captures WHERE operation = %s", (operation,))
+        print(f"run once: captures of the operation: {captures}")
+        worker.execute("DROP TABLE py_captures")
 
 
 if __name__ == "__main__":
