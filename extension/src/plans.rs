@@ -34,9 +34,6 @@ pub struct Plans {
     pub live_lease: OwnedPreparedStatement,
     pub live_between: OwnedPreparedStatement,
     pub token_of: OwnedPreparedStatement,
-    /// The grants keep the term history (`fence.history_keys` existed
-    /// when they were planned).
-    pub history: bool,
 }
 
 /// A statement planned once and kept for the backend's lifetime (these
@@ -187,7 +184,6 @@ impl Plans {
                 &[TEXTOID, TEXTOID],
             )?,
             token_of: prep("SELECT l.token FROM fence.leases AS l WHERE l.lock_key = $1".into(), &[TEXTOID])?,
-            history,
         })
     }
 }
@@ -208,7 +204,9 @@ pub fn with_spi<R>(
         let kept = PLANS.with(|cell| {
             cell.borrow()
                 .as_ref()
-                .filter(|plans| plans.history || catalog::history_keys().is_none())
+                .filter(|plans| {
+                    plans.grant_update_kept.is_some() || catalog::history_keys().is_none()
+                })
                 .cloned()
         });
         let plans = match kept {
